@@ -1,0 +1,148 @@
+"""The ``pycri`` command: serve, version, config, image import."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cri_runtime import __version__
+from cri_runtime.config import Config, load_config
+from imageservice.errors import PycriError
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def render_toml(config: Config) -> str:
+    data = config.to_dict()
+    image = data.pop("image")
+    registries = image.pop("registries")
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items()]
+    lines += ["", "[image]"] + [f"{k} = {_toml_value(v)}" for k, v in image.items()]
+    for host, table in registries.items():
+        lines += ["", f"[registries.{json.dumps(host)}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="configuration file (default /etc/pycri/pycri.toml)")
+    parser.add_argument("--socket", help="unix socket to serve on (default /run/pycri/pycri.sock)")
+    parser.add_argument("--root", help="persistent data directory (default /var/lib/pycri)")
+    parser.add_argument("--state", help="runtime state directory (default /run/pycri)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", choices=("console", "json"))
+
+
+def _config(args: argparse.Namespace) -> Config:
+    socket = args.socket.removeprefix("unix://") if args.socket else None
+    return load_config(
+        args.config,
+        {
+            "socket": socket,
+            "root": args.root,
+            "state": args.state,
+            "log_level": args.log_level,
+            "log_format": args.log_format,
+        },
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cri_runtime import logs, server
+
+    config = _config(args)
+    server.validate_paths(config)
+    logs.configure(config.log_level, config.log_format)
+    asyncio.run(server.serve(config))
+    return 0
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(f"pycri {__version__} (CRI runtime API v1)")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(render_toml(_config(args)))
+    return 0
+
+
+def _cmd_image_import(args: argparse.Namespace) -> int:
+    import grpc
+
+    from cri_runtime.server import ADMIN_SERVICE
+
+    config = _config(args)
+    archive = Path(args.archive).resolve()
+    if config.socket_path.exists():
+        with grpc.insecure_channel(f"unix://{config.socket_path}") as channel:
+            call = channel.unary_unary(
+                f"/{ADMIN_SERVICE}/ImportImage",
+                request_serializer=lambda d: json.dumps(d).encode(),
+                response_deserializer=json.loads,
+            )
+            try:
+                result = call({"path": str(archive)}, timeout=args.timeout)
+            except grpc.RpcError as exc:
+                print(f"pycri: import failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+        images = result["images"]
+    else:
+        # No daemon: write to the store directly.
+        from cri_runtime import logs
+        from imageservice.importer import import_archive
+        from imageservice.store import ImageStore
+
+        logs.configure("warning", config.log_format)
+        store = ImageStore(Path(config.root), config.image)
+        try:
+            images = [{"id": r.id, "repo_tags": r.repo_tags} for r in import_archive(store, archive)]
+        finally:
+            store.close()
+    for image in images:
+        print(image["id"], " ".join(image["repo_tags"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pycri", description="Kubernetes CRI v1 runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon")
+    _add_config_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=_cmd_version)
+    config = sub.add_parser("config", help="print the effective configuration")
+    _add_config_flags(config)
+    config.set_defaults(func=_cmd_config)
+    image = sub.add_parser("image", help="image commands")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    imp = image_sub.add_parser("import", help="load an OCI layout or docker save archive")
+    imp.add_argument("archive")
+    imp.add_argument("--timeout", type=float, default=600.0)
+    _add_config_flags(imp)
+    imp.set_defaults(func=_cmd_image_import)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PycriError as exc:
+        print(f"pycri: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""pycri configuration: built-in defaults, then a TOML file, then command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imageservice.config import ImageConfig, RegistryHost
+from imageservice.errors import InvalidArgument
+
+DEFAULT_CONFIG_PATH = Path("/etc/pycri/pycri.toml")
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = "/run/pycri/pycri.sock"
+    root: str = "/var/lib/pycri"
+    state: str = "/run/pycri"
+    log_level: str = "info"
+    log_format: str = "console"
+    cgroup_driver: str = "cgroupfs"
+    # "crun" or "runc"; pycri falls back to runc when crun cannot run on this host.
+    default_runtime: str = "crun"
+    image: ImageConfig = field(default_factory=ImageConfig)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.socket.removeprefix("unix://"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        image = out["image"]
+        image["registries"] = {
+            host: dataclasses.asdict(reg) for host, reg in self.image.registries.items()
+        }
+        for reg in image["registries"].values():
+            reg["mirrors"] = list(reg["mirrors"])
+            for secret in ("password", "auth"):
+                if reg[secret]:
+                    reg[secret] = "<redacted>"
+        return out
+
+
+_TOP_KEYS = {f.name for f in dataclasses.fields(Config)} - {"image"}
+_IMAGE_KEYS = {f.name for f in dataclasses.fields(ImageConfig)} - {"registries"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("console", "json")
+
+
+def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> None:
+    if isinstance(value, bool) and expected in (int, float, (int, float)):
+        raise InvalidArgument(f"{where}: expected a number, got {value!r}")
+    if not isinstance(value, expected):
+        raise InvalidArgument(f"{where}: expected {expected}, got {value!r}")
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Overlay the TOML table ``data`` on ``base`` (defaults when None)."""
+    base = base or Config()
+    unknown = set(data) - _TOP_KEYS - {"image", "registries"}
+    if unknown:
+        raise InvalidArgument(f"unknown configuration keys: {sorted(unknown)}")
+    top: dict[str, Any] = {}
+    for key in _TOP_KEYS & set(data):
+        _check_type(key, data[key], str)
+        top[key] = data[key]
+    image_table = data.get("image", {})
+    _check_type("image", image_table, dict)
+    unknown = set(image_table) - _IMAGE_KEYS
+    if unknown:
+        raise InvalidArgument(f"unknown keys in [image]: {sorted(unknown)}")
+    image_fields: dict[str, Any] = {}
+    for f in dataclasses.fields(ImageConfig):
+        if f.name in image_table:
+            expected: type | tuple[type, ...] = (
+                (int, float) if f.name == "pull_progress_timeout" else type(getattr(base.image, f.name))
+            )
+            _check_type(f"image.{f.name}", image_table[f.name], expected)
+            image_fields[f.name] = image_table[f.name]
+    registries = dict(base.image.registries)
+    reg_table = data.get("registries", {})
+    _check_type("registries", reg_table, dict)
+    for host, table in reg_table.items():
+        _check_type(f"registries.{host!r}", table, dict)
+        registries[host] = RegistryHost.from_table(host, table)
+    image = dataclasses.replace(base.image, registries=registries, **image_fields)
+    config = dataclasses.replace(base, image=image, **top)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if config.log_level not in LOG_LEVELS:
+        raise InvalidArgument(f"log_level must be one of {LOG_LEVELS}, got {config.log_level!r}")
+    if config.log_format not in LOG_FORMATS:
+        raise InvalidArgument(f"log_format must be one of {LOG_FORMATS}, got {config.log_format!r}")
+    if config.cgroup_driver not in ("cgroupfs", "systemd"):
+        raise InvalidArgument(f"cgroup_driver must be cgroupfs or systemd, got {config.cgroup_driver!r}")
+    if config.default_runtime not in ("crun", "runc"):
+        raise InvalidArgument(f"default_runtime must be crun or runc, got {config.default_runtime!r}")
+    if config.image.max_concurrent_downloads < 1:
+        raise InvalidArgument("image.max_concurrent_downloads must be at least 1")
+    if config.image.max_metadata_bytes < 1024:
+        raise InvalidArgument("image.max_metadata_bytes must be at least 1024")
+    if config.image.pull_progress_timeout <= 0:
+        raise InvalidArgument("image.pull_progress_timeout must be positive")
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> Config:
+    """Defaults, then ``path`` (or the default file if it exists), then ``overrides``."""
+    config = Config()
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise InvalidArgument(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"configuration file {path}: {exc}") from None
+        config = config_from_dict(data, config)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    if flags:
+        config = dataclasses.replace(config, **flags)
+        validate(config)
+    return config

@@ -1,0 +1,79 @@
+"""OCI runtimes on this host: which exist, which can run here, and why not."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+CANDIDATES = ("crun", "runc")
+SEARCH_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    name: str
+    path: str
+    version: str
+    usable: bool
+    reason: str  # why not usable, empty when usable
+
+
+def _find(name: str) -> str | None:
+    for directory in SEARCH_DIRS:
+        candidate = Path(directory) / name
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which(name)
+
+
+def _hybrid_cgroup_controllers(unified: Path = Path("/sys/fs/cgroup/unified")) -> list[str]:
+    """Controllers enabled on the cgroup2 mount of a hybrid (v1 + v2) host."""
+    try:
+        return (unified / "cgroup.controllers").read_text().split()
+    except OSError:
+        return []
+
+
+def probe(name: str) -> RuntimeInfo:
+    path = _find(name)
+    if path is None:
+        return RuntimeInfo(name, "", "", False, f"{name} is not installed (apt-get install {name})")
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return RuntimeInfo(name, path, "", False, f"{path} --version failed: {exc}")
+    if out.returncode != 0:
+        return RuntimeInfo(name, path, "", False, f"{path} --version failed: {out.stderr.strip()}")
+    version = out.stdout.splitlines()[0].strip() if out.stdout else ""
+    if name == "crun":
+        controllers = _hybrid_cgroup_controllers()
+        if controllers:
+            return RuntimeInfo(
+                name,
+                path,
+                version,
+                False,
+                "crun refuses hybrid cgroup hosts whose cgroup2 mount holds controllers "
+                f"({', '.join(controllers)} on /sys/fs/cgroup/unified); mount them on a v1 hierarchy, "
+                "e.g. mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb",
+            )
+    return RuntimeInfo(name, path, version, True, "")
+
+
+def detect() -> dict[str, RuntimeInfo]:
+    return {name: probe(name) for name in CANDIDATES}
+
+
+def choose_default(preferred: str, runtimes: dict[str, RuntimeInfo]) -> tuple[RuntimeInfo | None, str]:
+    """The runtime to use by default and a sentence saying why."""
+    first = runtimes.get(preferred)
+    if first and first.usable:
+        return first, f"using {first.name} ({first.path}, {first.version})"
+    for info in runtimes.values():
+        if info.usable:
+            why = first.reason if first else f"{preferred} is unknown"
+            return info, f"using {info.name} ({info.path}) because {preferred} cannot run here: {why}"
+    reasons = "; ".join(f"{i.name}: {i.reason}" for i in runtimes.values())
+    return None, f"no usable OCI runtime: {reasons}"

@@ -1,0 +1,233 @@
+"""The pycri daemon: gRPC on a unix socket, one interceptor for logging and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from cri_runtime import oci
+from cri_runtime.api import api_pb2_grpc as pb_grpc
+from cri_runtime.config import Config
+from cri_runtime.runtime_service import RuntimeService
+from imageservice.errors import FailedPrecondition, InvalidArgument, PycriError
+from imageservice.importer import import_archive
+from imageservice.service import ImageService
+from imageservice.store import ImageStore
+
+log = structlog.get_logger("pycri.server")
+
+MAX_MESSAGE = 16 * 1024 * 1024 + 1024 * 1024  # ExecSync output cap plus framing
+ADMIN_SERVICE = "pycri.v1.Admin"
+
+
+def _ids(request: Any) -> dict[str, str]:
+    """IDs worth logging from a request, whatever its type."""
+    out: dict[str, str] = {}
+    for field in ("pod_sandbox_id", "container_id"):
+        value = getattr(request, field, "")
+        if value:
+            out[field] = value
+    image = getattr(request, "image", None)
+    if image is not None and getattr(image, "image", ""):
+        out["image"] = image.image
+    return out
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Logs one event per RPC and turns domain errors into gRPC statuses."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
+                message = ""
+                try:
+                    return await inner(request, context)
+                except PycriError as exc:
+                    code, message = exc.code, str(exc)
+                    await context.abort(code, message)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:
+                    if isinstance(exc, grpc.aio.AbortError):
+                        code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                        message = context.details() or ""  # type: ignore[assignment]
+                        raise
+                    code, message = grpc.StatusCode.INTERNAL, f"{method}: internal error: {exc!r}"
+                    log.exception("rpc crashed", method=method)
+                    await context.abort(code, message)
+                finally:
+                    _log_rpc(method, request, code, message, started)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                code = grpc.StatusCode.OK
+                message = ""
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except PycriError as exc:
+                    code, message = exc.code, str(exc)
+                    await context.abort(code, message)
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    raise
+                finally:
+                    _log_rpc(method, request, code, message, started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _log_rpc(method: str, request: Any, code: grpc.StatusCode, message: str, started: float) -> None:
+    fields = {
+        "method": method,
+        "code": code.name,
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+        **_ids(request),
+    }
+    if code == grpc.StatusCode.OK:
+        log.debug("rpc", **fields)
+    else:
+        log.info("rpc", error=message, **fields)
+
+
+def prepare_socket(path: Path) -> None:
+    """Replace a stale socket file; refuse when a live server owns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FailedPrecondition(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket", socket=str(path))
+        path.unlink(missing_ok=True)
+        return
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot tell whether {path} is in use: {exc}") from exc
+    finally:
+        probe.close()
+    raise FailedPrecondition(f"another server is listening on {path}; stop it or choose another --socket")
+
+
+def _admin_handler(store: ImageStore) -> grpc.GenericRpcHandler:
+    """A private service for pycri's own CLI (``pycri image import``), JSON over gRPC."""
+
+    async def import_image(request: dict, context: grpc.aio.ServicerContext) -> dict:
+        archive = request.get("path")
+        if not isinstance(archive, str) or not archive:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ImportImage needs a path")
+        loop = asyncio.get_running_loop()
+        try:
+            records = await loop.run_in_executor(None, import_archive, store, Path(archive))
+        except PycriError as exc:
+            await context.abort(exc.code, str(exc))
+        return {"images": [{"id": r.id, "repo_tags": r.repo_tags} for r in records]}
+
+    return grpc.method_handlers_generic_handler(
+        ADMIN_SERVICE,
+        {
+            "ImportImage": grpc.unary_unary_rpc_method_handler(
+                import_image,
+                request_deserializer=json.loads,
+                response_serializer=lambda d: json.dumps(d).encode(),
+            )
+        },
+    )
+
+
+async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
+    socket_path = config.socket_path
+    prepare_socket(socket_path)
+    for directory in (Path(config.root), Path(config.state)):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o711)
+    runtimes = oci.detect()
+    default, why = oci.choose_default(config.default_runtime, runtimes)
+    (log.info if default else log.warning)("oci runtime", decision=why)
+    store = ImageStore(Path(config.root), config.image)
+    image_service = ImageService(store)
+    server = grpc.aio.server(
+        interceptors=[_Interceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+    pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(config, runtimes, default, why), server)
+    pb_grpc.add_ImageServiceServicer_to_server(image_service, server)
+    server.add_generic_rpc_handlers((_admin_handler(store),))
+    # The socket is born 0660 (umask) so there is no moment when others may connect.
+    old_umask = os.umask(0o117)
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(socket_path, 0o660)
+    log.info("serving", socket=str(socket_path), root=config.root, state=config.state)
+    if ready:
+        ready()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await server.stop(grace=5)
+        image_service.close()
+        store.close()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        log.info("stopped")
+
+
+def validate_paths(config: Config) -> None:
+    for name in ("root", "state"):
+        if not os.path.isabs(getattr(config, name)):
+            raise InvalidArgument(f"--{name} must be an absolute path, got {getattr(config, name)!r}")
+    if not os.path.isabs(str(config.socket_path)):
+        raise InvalidArgument(f"--socket must be an absolute path, got {config.socket!r}")

@@ -1,0 +1,152 @@
+"""The CRI ImageService: protobuf in, ImageStore calls, protobuf out. No I/O of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from cri_runtime.api import api_pb2 as pb
+from cri_runtime.api import api_pb2_grpc as pb_grpc
+from imageservice.db import ImageRecord
+from imageservice.errors import DeadlineExceeded, InvalidArgument
+from imageservice.registry import Credentials
+from imageservice.store import ImageStore
+
+STREAM_PAGE = 100
+
+
+def image_user(config: dict) -> tuple[int | None, str]:
+    """The image's USER as CRI reports it: a numeric uid, else a user name.
+
+    ``1002`` and ``1002:grp`` give uid 1002; ``www-data`` and ``www-data:grp`` give the name.
+    """
+    user = str((config.get("config") or {}).get("User") or "")
+    name = user.split(":", 1)[0]
+    if not name:
+        return None, ""
+    if name.isdigit():
+        return int(name), ""
+    return None, name
+
+
+def to_proto(record: ImageRecord) -> pb.Image:
+    uid, username = image_user(record.config)
+    image = pb.Image(
+        id=record.id,
+        repo_tags=record.repo_tags,
+        repo_digests=record.repo_digests,
+        size=record.size,
+        username=username,
+        spec=pb.ImageSpec(image=record.id),
+        pinned=record.pinned,
+    )
+    if uid is not None:
+        image.uid.value = uid
+    return image
+
+
+def _credentials(auth: pb.AuthConfig) -> Credentials:
+    return Credentials.from_auth(
+        username=auth.username,
+        password=auth.password,
+        auth=auth.auth,
+        identity_token=auth.identity_token,
+        registry_token=auth.registry_token,
+        server_address=auth.server_address,
+    )
+
+
+class ImageService(pb_grpc.ImageServiceServicer):
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+        # Pulls wait on downloads for minutes; they get threads of their own so that
+        # quick RPCs in the default executor never queue behind them.
+        self._pull_threads = ThreadPoolExecutor(16, thread_name_prefix="pull")
+
+    def close(self) -> None:
+        self._pull_threads.shutdown(wait=True, cancel_futures=True)
+
+    def _matching(self, image_filter: pb.ImageFilter | None) -> list[pb.Image]:
+        wanted = image_filter.image.image if image_filter is not None else ""
+        if wanted:
+            record = self.store.resolve(wanted)
+            return [to_proto(record)] if record else []
+        return [to_proto(r) for r in self.store.list_images()]
+
+    async def ListImages(self, request: pb.ListImagesRequest, context: grpc.aio.ServicerContext) -> pb.ListImagesResponse:
+        return pb.ListImagesResponse(images=self._matching(request.filter))
+
+    async def StreamImages(
+        self, request: pb.StreamImagesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamImagesResponse]:
+        images = self._matching(request.filter)
+        for start in range(0, len(images), STREAM_PAGE):
+            yield pb.StreamImagesResponse(images=images[start : start + STREAM_PAGE])
+
+    async def ImageStatus(self, request: pb.ImageStatusRequest, context: grpc.aio.ServicerContext) -> pb.ImageStatusResponse:
+        if not request.image.image:
+            raise InvalidArgument("ImageStatus: image.image is empty")
+        record = self.store.resolve(request.image.image)
+        if record is None:
+            # kubelet asks before pulling: absence is an empty answer, not an error.
+            return pb.ImageStatusResponse()
+        response = pb.ImageStatusResponse(image=to_proto(record))
+        if request.verbose:
+            info = {
+                "id": record.id,
+                "manifestDigest": record.manifest_digest,
+                "chainIDs": [layer.chain_id for layer in record.layers],
+                "layers": [
+                    {"digest": layer.blob_digest, "size": layer.blob_size, "diffID": layer.diff_id}
+                    for layer in record.layers
+                ],
+                "imageSpec": record.config,
+            }
+            response.info["info"] = json.dumps(info)
+        return response
+
+    async def PullImage(self, request: pb.PullImageRequest, context: grpc.aio.ServicerContext) -> pb.PullImageResponse:
+        name = request.image.image
+        if not name:
+            raise InvalidArgument("PullImage: image.image is empty")
+        credentials = _credentials(request.auth)
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._pull_threads, self.store.pull, name, credentials, cancel)
+        remaining = context.time_remaining()
+        try:
+            record = await asyncio.wait_for(asyncio.shield(work), timeout=remaining)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            # The caller's deadline passed or it went away: stop the pull and wait for its
+            # cleanup, so that nothing half-stored outlives this call.
+            cancel.set()
+            try:
+                await work
+            except Exception:
+                pass
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise DeadlineExceeded(f"PullImage {name}: deadline exceeded; pull cancelled") from None
+        return pb.PullImageResponse(image_ref=record.id)
+
+    async def RemoveImage(self, request: pb.RemoveImageRequest, context: grpc.aio.ServicerContext) -> pb.RemoveImageResponse:
+        if not request.image.image:
+            raise InvalidArgument("RemoveImage: image.image is empty")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.store.remove, request.image.image)
+        return pb.RemoveImageResponse()
+
+    async def ImageFsInfo(self, request: pb.ImageFsInfoRequest, context: grpc.aio.ServicerContext) -> pb.ImageFsInfoResponse:
+        usage = self.store.fs_usage()
+        fs = pb.FilesystemUsage(
+            timestamp=usage.timestamp_ns,
+            fs_id=pb.FilesystemIdentifier(mountpoint=usage.mountpoint),
+            used_bytes=pb.UInt64Value(value=usage.used_bytes),
+            inodes_used=pb.UInt64Value(value=usage.inodes_used),
+        )
+        return pb.ImageFsInfoResponse(image_filesystems=[fs])

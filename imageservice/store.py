@@ -1,0 +1,617 @@
+"""ImageStore: pulls images into a content-addressed, layered store and answers for them.
+
+On disk, under the persistent root:
+    layers/<chain-id hex>/diff   one unpacked layer, shared by every image that stacks on it
+    tmp/                         downloads and unpacks in progress (same file system, for rename)
+    pycri.db                     image records (imageservice.db)
+
+A layer directory is made in tmp/ and renamed into place only once complete and verified,
+so a crash never leaves a half layer that counts as present; tmp/ is emptied at start.
+Threads: pulls run in worker threads; one lock guards the in-memory index, never held
+across a download or an unpack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from imageservice.config import ImageConfig
+from imageservice.db import ImageDB, ImageRecord, LayerRecord, LayerRef
+from imageservice.errors import (
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PycriError,
+)
+from imageservice.platform import describe, host_platform
+from imageservice.reference import Reference, looks_like_image_id, parse_reference, validate_digest
+from imageservice.registry import Credentials, Manifest, RegistrySession
+from imageservice.unpack import unpack_layer
+
+log = structlog.get_logger("pycri.images")
+
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+LAYER_TYPES = (
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+)
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """OCI chain IDs: ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    out: list[str] = []
+    for diff_id in diff_ids:
+        if not out:
+            out.append(diff_id)
+        else:
+            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
+    return out
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+
+    @classmethod
+    def parse(cls, raw: object, what: str) -> Descriptor:
+        if not isinstance(raw, dict):
+            raise InvalidArgument(f"{what}: descriptor is not a JSON object")
+        digest, size = raw.get("digest"), raw.get("size")
+        if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidArgument(f"{what}: descriptor needs a digest and a non-negative size")
+        validate_digest(digest)
+        return cls(str(raw.get("mediaType", "")), digest, size)
+
+
+@dataclass
+class _LayerJob:
+    """One download-and-unpack of a layer, shared by every pull that needs it."""
+
+    chain_id: str
+    future: Future[LayerRecord]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    waiters: int = 0
+
+
+@dataclass(frozen=True)
+class FsUsage:
+    mountpoint: str
+    used_bytes: int
+    inodes_used: int
+    timestamp_ns: int
+
+
+class ImageStore:
+    def __init__(self, root: Path, config: ImageConfig) -> None:
+        self.root = root
+        self.config = config
+        self.layers_dir = root / "layers"
+        self.tmp_dir = root / "tmp"
+        for directory in (root, self.layers_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o711)
+        self.platform = host_platform(config.platform)
+        self._clear_tmp()
+        self.db = ImageDB(root / "pycri.db")
+        self._lock = threading.Lock()
+        self._images: dict[str, ImageRecord] = {}
+        self._names: dict[str, str] = {}  # repo tag or repo digest -> image id
+        self._layers: dict[str, LayerRecord] = {}
+        self._pins: Counter[str] = Counter()  # chain id -> pulls and containers using it
+        self._jobs: dict[str, _LayerJob] = {}
+        self._workers = ThreadPoolExecutor(config.max_concurrent_downloads, thread_name_prefix="layer")
+        self._load()
+
+    # --- start-up ------------------------------------------------------------
+
+    def _clear_tmp(self) -> None:
+        for entry in self.tmp_dir.iterdir():
+            _remove_tree(entry)
+
+    def _load(self) -> None:
+        self._layers = self.db.load_layers()
+        for chain_id in list(self._layers):
+            if not self._layer_path(chain_id).is_dir():
+                log.warning("layer recorded but missing on disk; forgetting it", chain_id=chain_id)
+                self.db.remove_layer(chain_id)
+                del self._layers[chain_id]
+        for record in self.db.load_images():
+            missing = [layer.chain_id for layer in record.layers if layer.chain_id not in self._layers]
+            if missing:
+                log.warning("image lost layers; dropping its record", image=record.id, missing=missing)
+                self.db.delete_image(record.id)
+                continue
+            self._index(record)
+        # Layer directories nothing records are leftovers of a crash between rename and commit.
+        known = {c.removeprefix("sha256:") for c in self._layers}
+        for entry in self.layers_dir.iterdir():
+            if entry.name not in known:
+                _remove_tree(entry)
+        self._collect_layers(list(self._layers))
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        self.db.close()
+
+    # --- queries ---------------------------------------------------------------
+
+    def _index(self, record: ImageRecord) -> None:
+        self._images[record.id] = record
+        for name in (*record.repo_tags, *record.repo_digests):
+            self._names[name] = record.id
+
+    def list_images(self) -> list[ImageRecord]:
+        with self._lock:
+            return list(self._images.values())
+
+    def resolve(self, text: str) -> ImageRecord | None:
+        """Find an image by ID (full or ``sha256:`` hex), tag, digest reference or short ID."""
+        if not text:
+            raise InvalidArgument("image reference is empty")
+        with self._lock:
+            if looks_like_image_id(text):
+                image_id = "sha256:" + text.removeprefix("sha256:")
+                if image_id in self._images:
+                    return self._images[image_id]
+        ref = None
+        try:
+            ref = parse_reference(text)
+        except InvalidArgument:
+            if not looks_like_image_id(text) and not _is_hex_prefix(text):
+                raise
+        with self._lock:
+            if ref is not None:
+                if ref.digest:
+                    image_id = self._names.get(f"{ref.repository}@{ref.digest}")
+                    if image_id is None:
+                        # Any repo digest of ours with that manifest digest is the same content.
+                        image_id = next(
+                            (
+                                rec.id
+                                for rec in self._images.values()
+                                if rec.manifest_digest == ref.digest
+                                or any(d.endswith("@" + ref.digest) for d in rec.repo_digests)
+                            ),
+                            None,
+                        )
+                elif ref.tagged:
+                    image_id = self._names.get(ref.tagged)
+                else:
+                    image_id = None
+                if image_id:
+                    return self._images[image_id]
+            if _is_hex_prefix(text) and len(text) >= 12:
+                matches = [i for i in self._images if i.removeprefix("sha256:").startswith(text)]
+                if len(matches) == 1:
+                    return self._images[matches[0]]
+        return None
+
+    def get(self, text: str) -> ImageRecord:
+        record = self.resolve(text)
+        if record is None:
+            raise NotFound(f"image {text!r} is not present")
+        return record
+
+    def layer_dirs(self, image_id: str) -> list[Path]:
+        """The image's unpacked layer directories, lowest first (overlayfs wants them reversed)."""
+        with self._lock:
+            record = self._images.get(image_id)
+            if record is None:
+                raise NotFound(f"image {image_id!r} is not present")
+            return [self._layer_path(layer.chain_id) / "diff" for layer in record.layers]
+
+    def hold_layers(self, image_id: str) -> list[str]:
+        """Keep an image's layers while a container uses them; pair with ``release_layers``."""
+        with self._lock:
+            record = self._images.get(image_id)
+            if record is None:
+                raise NotFound(f"image {image_id!r} is not present")
+            chains = [layer.chain_id for layer in record.layers]
+            self._pins.update(chains)
+            return chains
+
+    def release_layers(self, chains: list[str]) -> None:
+        with self._lock:
+            self._pins.subtract(chains)
+        self._collect_layers(chains)
+
+    def fs_usage(self) -> FsUsage:
+        with self._lock:
+            used = sum(layer.size for layer in self._layers.values())
+            inodes = sum(layer.inodes for layer in self._layers.values())
+        for db_file in self.root.glob("pycri.db*"):
+            try:
+                used += db_file.stat().st_size
+                inodes += 1
+            except FileNotFoundError:
+                pass
+        return FsUsage(str(self.layers_dir), used, inodes, time.time_ns())
+
+    # --- removal ---------------------------------------------------------------
+
+    def remove(self, text: str) -> str | None:
+        """Remove the image ``text`` names, with every tag; None when there was none."""
+        record = self.resolve(text)
+        if record is None:
+            return None
+        with self._lock:
+            if self._images.get(record.id) is not record:
+                return None  # a concurrent removal got there first
+            self.db.delete_image(record.id)
+            del self._images[record.id]
+            for name in (*record.repo_tags, *record.repo_digests):
+                if self._names.get(name) == record.id:
+                    del self._names[name]
+        log.info("image removed", image=record.id, tags=record.repo_tags)
+        self._collect_layers([layer.chain_id for layer in record.layers])
+        return record.id
+
+    def _collect_layers(self, candidates: Iterable[str]) -> None:
+        """Delete the layers among ``candidates`` that no image, pull or container uses."""
+        doomed: list[str] = []
+        with self._lock:
+            used = {layer.chain_id for rec in self._images.values() for layer in rec.layers}
+            for chain_id in set(candidates):
+                job = self._jobs.get(chain_id)
+                if chain_id in used or self._pins[chain_id] > 0 or (job and not job.future.done()):
+                    continue
+                if chain_id not in self._layers:
+                    continue
+                self.db.remove_layer(chain_id)
+                del self._layers[chain_id]
+                # Renamed away under the lock so that no pull sees a half-deleted layer.
+                trash = self.tmp_dir / f"trash-{uuid.uuid4().hex}"
+                os.rename(self._layer_path(chain_id), trash)
+                doomed.append(str(trash))
+        for path in doomed:
+            _remove_tree(Path(path))
+
+    # --- pulling -----------------------------------------------------------------
+
+    def pull(self, text: str, credentials: Credentials, cancel: threading.Event) -> ImageRecord:
+        """Pull ``text`` into the store; return its record. Runs in a worker thread."""
+        ref = parse_reference(text)
+        started = time.monotonic()
+        session = RegistrySession(ref, self.config, credentials, cancel)
+        top = session.fetch_manifest(ref.pull_reference, expect_digest=ref.digest)
+        manifest = top
+        if top.media_type in INDEX_TYPES:
+            child = self._pick_platform(ref, top)
+            manifest = session.fetch_manifest(child.digest, expect_digest=child.digest)
+            if manifest.media_type in INDEX_TYPES:
+                raise InvalidArgument(f"image {ref}: index {child.digest} points at another index")
+        config_desc, layer_descs = self._parse_image_manifest(ref, manifest)
+        config_bytes = session.fetch_config(config_desc.digest, config_desc.size)
+        diff_ids = self._parse_config(ref, config_bytes, len(layer_descs))
+        chains = chain_ids(diff_ids)
+        image_id = config_desc.digest
+        with self._lock:
+            self._pins.update(chains)
+        try:
+            self._fetch_layers(session, ref, layer_descs, diff_ids, chains, cancel)
+            if cancel.is_set():
+                raise DeadlineExceeded(f"pull of {ref} cancelled")
+            size = top.body.__len__() + config_desc.size + sum(d.size for d in layer_descs)
+            if manifest is not top:
+                size += len(manifest.body)
+            record = self._record(ref, top.digest, image_id, config_bytes, size, layer_descs, diff_ids, chains)
+        finally:
+            with self._lock:
+                self._pins.subtract(chains)
+            # On failure this removes what this pull alone brought in; on success it finds nothing.
+            self._collect_layers(chains)
+        log.info(
+            "image pulled",
+            image=str(ref),
+            id=image_id,
+            layers=len(chains),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return record
+
+    def _pick_platform(self, ref: Reference, index: Manifest) -> Descriptor:
+        entries = index.document.get("manifests")
+        if not isinstance(entries, list):
+            raise InvalidArgument(f"image {ref}: index {index.digest} has no manifests list")
+        available = []
+        for raw in entries:
+            platform = raw.get("platform", {}) if isinstance(raw, dict) else {}
+            if not isinstance(platform, dict):
+                continue
+            available.append(describe(platform))
+            if self.platform.matches(platform):
+                return Descriptor.parse(raw, f"image {ref}: index entry")
+        raise NotFound(
+            f"image {ref} has no manifest for platform {self.platform}; "
+            f"available: {', '.join(available) or 'none'}"
+        )
+
+    def _parse_image_manifest(self, ref: Reference, manifest: Manifest) -> tuple[Descriptor, list[Descriptor]]:
+        doc = manifest.document
+        config = Descriptor.parse(doc.get("config"), f"image {ref}: config")
+        raw_layers = doc.get("layers")
+        if not isinstance(raw_layers, list):
+            raise InvalidArgument(f"image {ref}: manifest {manifest.digest} has no layers list")
+        layers = [Descriptor.parse(raw, f"image {ref}: layer {i}") for i, raw in enumerate(raw_layers)]
+        for layer in layers:
+            if layer.media_type not in LAYER_TYPES:
+                raise InvalidArgument(
+                    f"image {ref}: layer {layer.digest} has unsupported media type {layer.media_type!r}"
+                )
+        return config, layers
+
+    def _parse_config(self, ref: Reference, config_bytes: bytes, layer_count: int) -> list[str]:
+        try:
+            config = json.loads(config_bytes)
+            diff_ids = config["rootfs"]["diff_ids"]
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgument(f"image {ref}: config is not an image config with rootfs.diff_ids") from None
+        if not isinstance(diff_ids, list) or len(diff_ids) != layer_count:
+            raise InvalidArgument(
+                f"image {ref}: config lists {len(diff_ids) if isinstance(diff_ids, list) else 0} diff IDs "
+                f"for {layer_count} layers"
+            )
+        for diff_id in diff_ids:
+            if not isinstance(diff_id, str):
+                raise InvalidArgument(f"image {ref}: diff ID {diff_id!r} is not a string")
+            validate_digest(diff_id)
+        return diff_ids
+
+    def _fetch_layers(
+        self,
+        session: RegistrySession,
+        ref: Reference,
+        descs: list[Descriptor],
+        diff_ids: list[str],
+        chains: list[str],
+        cancel: threading.Event,
+    ) -> None:
+        jobs: list[_LayerJob] = []
+        with self._lock:
+            for desc, diff_id, chain_id in zip(descs, diff_ids, chains, strict=True):
+                if chain_id in self._layers:
+                    continue
+                job = self._jobs.get(chain_id)
+                if job is None:
+                    job_cancel = threading.Event()
+                    job_session = RegistrySession(
+                        ref, self.config, session.credentials, job_cancel, _auth=session._auth
+                    )
+                    future = self._workers.submit(
+                        self._download_and_unpack, job_session, desc, diff_id, chain_id
+                    )
+                    job = _LayerJob(chain_id, future, job_cancel)
+                    self._jobs[chain_id] = job
+                    future.add_done_callback(lambda _f, c=chain_id: self._job_done(c))
+                job.waiters += 1
+                jobs.append(job)
+        pending = list(jobs)
+        try:
+            while pending:
+                job = pending[0]
+                try:
+                    job.future.result(timeout=0.05)
+                except FutureTimeout:
+                    if cancel.is_set():
+                        raise DeadlineExceeded(f"pull of {ref} cancelled") from None
+                    continue
+                pending.pop(0)
+                self._release_job(job)
+        except BaseException:
+            for job in pending:
+                self._release_job(job)
+            # Let cancelled jobs finish cleaning up, so the caller's error means "nothing left".
+            for job in pending:
+                if job.cancel.is_set():
+                    try:
+                        job.future.exception(timeout=10)
+                    except (FutureTimeout, Exception):
+                        pass
+            raise
+
+    def _release_job(self, job: _LayerJob) -> None:
+        with self._lock:
+            job.waiters -= 1
+            if job.waiters <= 0:
+                # Nobody wants this layer any more: stop downloading it.
+                job.cancel.set()
+
+    def _job_done(self, chain_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(chain_id, None)
+
+    def _download_and_unpack(
+        self, session: RegistrySession, desc: Descriptor, diff_id: str, chain_id: str
+    ) -> LayerRecord:
+        work = self.tmp_dir / f"layer-{uuid.uuid4().hex}"
+        work.mkdir(mode=0o700)
+        try:
+            blob = work / "blob"
+            session.download_blob(desc.digest, desc.size, blob)
+            unpacked = work / "layer"
+            (unpacked / "diff").mkdir(parents=True, mode=0o755)
+            result = unpack_layer(blob, unpacked / "diff", blob_digest=desc.digest, cancel=session.cancel)
+            if result.diff_id != diff_id:
+                raise DataLoss(
+                    f"layer {desc.digest}: uncompressed content has digest {result.diff_id}, "
+                    f"but the image config says {diff_id}"
+                )
+            blob.unlink()
+            layer = LayerRecord(chain_id, diff_id, result.size, result.inodes)
+            with self._lock:
+                if session.cancel.is_set():
+                    raise DeadlineExceeded(f"download of layer {desc.digest} cancelled")
+                os.rename(unpacked, self._layer_path(chain_id))
+                self.db.add_layer(layer)
+                self._layers[chain_id] = layer
+            return layer
+        finally:
+            _remove_tree(work)
+
+    def _record(
+        self,
+        ref: Reference,
+        manifest_digest: str | None,
+        image_id: str,
+        config_bytes: bytes,
+        size: int,
+        descs: list[Descriptor],
+        diff_ids: list[str],
+        chains: list[str],
+    ) -> ImageRecord:
+        repo_digest = f"{ref.repository}@{manifest_digest}" if manifest_digest and ref.domain else None
+        with self._lock:
+            for chain_id in chains:
+                if chain_id not in self._layers:
+                    raise FailedPrecondition(f"image {ref}: layer {chain_id} vanished during the pull")
+            existing = self._images.get(image_id)
+            layers = [
+                LayerRef(chain, diff, desc.digest, desc.size)
+                for chain, diff, desc in zip(chains, diff_ids, descs, strict=True)
+            ]
+            record = ImageRecord(
+                id=image_id,
+                manifest_digest=existing.manifest_digest if existing else (manifest_digest or ""),
+                config_bytes=config_bytes,
+                size=existing.size if existing else size,
+                layers=existing.layers if existing else layers,
+                repo_tags=list(existing.repo_tags) if existing else [],
+                repo_digests=list(existing.repo_digests) if existing else [],
+                pinned=existing.pinned if existing else False,
+                created_at=existing.created_at if existing else time.time(),
+            )
+            if ref.tagged and ref.tagged not in record.repo_tags:
+                record.repo_tags.append(ref.tagged)
+            if repo_digest and repo_digest not in record.repo_digests:
+                record.repo_digests.append(repo_digest)
+            self.db.save_image(record)
+            # A tag moved from another image: that image keeps only its other names.
+            for name in (*record.repo_tags, *record.repo_digests):
+                previous = self._names.get(name)
+                if previous and previous != image_id and previous in self._images:
+                    other = self._images[previous]
+                    if name in other.repo_tags:
+                        other.repo_tags.remove(name)
+                    if name in other.repo_digests:
+                        other.repo_digests.remove(name)
+            self._index(record)
+            return record
+
+    def import_image(
+        self,
+        names: list[str],
+        manifest_digest: str | None,
+        config_bytes: bytes,
+        layer_blobs: list[tuple[Descriptor, Path]],
+        cancel: threading.Event | None = None,
+    ) -> ImageRecord:
+        """Store an image whose blobs are already on local disk (from an archive).
+
+        ``names`` are full references; with none the image is known by its ID only.
+        """
+        cancel = cancel or threading.Event()
+        config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+        anonymous = Reference("", "", None, None)
+        diff_ids = self._parse_config(anonymous, config_bytes, len(layer_blobs))
+        chains = chain_ids(diff_ids)
+        refs = [parse_reference(n) for n in names] or [anonymous]
+        with self._lock:
+            self._pins.update(chains)
+        try:
+            for (desc, blob), diff_id, chain_id in zip(layer_blobs, diff_ids, chains, strict=True):
+                with self._lock:
+                    present = chain_id in self._layers
+                if not present:
+                    self._unpack_local(blob, desc, diff_id, chain_id, cancel)
+            size = len(config_bytes) + sum(desc.size for desc, _ in layer_blobs)
+            descs = [d for d, _ in layer_blobs]
+            records = [
+                self._record(ref, manifest_digest, config_digest, config_bytes, size, descs, diff_ids, chains)
+                for ref in refs
+            ]
+            return records[-1]
+        finally:
+            with self._lock:
+                self._pins.subtract(chains)
+            self._collect_layers(chains)
+
+    def _unpack_local(
+        self, blob: Path, desc: Descriptor, diff_id: str, chain_id: str, cancel: threading.Event
+    ) -> None:
+        work = self.tmp_dir / f"layer-{uuid.uuid4().hex}"
+        (work / "layer" / "diff").mkdir(parents=True, mode=0o755)
+        try:
+            actual = _sha256_file(blob)
+            if actual != desc.digest:
+                raise DataLoss(f"layer {desc.digest}: archive content has digest {actual}")
+            result = unpack_layer(blob, work / "layer" / "diff", blob_digest=desc.digest, cancel=cancel)
+            if result.diff_id != diff_id:
+                raise DataLoss(
+                    f"layer {desc.digest}: uncompressed content has digest {result.diff_id}, "
+                    f"but the image config says {diff_id}"
+                )
+            layer = LayerRecord(chain_id, diff_id, result.size, result.inodes)
+            with self._lock:
+                if chain_id in self._layers:
+                    return
+                os.rename(work / "layer", self._layer_path(chain_id))
+                self.db.add_layer(layer)
+                self._layers[chain_id] = layer
+        finally:
+            _remove_tree(work)
+
+    def _layer_path(self, chain_id: str) -> Path:
+        return self.layers_dir / chain_id.removeprefix("sha256:")
+
+
+def _is_hex_prefix(text: str) -> bool:
+    return bool(text) and all(c in "0123456789abcdef" for c in text)
+
+
+def _sha256_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove ``path`` even when it holds whiteout devices or read-only directories."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("cannot remove", path=str(path), error=str(exc))
+        raise PycriError(f"cannot remove {path}: {exc}") from exc
