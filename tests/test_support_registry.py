@@ -12,6 +12,9 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import time
 import urllib.parse
@@ -49,7 +52,7 @@ from tests.support.images import (
     random_layer,
     user_image,
 )
-from tests.support.registry import Registry, RegistryStartError, running_registry, start_registry
+from tests.support.registry import AuthMode, Registry, RegistryStartError, running_registry, start_registry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,9 +67,9 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _registry_fixture(workdir: Path, **kwargs: object) -> Iterator[Registry]:
+def _registry_fixture(workdir: Path, auth: AuthMode = None) -> Iterator[Registry]:
     """Yield a running registry and, on teardown, prove its process and files are gone."""
-    reg = start_registry(workdir, **kwargs)  # type: ignore[arg-type]
+    reg = start_registry(workdir, auth=auth)
     proc, root = reg.process, reg.root
     try:
         yield reg
@@ -373,6 +376,56 @@ def test_stop_cleans_up_and_is_idempotent(tmp_path: Path) -> None:
     assert (tmp_path / "registry.log").exists()  # kept for diagnosis
     with pytest.raises(OSError):
         RegistryClient.raw("GET", reg.url + "/v2/")
+
+
+# Run by test_registry_dies_with_a_killed_test_process in a separate interpreter. It is a
+# child subreaper, so the registry orphaned by the SIGKILLed "test process" is re-parented
+# to it (not to PID 1) and can be reaped here: that proves the registry died, and leaves no
+# zombie behind whatever PID 1 does.
+_SUPERVISOR = """
+import ctypes, os, signal, subprocess, sys, time
+PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+victim = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=subprocess.PIPE, text=True)
+pid = int(victim.stdout.readline())
+victim.wait()
+print("victim", victim.returncode, flush=True)
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done == pid:
+        print("registry reaped", flush=True)
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, signal.SIGKILL)  # our own orphan: clean up, then report the failure
+    os.waitpid(pid, 0)
+    print("registry outlived the test process", flush=True)
+"""
+
+_VICTIM = """
+import os, signal, sys
+from pathlib import Path
+from tests.support.registry import start_registry
+reg = start_registry(Path(sys.argv[1]))
+print(reg.process.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_registry_dies_with_a_killed_test_process(tmp_path: Path) -> None:
+    # A test run killed by SIGKILL runs no teardown and no atexit; PR_SET_PDEATHSIG must
+    # still take the registry down with it.
+    repo_root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", _SUPERVISOR, _VICTIM, str(tmp_path)],
+        cwd=repo_root,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.splitlines() == ["victim -9", "registry reaped"], result.stdout + result.stderr
 
 
 def test_start_failure_reports_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

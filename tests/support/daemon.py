@@ -1,0 +1,112 @@
+"""Run a real pycri daemon for a test: its own socket, root and state directories."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cri_runtime.client import CRIClient
+
+
+@dataclass
+class Daemon:
+    workdir: Path
+    config_text: str = ""
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "pycri.sock"
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "root"
+
+    @property
+    def state(self) -> Path:
+        return self.workdir / "state"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "pycri.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        config = self.workdir / "pycri.toml"
+        config.write_text(self.config_text)
+        args = [
+            sys.executable,
+            "-m",
+            "cri_runtime.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--socket",
+            str(self.socket),
+            "--root",
+            str(self.root),
+            "--state",
+            str(self.state),
+            "--log-level",
+            "debug",
+            "--log-format",
+            "json",
+            *self.extra_args,
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"pycri exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.socket.exists():
+                try:
+                    with CRIClient(self.endpoint, timeout=2) as client:
+                        client.version()
+                    return self
+                except Exception:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"pycri did not come up in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            raise RuntimeError(f"pycri did not stop on SIGTERM in {timeout}s:\n{self.log_tail()}") from None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def client(self) -> CRIClient:
+        return CRIClient(self.endpoint)
+
+    def rss_kib(self) -> int:
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        return 0
