@@ -33,9 +33,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         image = out["image"]
-        image["registries"] = {
-            host: dataclasses.asdict(reg) for host, reg in self.image.registries.items()
-        }
+        image["pinned_images"] = list(self.image.pinned_images)
+        image["registries"] = {host: dataclasses.asdict(reg) for host, reg in self.image.registries.items()}
         for reg in image["registries"].values():
             reg["mirrors"] = list(reg["mirrors"])
             for secret in ("password", "auth"):
@@ -75,11 +74,17 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config
     image_fields: dict[str, Any] = {}
     for f in dataclasses.fields(ImageConfig):
         if f.name in image_table:
-            expected: type | tuple[type, ...] = (
-                (int, float) if f.name == "pull_progress_timeout" else type(getattr(base.image, f.name))
-            )
-            _check_type(f"image.{f.name}", image_table[f.name], expected)
-            image_fields[f.name] = image_table[f.name]
+            value = image_table[f.name]
+            if f.name == "pinned_images":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise InvalidArgument("image.pinned_images must be a list of image names")
+                value = tuple(value)
+            else:
+                expected: type | tuple[type, ...] = (
+                    (int, float) if f.name == "pull_progress_timeout" else type(getattr(base.image, f.name))
+                )
+                _check_type(f"image.{f.name}", value, expected)
+            image_fields[f.name] = value
     registries = dict(base.image.registries)
     reg_table = data.get("registries", {})
     _check_type("registries", reg_table, dict)

@@ -19,13 +19,17 @@ RUNTIME_API_VERSION = "v1"
 
 
 class RuntimeService(pb_grpc.RuntimeServiceServicer):
-    def __init__(self, config: Config, runtimes: dict[str, RuntimeInfo], default: RuntimeInfo | None, why: str):
+    def __init__(
+        self, config: Config, runtimes: dict[str, RuntimeInfo], default: RuntimeInfo | None, why: str
+    ):
         self.config = config
         self.runtimes = runtimes
         self.default_runtime = default
         self.default_reason = why
 
-    async def Version(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.VersionResponse:
+    async def Version(
+        self, request: pb.VersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VersionResponse:
         return pb.VersionResponse(
             version="0.1.0",
             runtime_name=RUNTIME_NAME,
@@ -40,7 +44,10 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             runtime_ready.message = self.default_reason
         net = network.readiness()
         network_ready = pb.RuntimeCondition(
-            type="NetworkReady", status=net.ready, reason=net.reason, message=net.message if not net.ready else ""
+            type="NetworkReady",
+            status=net.ready,
+            reason=net.reason,
+            message=net.message if not net.ready else "",
         )
         handlers = [
             pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
@@ -68,7 +75,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     async def RuntimeConfig(
         self, request: pb.RuntimeConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.RuntimeConfigResponse:
-        driver = pb.CgroupDriver.SYSTEMD if self.config.cgroup_driver == "systemd" else pb.CgroupDriver.CGROUPFS
+        driver = (
+            pb.CgroupDriver.SYSTEMD if self.config.cgroup_driver == "systemd" else pb.CgroupDriver.CGROUPFS
+        )
         return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
 
 

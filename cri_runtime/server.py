@@ -36,12 +36,13 @@ def _ids(request: Any) -> dict[str, str]:
     """IDs worth logging from a request, whatever its type."""
     out: dict[str, str] = {}
     for field in ("pod_sandbox_id", "container_id"):
-        value = getattr(request, field, "")
-        if value:
+        value = getattr(request, field, None)
+        if isinstance(value, str) and value:
             out[field] = value
     image = getattr(request, "image", None)
-    if image is not None and getattr(image, "image", ""):
-        out["image"] = image.image
+    name = getattr(image, "image", None)
+    if isinstance(name, str) and name:
+        out["image"] = name
     return out
 
 
@@ -58,7 +59,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            inner: Any = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
@@ -89,7 +90,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()

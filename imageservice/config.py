@@ -53,6 +53,8 @@ class ImageConfig:
     pull_progress_timeout: float = 60.0
     # "os/arch[/variant]"; empty means this host's.
     platform: str = ""
+    # Names (tags or repo digests) of images reported as pinned, so kubelet never collects them.
+    pinned_images: tuple[str, ...] = ()
     registries: dict[str, RegistryHost] = field(default_factory=dict)
 
     def registry(self, host: str) -> RegistryHost:

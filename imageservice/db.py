@@ -109,7 +109,9 @@ class ImageDB:
             rows = self._conn.execute(
                 "SELECT id, manifest_digest, config, size, pinned, created_at FROM images"
             ).fetchall()
-            names = self._conn.execute("SELECT name, image_id, kind FROM image_names ORDER BY name").fetchall()
+            names = self._conn.execute(
+                "SELECT name, image_id, kind FROM image_names ORDER BY name"
+            ).fetchall()
             layer_rows = self._conn.execute(
                 "SELECT image_id, chain_id, diff_id, blob_digest, blob_size FROM image_layers "
                 "ORDER BY image_id, position"

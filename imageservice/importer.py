@@ -80,7 +80,9 @@ def _blob(files: dict[str, Path], desc: Descriptor, archive: Path) -> Path:
     if path is None:
         raise NotFound(f"archive {archive} lacks blob {desc.digest}")
     if path.stat().st_size != desc.size:
-        raise DataLoss(f"archive {archive}: blob {desc.digest} is {path.stat().st_size} bytes, not {desc.size}")
+        raise DataLoss(
+            f"archive {archive}: blob {desc.digest} is {path.stat().st_size} bytes, not {desc.size}"
+        )
     return path
 
 
@@ -110,11 +112,17 @@ def _import_oci(store: ImageStore, files: dict[str, Path], archive: Path) -> lis
         if isinstance(document, dict) and (desc.media_type in INDEX_TYPES or "manifests" in document):
             choices = document.get("manifests") or []
             match = next(
-                (m for m in choices if isinstance(m, dict) and store.platform.matches(m.get("platform") or {})),
+                (
+                    m
+                    for m in choices
+                    if isinstance(m, dict) and store.platform.matches(m.get("platform") or {})
+                ),
                 None,
             )
             if match is None:
-                available = ", ".join(describe(m.get("platform") or {}) for m in choices if isinstance(m, dict))
+                available = ", ".join(
+                    describe(m.get("platform") or {}) for m in choices if isinstance(m, dict)
+                )
                 raise NotFound(f"archive {archive}: no manifest for {store.platform}; available: {available}")
             desc = Descriptor.parse(match, f"archive {archive}: index entry")
             document = _json(files, "blobs/" + desc.digest.replace(":", "/"), archive)
@@ -154,7 +162,12 @@ def _import_docker(store: ImageStore, files: dict[str, Path], archive: Path) -> 
             path = files.get(_safe_member_name(str(layer_name)) or "")
             if path is None:
                 raise NotFound(f"archive {archive} lacks layer {layer_name}")
-            blobs.append((Descriptor("application/vnd.oci.image.layer.v1.tar", _sha256(path), path.stat().st_size), path))
+            blobs.append(
+                (
+                    Descriptor("application/vnd.oci.image.layer.v1.tar", _sha256(path), path.stat().st_size),
+                    path,
+                )
+            )
         names = [str(parse_reference(tag)) for tag in entry.get("RepoTags") or []]
         records.append(store.import_image(names, None, config_bytes, blobs))
     return records

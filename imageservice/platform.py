@@ -52,5 +52,7 @@ def host_platform(override: str = "") -> Platform:
 
 def describe(candidate: dict) -> str:
     return "/".join(
-        p for p in (candidate.get("os", "?"), candidate.get("architecture", "?"), candidate.get("variant", "")) if p
+        p
+        for p in (candidate.get("os", "?"), candidate.get("architecture", "?"), candidate.get("variant", ""))
+        if p
     )

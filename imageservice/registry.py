@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -36,6 +37,7 @@ from imageservice.errors import (
 from imageservice.reference import Reference, endpoint_host
 
 log = structlog.get_logger("pycri.registry")
+T = TypeVar("T")
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -94,8 +96,10 @@ class Credentials:
         for prefix in ("https://", "http://"):
             address = address.removeprefix(prefix)
         address = address.split("/", 1)[0]
-        return address in (host, "index.docker.io", "docker.io") if host == "registry-1.docker.io" else (
-            address == host
+        return (
+            address in (host, "index.docker.io", "docker.io")
+            if host == "registry-1.docker.io"
+            else (address == host)
         )
 
 
@@ -266,7 +270,7 @@ class RegistrySession:
 
     # --- plumbing ----------------------------------------------------------
 
-    def _each_endpoint(self, attempt: Callable[[Endpoint], object]) -> object:  # type: ignore[misc]
+    def _each_endpoint(self, attempt: Callable[[Endpoint], T]) -> T:
         errors: list[PycriError] = []
         for endpoint in self.endpoints:
             if self.cancel.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -78,7 +79,9 @@ class ImageService(pb_grpc.ImageServiceServicer):
             return [to_proto(record)] if record else []
         return [to_proto(r) for r in self.store.list_images()]
 
-    async def ListImages(self, request: pb.ListImagesRequest, context: grpc.aio.ServicerContext) -> pb.ListImagesResponse:
+    async def ListImages(
+        self, request: pb.ListImagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListImagesResponse:
         return pb.ListImagesResponse(images=self._matching(request.filter))
 
     async def StreamImages(
@@ -88,7 +91,9 @@ class ImageService(pb_grpc.ImageServiceServicer):
         for start in range(0, len(images), STREAM_PAGE):
             yield pb.StreamImagesResponse(images=images[start : start + STREAM_PAGE])
 
-    async def ImageStatus(self, request: pb.ImageStatusRequest, context: grpc.aio.ServicerContext) -> pb.ImageStatusResponse:
+    async def ImageStatus(
+        self, request: pb.ImageStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ImageStatusResponse:
         if not request.image.image:
             raise InvalidArgument("ImageStatus: image.image is empty")
         record = self.store.resolve(request.image.image)
@@ -110,7 +115,9 @@ class ImageService(pb_grpc.ImageServiceServicer):
             response.info["info"] = json.dumps(info)
         return response
 
-    async def PullImage(self, request: pb.PullImageRequest, context: grpc.aio.ServicerContext) -> pb.PullImageResponse:
+    async def PullImage(
+        self, request: pb.PullImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PullImageResponse:
         name = request.image.image
         if not name:
             raise InvalidArgument("PullImage: image.image is empty")
@@ -125,23 +132,25 @@ class ImageService(pb_grpc.ImageServiceServicer):
             # The caller's deadline passed or it went away: stop the pull and wait for its
             # cleanup, so that nothing half-stored outlives this call.
             cancel.set()
-            try:
+            with contextlib.suppress(Exception):
                 await work
-            except Exception:
-                pass
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise DeadlineExceeded(f"PullImage {name}: deadline exceeded; pull cancelled") from None
         return pb.PullImageResponse(image_ref=record.id)
 
-    async def RemoveImage(self, request: pb.RemoveImageRequest, context: grpc.aio.ServicerContext) -> pb.RemoveImageResponse:
+    async def RemoveImage(
+        self, request: pb.RemoveImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveImageResponse:
         if not request.image.image:
             raise InvalidArgument("RemoveImage: image.image is empty")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.store.remove, request.image.image)
         return pb.RemoveImageResponse()
 
-    async def ImageFsInfo(self, request: pb.ImageFsInfoRequest, context: grpc.aio.ServicerContext) -> pb.ImageFsInfoResponse:
+    async def ImageFsInfo(
+        self, request: pb.ImageFsInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ImageFsInfoResponse:
         usage = self.store.fs_usage()
         fs = pb.FilesystemUsage(
             timestamp=usage.timestamp_ns,

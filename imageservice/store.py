@@ -13,6 +13,8 @@ across a download or an unpack.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -118,6 +120,7 @@ class ImageStore:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o711)
         self.platform = host_platform(config.platform)
+        self._pinned = {str(parse_reference(name)) for name in config.pinned_images}
         self._clear_tmp()
         self.db = ImageDB(root / "pycri.db")
         self._lock = threading.Lock()
@@ -163,6 +166,7 @@ class ImageStore:
     # --- queries ---------------------------------------------------------------
 
     def _index(self, record: ImageRecord) -> None:
+        record.pinned = any(name in self._pinned for name in (*record.repo_tags, *record.repo_digests))
         self._images[record.id] = record
         for name in (*record.repo_tags, *record.repo_digests):
             self._names[name] = record.id
@@ -177,9 +181,9 @@ class ImageStore:
             raise InvalidArgument("image reference is empty")
         with self._lock:
             if looks_like_image_id(text):
-                image_id = "sha256:" + text.removeprefix("sha256:")
-                if image_id in self._images:
-                    return self._images[image_id]
+                full_id = "sha256:" + text.removeprefix("sha256:")
+                if full_id in self._images:
+                    return self._images[full_id]
         ref = None
         try:
             ref = parse_reference(text)
@@ -187,6 +191,7 @@ class ImageStore:
             if not looks_like_image_id(text) and not _is_hex_prefix(text):
                 raise
         with self._lock:
+            image_id: str | None = None
             if ref is not None:
                 if ref.digest:
                     image_id = self._names.get(f"{ref.repository}@{ref.digest}")
@@ -203,8 +208,6 @@ class ImageStore:
                         )
                 elif ref.tagged:
                     image_id = self._names.get(ref.tagged)
-                else:
-                    image_id = None
                 if image_id:
                     return self._images[image_id]
             if _is_hex_prefix(text) and len(text) >= 12:
@@ -321,7 +324,9 @@ class ImageStore:
             size = top.body.__len__() + config_desc.size + sum(d.size for d in layer_descs)
             if manifest is not top:
                 size += len(manifest.body)
-            record = self._record(ref, top.digest, image_id, config_bytes, size, layer_descs, diff_ids, chains)
+            record = self._record(
+                ref, top.digest, image_id, config_bytes, size, layer_descs, diff_ids, chains
+            )
         finally:
             with self._lock:
                 self._pins.subtract(chains)
@@ -353,7 +358,9 @@ class ImageStore:
             f"available: {', '.join(available) or 'none'}"
         )
 
-    def _parse_image_manifest(self, ref: Reference, manifest: Manifest) -> tuple[Descriptor, list[Descriptor]]:
+    def _parse_image_manifest(
+        self, ref: Reference, manifest: Manifest
+    ) -> tuple[Descriptor, list[Descriptor]]:
         doc = manifest.document
         config = Descriptor.parse(doc.get("config"), f"image {ref}: config")
         raw_layers = doc.get("layers")
@@ -372,7 +379,9 @@ class ImageStore:
             config = json.loads(config_bytes)
             diff_ids = config["rootfs"]["diff_ids"]
         except (ValueError, KeyError, TypeError):
-            raise InvalidArgument(f"image {ref}: config is not an image config with rootfs.diff_ids") from None
+            raise InvalidArgument(
+                f"image {ref}: config is not an image config with rootfs.diff_ids"
+            ) from None
         if not isinstance(diff_ids, list) or len(diff_ids) != layer_count:
             raise InvalidArgument(
                 f"image {ref}: config lists {len(diff_ids) if isinstance(diff_ids, list) else 0} diff IDs "
@@ -409,7 +418,7 @@ class ImageStore:
                     )
                     job = _LayerJob(chain_id, future, job_cancel)
                     self._jobs[chain_id] = job
-                    future.add_done_callback(lambda _f, c=chain_id: self._job_done(c))
+                    future.add_done_callback(functools.partial(self._job_done, chain_id))
                 job.waiters += 1
                 jobs.append(job)
         pending = list(jobs)
@@ -430,10 +439,8 @@ class ImageStore:
             # Let cancelled jobs finish cleaning up, so the caller's error means "nothing left".
             for job in pending:
                 if job.cancel.is_set():
-                    try:
+                    with contextlib.suppress(FutureTimeout, Exception):
                         job.future.exception(timeout=10)
-                    except (FutureTimeout, Exception):
-                        pass
             raise
 
     def _release_job(self, job: _LayerJob) -> None:
@@ -443,7 +450,7 @@ class ImageStore:
                 # Nobody wants this layer any more: stop downloading it.
                 job.cancel.set()
 
-    def _job_done(self, chain_id: str) -> None:
+    def _job_done(self, chain_id: str, _future: object) -> None:
         with self._lock:
             self._jobs.pop(chain_id, None)
 

@@ -68,14 +68,22 @@ def merged(daemon: Daemon) -> Iterator[object]:
     mounts: list[Path] = []
 
     def mount(image_id: str) -> Path:
-        record = json.loads(
-            CRIClient(daemon.endpoint).image_status(image_id, verbose=True).info["info"]
-        )
-        lowers = [str(daemon.root / "layers" / c.removeprefix("sha256:") / "diff") for c in record["chainIDs"]]
+        record = json.loads(CRIClient(daemon.endpoint).image_status(image_id, verbose=True).info["info"])
+        lowers = [
+            str(daemon.root / "layers" / c.removeprefix("sha256:") / "diff") for c in record["chainIDs"]
+        ]
         target = daemon.workdir / f"merged-{len(mounts)}"
         target.mkdir()
         subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", "ro,lowerdir=" + ":".join(reversed(lowers)), str(target)],
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                "ro,lowerdir=" + ":".join(reversed(lowers)),
+                str(target),
+            ],
             check=True,
         )
         mounts.append(target)
@@ -117,7 +125,11 @@ def test_pull_multilayer_image_gives_the_merged_rootfs(
     assert os.stat(root / "etc/app.conf").st_ino == os.stat(root / "data/hardlink-to-conf").st_ino
     assert stat.S_IMODE(os.stat(root / "tmp").st_mode) == 0o1777
     # The whiteout and the opaque marker are overlay's own: a device 0:0 and an xattr.
-    top = daemon.root / "layers" / chain_ids([layer.diff_id for layer in image.layers])[-1].removeprefix("sha256:")
+    top = (
+        daemon.root
+        / "layers"
+        / chain_ids([layer.diff_id for layer in image.layers])[-1].removeprefix("sha256:")
+    )
     whiteout = os.lstat(top / "diff/etc/removed")
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
     assert os.getxattr(top / "diff/data/old", "trusted.overlay.opaque") == b"y"
@@ -159,7 +171,10 @@ def test_index_pull_picks_this_hosts_platform(registry: Registry, cri: CRIClient
         registry,
         f"test/multiarch-{fmt}",
         "1",
-        [(there, {"os": "linux", "architecture": OTHER_ARCH}), (here, {"os": "linux", "architecture": HOST_ARCH})],
+        [
+            (there, {"os": "linux", "architecture": OTHER_ARCH}),
+            (here, {"os": "linux", "architecture": HOST_ARCH}),
+        ],
         fmt=fmt,  # type: ignore[arg-type]
     )
     ref = f"{registry.host}/test/multiarch-{fmt}:1"
@@ -172,7 +187,9 @@ def test_index_pull_picks_this_hosts_platform(registry: Registry, cri: CRIClient
     ]
 
 
-def test_index_without_this_platform_is_not_found_naming_what_exists(registry: Registry, cri: CRIClient) -> None:
+def test_index_without_this_platform_is_not_found_naming_what_exists(
+    registry: Registry, cri: CRIClient
+) -> None:
     push_index(
         registry,
         "test/foreign",
@@ -216,7 +233,9 @@ def test_one_image_id_across_names_and_lookups(registry: Registry, cri: CRIClien
     ids = {img.id for img in cri.list_images()}
     assert ids == {first}
     status = cri.image_status(first).image
-    assert sorted(status.repo_tags) == sorted([f"{registry.host}/test/same-a:1", f"{registry.host}/test/same-b:2"])
+    assert sorted(status.repo_tags) == sorted(
+        [f"{registry.host}/test/same-a:1", f"{registry.host}/test/same-b:2"]
+    )
     for lookup in (
         first,
         first.removeprefix("sha256:"),
@@ -256,7 +275,9 @@ def test_remove_image_by_id_and_by_digest(registry: Registry, cri: CRIClient) ->
     assert cri.list_images() == []
 
 
-def test_concurrent_removals_of_one_image_all_succeed(registry: Registry, daemon: Daemon, cri: CRIClient) -> None:
+def test_concurrent_removals_of_one_image_all_succeed(
+    registry: Registry, daemon: Daemon, cri: CRIClient
+) -> None:
     image = busybox_image(cmd=["echo", "race"])
     push_image(registry, "test/race", "1", image)
     image_id = cri.pull(f"{registry.host}/test/race:1")
@@ -354,9 +375,7 @@ def test_unreachable_registry_is_unavailable_naming_it(cri: CRIClient) -> None:
     assert "127.0.0.1:1" in (err.details() or "")
 
 
-@pytest.mark.parametrize(
-    "kind", ["abs_path", "dotdot", "dotdot_nested", "symlink_escape", "hardlink_escape"]
-)
+@pytest.mark.parametrize("kind", ["abs_path", "dotdot", "dotdot_nested", "symlink_escape", "hardlink_escape"])
 def test_hostile_layer_is_refused_and_nothing_is_stored(
     registry: Registry, daemon: Daemon, cri: CRIClient, kind: str
 ) -> None:
@@ -368,7 +387,13 @@ def test_hostile_layer_is_refused_and_nothing_is_stored(
     assert evil.digest in (err.details() or "")
     assert cri.list_images() == []
     assert wait_for(lambda: layer_dirs(daemon) == set() and leftovers(daemon) == [])
-    for escaped in ("/evil", "/tmp/evil", "/etc/evil-abs", str(daemon.root / "evil"), str(daemon.root.parent / "evil")):
+    for escaped in (
+        "/evil",
+        "/tmp/evil",
+        "/etc/evil-abs",
+        str(daemon.root / "evil"),
+        str(daemon.root.parent / "evil"),
+    ):
         assert not os.path.exists(escaped), escaped
     # The daemon keeps serving.
     assert cri.version().runtime_name == "pycri"
@@ -466,3 +491,14 @@ def test_mirror_serves_a_registry_under_its_own_name(registry: Registry, daemon_
         # mirrors_only: a repository the mirror lacks is not looked for upstream.
         err = rpc_error(client.pull, "registry.k8s.io/absent:1")
         assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_configured_pinned_images_are_reported_pinned(registry: Registry, daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    push_image(registry, "test/pinned", "1", busybox_image(cmd=["echo", "pinned"]))
+    push_image(registry, "test/unpinned", "1", busybox_image(cmd=["echo", "unpinned"]))
+    daemon = daemon_factory(f'[image]\npinned_images = ["{registry.host}/test/pinned:1"]\n', name="pins")
+    with daemon.client() as client:
+        client.pull(f"{registry.host}/test/pinned:1")
+        client.pull(f"{registry.host}/test/unpinned:1")
+        assert client.image_status(f"{registry.host}/test/pinned:1").image.pinned is True
+        assert client.image_status(f"{registry.host}/test/unpinned:1").image.pinned is False

@@ -38,7 +38,18 @@ def test_digest_wins_over_tag_for_what_is_pulled() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", "Busybox", "busy box", "a/b:", "a//b", "app@sha256:short", "app@md5:" + "a" * 32, "-app", "x:t@"],
+    [
+        "",
+        "   ",
+        "Busybox",
+        "busy box",
+        "a/b:",
+        "a//b",
+        "app@sha256:short",
+        "app@md5:" + "a" * 32,
+        "-app",
+        "x:t@",
+    ],
 )
 def test_malformed_references_are_invalid_argument(text: str) -> None:
     with pytest.raises(InvalidArgument):

@@ -88,7 +88,9 @@ class FakeRegistry:
 
         return body
 
-    def endless(self, chunk: bytes = b" " * 65536, limit_bytes: int = 64 * 1024 * 1024) -> Callable[[], Iterator[bytes]]:
+    def endless(
+        self, chunk: bytes = b" " * 65536, limit_bytes: int = 64 * 1024 * 1024
+    ) -> Callable[[], Iterator[bytes]]:
         def body() -> Iterator[bytes]:
             sent = 0
             while sent < limit_bytes:

@@ -1,0 +1,503 @@
+"""pycri vs containerd (1.6, CRI plugin), both driven by pycri's CRI client: ``make bench``.
+
+1. Pull of a ~200 MB image of 5 incompressible layers from a loopback ``docker-registry``:
+   wall time (median of ``--runs``, each on a fresh daemon with a fresh store), peak daemon
+   RSS sampled every 20 ms; then RemoveImage and a check that the store is empty again.
+2. A second image sharing 4 of those 5 layers, pulled right after: which blobs and how many
+   bytes the registry served (from its access log).
+3. ``--images`` tiny distinct images pulled in parallel, then ``--list-calls`` ListImages
+   calls: p50/p99 latency.
+
+Prints a markdown table (pycri | containerd | ratio pycri/containerd | target | met?) and
+writes everything, raw samples included, to ``bench/results/latest.json``.
+Only 127.0.0.1 is contacted. Every process, mount and temp dir is cleaned up at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.images import BigImages, build_and_push_big, build_and_push_many
+from bench.measure import RegistryLogWindow, RssSampler, blob_gets, median, percentile, read_status_kib
+from bench.runtimes import ContainerdRuntime, PycriRuntime, Runtime
+from tests.support.registry import Registry, start_registry
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MB = 1024 * 1024
+RSS_TARGET_MB = 150.0
+LIST_P99_TARGET_MS = 50.0
+
+RuntimeFactory = Callable[[str], Runtime]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pull-mb", type=int, default=200, help="size of the big image in MiB (default 200)")
+    p.add_argument("--layers", type=int, default=5, help="layers of the big image (default 5)")
+    p.add_argument("--runs", type=int, default=3, help="pull runs per runtime; median reported (default 3)")
+    p.add_argument("--images", type=int, default=500, help="images for the ListImages test (default 500)")
+    p.add_argument("--list-calls", type=int, default=1000, help="ListImages calls timed (default 1000)")
+    p.add_argument("--pull-threads", type=int, default=8, help="parallel CRI pulls of the small images")
+    p.add_argument("--skip-containerd", action="store_true", help="measure pycri only")
+    p.add_argument("--skip-pull", action="store_true", help="skip tests 1 and 2")
+    p.add_argument("--skip-list", action="store_true", help="skip test 3")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="parent of the temp dir holding registry storage and daemon roots (default /var/tmp)",
+    )
+    p.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json", help="JSON results file")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs) after the run")
+    args = p.parse_args(argv)
+    if args.layers < 2:
+        p.error("--layers must be at least 2 (the second image shares all but one)")
+    if args.runs < 1 or args.images < 1 or args.list_calls < 1 or args.pull_threads < 1:
+        p.error("--runs, --images, --list-calls and --pull-threads must be positive")
+    return args
+
+
+# --- test 1 + 2: big pull, shared-layer pull, removal ------------------------------------------------
+
+
+def _wait_empty(rt: Runtime, timeout: float = 10.0) -> dict[str, int]:
+    """Store leftovers once they reach zero, or what is left after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    left = rt.store_leftovers()
+    while any(left.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = rt.store_leftovers()
+    return left
+
+
+def pull_run(make: RuntimeFactory, reg: Registry, big: BigImages, run: int) -> dict[str, Any]:
+    rt = make(f"pull-{run}")
+    rt.start()
+    try:
+        assert reg.log_path is not None
+        window = RegistryLogWindow(reg.log_path)
+        with rt.client() as client:
+            window.mark()
+            with RssSampler(rt.pid) as rss:
+                started = time.perf_counter()
+                client.pull(big.ref_a, timeout=600)
+                seconds = time.perf_counter() - started
+            fetched_a = blob_gets(window.read())
+
+            window.mark()
+            with RssSampler(rt.pid) as rss_b:
+                started = time.perf_counter()
+                client.pull(big.ref_b, timeout=600)
+                seconds_b = time.perf_counter() - started
+            fetched_b = blob_gets(window.read())
+
+            images_before = len(client.list_images())
+            client.remove_image(big.ref_a)
+            client.remove_image(big.ref_b)
+            images_after = len(client.list_images())
+            leftovers = _wait_empty(rt)
+    finally:
+        rt.stop()
+
+    def label(digest: str) -> str:
+        info = big.blobs.get(digest)
+        return info.label if info else digest[:19]
+
+    layer_set = set(big.layers_a) | {big.new_layer}
+    b_layers = [f.digest for f in fetched_b if f.digest in layer_set]
+    return {
+        "seconds": seconds,
+        "peak_rss_mib": rss.peak_mib,
+        "rss_samples": rss.samples,
+        "bytes_a": sum(f.bytes for f in fetched_a),
+        "blobs_a": [label(f.digest) for f in fetched_a],
+        "second_seconds": seconds_b,
+        "second_peak_rss_mib": rss_b.peak_mib,
+        "bytes_b": sum(f.bytes for f in fetched_b),
+        "blobs_b": [label(f.digest) for f in fetched_b],
+        "second_only_new_layer": b_layers == [big.new_layer],
+        "images_before_remove": images_before,
+        "images_after_remove": images_after,
+        "leftovers_after_remove": leftovers,
+    }
+
+
+# --- test 3: many images, ListImages latency -----------------------------------------------------------
+
+
+def list_run(make: RuntimeFactory, refs: list[str], calls: int, threads: int) -> dict[str, Any]:
+    rt = make("list")
+    rt.start()
+    try:
+        with rt.client() as client:
+            started = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda ref: client.pull(ref, timeout=600), refs))
+            pull_seconds = time.perf_counter() - started
+            listed = client.list_images()
+            if len(listed) < len(refs):
+                raise RuntimeError(f"{rt.name}: ListImages shows {len(listed)} images, pulled {len(refs)}")
+            response_bytes = sum(img.ByteSize() for img in listed)
+            for _ in range(10):  # warm-up, not timed
+                client.list_images()
+            latencies: list[float] = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                client.list_images()
+                latencies.append((time.perf_counter() - t0) * 1000)
+            rss_kib = read_status_kib(rt.pid, "VmRSS") or 0
+            hwm_kib = read_status_kib(rt.pid, "VmHWM") or 0
+    finally:
+        rt.stop()
+    return {
+        "images_listed": len(listed),
+        "pull_seconds": pull_seconds,
+        "response_bytes": response_bytes,
+        "p50_ms": percentile(latencies, 50),
+        "p90_ms": percentile(latencies, 90),
+        "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies),
+        "mean_ms": sum(latencies) / len(latencies),
+        "rss_mib": rss_kib / 1024,
+        "hwm_mib": hwm_kib / 1024,
+        "latencies_ms": latencies,
+    }
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    metric: str
+    pycri: float | str | None
+    containerd: float | str | None
+    target: str = "—"
+    met: bool | None = None
+    digits: int = 2
+    ratio: bool = True
+
+
+def _fmt(value: float | str | None, digits: int) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def render_table(rows: list[Row]) -> str:
+    lines = [
+        "| metric | pycri | containerd | ratio (pycri/containerd) | target | met? |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        ratio = "—"
+        if (
+            r.ratio
+            and isinstance(r.pycri, float | int)
+            and isinstance(r.containerd, float | int)
+            and r.containerd
+        ):
+            ratio = f"{r.pycri / r.containerd:.2f}"
+        met = "—" if r.met is None else ("yes" if r.met else "**NO**")
+        lines.append(
+            f"| {r.metric} | {_fmt(r.pycri, r.digits)} | {_fmt(r.containerd, r.digits)} | {ratio} "
+            f"| {r.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def build_rows(
+    args: argparse.Namespace, results: dict[str, dict[str, Any]], big: BigImages | None
+) -> list[Row]:
+    rows: list[Row] = []
+    py, cd = results.get("pycri", {}), results.get("containerd", {})
+
+    def get(res: dict[str, Any], key: str, fn: Callable[[list[dict[str, Any]]], Any]) -> Any:
+        runs = res.get(key)
+        return fn(runs) if runs else None
+
+    if not args.skip_pull and big is not None:
+        mb = args.pull_mb
+        median_s: Callable[[list[dict[str, Any]]], float] = lambda runs: median([r["seconds"] for r in runs])  # noqa: E731
+        py_s, cd_s = get(py, "pull", median_s), get(cd, "pull", median_s)
+        rows.append(
+            Row(f"pull {mb} MiB / {args.layers} layers: wall time, median of {args.runs} (s)", py_s, cd_s)
+        )
+        rows.append(
+            Row(
+                "pull: throughput (MiB/s)",
+                mb / py_s if py_s else None,
+                mb / cd_s if cd_s else None,
+                digits=0,
+            )
+        )
+        peak: Callable[[list[dict[str, Any]]], float] = lambda runs: max(r["peak_rss_mib"] for r in runs)  # noqa: E731
+        py_rss = get(py, "pull", peak)
+        rows.append(
+            Row(
+                "pull: peak daemon RSS, max of runs (MiB)",
+                py_rss,
+                get(cd, "pull", peak),
+                target=f"< {RSS_TARGET_MB:.0f}",
+                met=None if py_rss is None else py_rss < RSS_TARGET_MB,
+                digits=0,
+            )
+        )
+        fetched: Callable[[list[dict[str, Any]]], float] = lambda runs: runs[-1]["bytes_a"] / MB  # noqa: E731
+        rows.append(
+            Row(
+                "pull: bytes served by the registry (MiB)",
+                get(py, "pull", fetched),
+                get(cd, "pull", fetched),
+                target=f"{big.total_a / MB:.1f}",
+                digits=1,
+            )
+        )
+
+        def empty(runs: list[dict[str, Any]]) -> str:
+            ok = all(
+                not any(r["leftovers_after_remove"].values()) and r["images_after_remove"] == 0 for r in runs
+            )
+            return "yes" if ok else "no: " + json.dumps(runs[-1]["leftovers_after_remove"])
+
+        py_empty = get(py, "pull", empty)
+        rows.append(
+            Row(
+                "store empty after RemoveImage (all runs)",
+                py_empty,
+                get(cd, "pull", empty),
+                target="yes",
+                met=None if py_empty is None else py_empty == "yes",
+            )
+        )
+
+        def second_blobs(runs: list[dict[str, Any]]) -> str:
+            return ", ".join(runs[-1]["blobs_b"]) or "none"
+
+        def only_new(runs: list[dict[str, Any]]) -> bool:
+            return all(r["second_only_new_layer"] for r in runs)
+
+        new_label = big.blobs[big.new_layer].label
+        py_only = get(py, "pull", only_new)
+        rows.append(
+            Row(
+                "2nd image (shares 4/5 layers): blobs fetched",
+                get(py, "pull", second_blobs),
+                get(cd, "pull", second_blobs),
+                target=f"only {new_label} (+ config b)",
+                met=py_only,
+            )
+        )
+        second_mb: Callable[[list[dict[str, Any]]], float] = lambda runs: runs[-1]["bytes_b"] / MB  # noqa: E731
+        rows.append(
+            Row(
+                "2nd image: bytes served by the registry (MiB)",
+                get(py, "pull", second_mb),
+                get(cd, "pull", second_mb),
+                target=f"≈ {big.blobs[big.new_layer].size / MB:.1f}",
+                digits=1,
+            )
+        )
+        second_s: Callable[[list[dict[str, Any]]], float] = lambda runs: median(  # noqa: E731
+            [r["second_seconds"] for r in runs]
+        )
+        rows.append(
+            Row("2nd image: wall time, median (s)", get(py, "pull", second_s), get(cd, "pull", second_s))
+        )
+
+    if not args.skip_list:
+        n = args.images
+        py_l, cd_l = py.get("list"), cd.get("list")
+
+        def val(res: dict[str, Any] | None, key: str) -> float | None:
+            return None if not res else float(res[key])
+
+        rows.append(
+            Row(
+                f"{n} images: pull wall time, {args.pull_threads} threads (s)",
+                val(py_l, "pull_seconds"),
+                val(cd_l, "pull_seconds"),
+            )
+        )
+        rows.append(
+            Row(f"ListImages ({n} images): p50 (ms)", val(py_l, "p50_ms"), val(cd_l, "p50_ms"), digits=2)
+        )
+        py_p99 = val(py_l, "p99_ms")
+        rows.append(
+            Row(
+                f"ListImages ({n} images): p99 of {args.list_calls} calls (ms)",
+                py_p99,
+                val(cd_l, "p99_ms"),
+                target=f"< {LIST_P99_TARGET_MS:.0f}",
+                met=None if py_p99 is None else py_p99 < LIST_P99_TARGET_MS,
+            )
+        )
+        rows.append(
+            Row(
+                f"daemon RSS holding {n} images (MiB)",
+                val(py_l, "rss_mib"),
+                val(cd_l, "rss_mib"),
+                digits=0,
+            )
+        )
+    return rows
+
+
+# --- main --------------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "kernel": platform.release(), "cpus": str(os.cpu_count())}
+    for pkg in ("containerd", "docker-registry"):
+        res = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True)
+        out[pkg] = res.stdout.strip() or "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench needs root (containerd, overlay mounts)", file=sys.stderr)
+        return 2
+    wall_start = time.monotonic()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="pycri-bench-", dir=args.workdir))
+    results: dict[str, dict[str, Any]] = {"pycri": {}, "containerd": {}}
+    errors: list[str] = []
+    big: BigImages | None = None
+    names = ["pycri"] if args.skip_containerd else ["pycri", "containerd"]
+    exit_code = 0
+    with contextlib.ExitStack() as cleanup:
+        if not args.keep:
+            cleanup.callback(shutil.rmtree, base, ignore_errors=True)
+        try:
+            log(f"workdir {base}")
+            reg = start_registry(base / "registry")
+            cleanup.callback(reg.stop)
+            log(f"registry on {reg.host}")
+
+            def factory(name: str) -> RuntimeFactory:
+                def make(tag: str) -> Runtime:
+                    workdir = base / f"{name}-{tag}"
+                    if name == "pycri":
+                        return PycriRuntime(workdir)
+                    return ContainerdRuntime(workdir, reg.host)
+
+                return make
+
+            if not args.skip_pull:
+                t0 = time.monotonic()
+                big = build_and_push_big(reg, args.pull_mb * MB, args.layers)
+                log(
+                    f"built and pushed big images ({args.pull_mb} MiB, {args.layers} layers) "
+                    f"in {time.monotonic() - t0:.1f}s"
+                )
+            refs: list[str] = []
+            if not args.skip_list:
+                t0 = time.monotonic()
+                refs = build_and_push_many(reg, args.images)
+                log(f"pushed {len(refs)} small images in {time.monotonic() - t0:.1f}s")
+
+            if big is not None:
+                # Interleaved, so drift (page cache, thermal, neighbours) hits both alike.
+                for run in range(args.runs):
+                    for name in names:
+                        if name in results and results[name].get("error"):
+                            continue
+                        try:
+                            res = pull_run(factory(name), reg, big, run)
+                        except Exception as exc:
+                            errors.append(f"{name} pull run {run}: {exc!r}")
+                            results[name]["error"] = repr(exc)
+                            log(f"{name} pull run {run} FAILED: {exc!r}")
+                            continue
+                        results[name].setdefault("pull", []).append(res)
+                        log(
+                            f"{name} pull run {run}: {res['seconds']:.2f}s, "
+                            f"peak RSS {res['peak_rss_mib']:.0f} MiB; "
+                            f"2nd image {res['second_seconds']:.2f}s fetched {res['blobs_b']}; "
+                            f"after remove {res['leftovers_after_remove']}"
+                        )
+            if refs:
+                for name in names:
+                    try:
+                        res = list_run(factory(name), refs, args.list_calls, args.pull_threads)
+                    except Exception as exc:
+                        errors.append(f"{name} list: {exc!r}")
+                        log(f"{name} list FAILED: {exc!r}")
+                        continue
+                    results[name]["list"] = res
+                    log(
+                        f"{name}: pulled {len(refs)} images in {res['pull_seconds']:.1f}s; ListImages "
+                        f"p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms"
+                    )
+        except KeyboardInterrupt:
+            errors.append("interrupted")
+            exit_code = 130
+        except Exception as exc:
+            errors.append(f"bench failed: {exc!r}")
+            log(f"FAILED: {exc!r}")
+            exit_code = 1
+
+    total = time.monotonic() - wall_start
+    rows = build_rows(args, results, big)
+    table = render_table(rows)
+    print()
+    print(table)
+    print()
+    print(f"total bench time: {total:.0f} s")
+    if errors:
+        print("errors:\n  " + "\n  ".join(errors))
+        exit_code = exit_code or 1
+
+    report = {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "versions": _versions(),
+        "total_seconds": total,
+        "table": [
+            {
+                "metric": r.metric,
+                "pycri": r.pycri,
+                "containerd": r.containerd,
+                "target": r.target,
+                "met": r.met,
+            }
+            for r in rows
+        ],
+        "results": results,
+        "errors": errors,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"results written to {args.output}")
+    if args.keep:
+        print(f"temp dir kept: {base}")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
