@@ -12,7 +12,15 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tests.support.images import Image, Layer, RegistryClient, layer_from_files, random_layer
+from tests.support.images import (
+    CREATED,
+    Image,
+    Layer,
+    RegistryClient,
+    image_config,
+    layer_from_files,
+    random_layer,
+)
 from tests.support.registry import Registry
 
 BIG_REPO = "bench/big"
@@ -86,18 +94,41 @@ def _materialize(layer: Layer) -> Layer:
     return layer
 
 
-def build_and_push_many(reg: Registry, count: int, threads: int = 16) -> list[str]:
-    """Push ``count`` tiny distinct images; return their references."""
+def _history(config_kb: int) -> list[dict[str, object]]:
+    """Two layer entries, then ``empty_layer`` entries until the JSON is about ``config_kb`` KiB.
+
+    Real images' configs are mostly history (``created_by`` of every Dockerfile step); 5-20 KiB
+    is common, and the tiny configs of the default run understate per-image JSON work.
+    """
+    history: list[dict[str, object]] = [
+        {"created": CREATED, "created_by": f"pycri bench: layer {n}"} for n in range(2)
+    ]
+    step = "/bin/sh -c set -eux; apt-get update; apt-get install -y --no-install-recommends pkg; " * 3
+    size = 0
+    while size < config_kb * 1024:
+        entry = {"created": CREATED, "created_by": step, "empty_layer": True}
+        history.append(entry)
+        size += len(step) + 80
+    return history
+
+
+def build_and_push_many(reg: Registry, count: int, threads: int = 16, config_kb: int = 0) -> list[str]:
+    """Push ``count`` tiny distinct images; return their references.
+
+    ``config_kb`` > 0 pads each config with history entries to about that size.
+    """
     base = layer_from_files({"etc/bench-base": "shared base layer of the ListImages benchmark\n"})
     RegistryClient(reg).push_blob(MANY_REPO, base.blob)
+    history = _history(config_kb) if config_kb > 0 else None
 
     def push(i: int) -> str:
         own = layer_from_files({f"data/image-{i:04d}.txt": f"bench image {i}\n"})
-        image = Image.build(
-            [base, own],
-            cmd=["/bin/sh"],
-            labels={"org.pycri.bench": "many", "org.pycri.bench.index": str(i)},
+        config = image_config(
+            cmd=["/bin/sh"], labels={"org.pycri.bench": "many", "org.pycri.bench.index": str(i)}
         )
+        if history is not None:
+            config["history"] = history
+        image = Image([base, own], config)
         client = RegistryClient(reg)
         client.push_blob(MANY_REPO, own.blob, check_exists=False)
         client.push_blob(MANY_REPO, image.config_bytes(), check_exists=False)

@@ -6,6 +6,7 @@ when a row names them. WAL mode with synchronous=FULL: a committed pull survives
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -66,9 +67,28 @@ class ImageRecord:
     pinned: bool = False
     created_at: float = 0.0
 
-    @property
+    @functools.cached_property
     def config(self) -> dict:
+        # Parsed once: ListImages reads it for every image on every call.
         return json.loads(self.config_bytes)
+
+    @functools.cached_property
+    def user(self) -> tuple[int | None, str]:
+        return image_user(self.config)
+
+
+def image_user(config: dict) -> tuple[int | None, str]:
+    """The image's USER as CRI reports it: a numeric uid, else a user name.
+
+    ``1002`` and ``1002:grp`` give uid 1002; ``www-data`` and ``www-data:grp`` give the name.
+    """
+    user = str((config.get("config") or {}).get("User") or "")
+    name = user.split(":", 1)[0]
+    if not name:
+        return None, ""
+    if name.isdigit():
+        return int(name), ""
+    return None, name
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -23,6 +24,7 @@ from typing import TypeVar
 
 import structlog
 
+from imageservice.cancel import on_cancel
 from imageservice.config import ImageConfig, RegistryHost
 from imageservice.errors import (
     DataLoss,
@@ -301,15 +303,35 @@ class RegistrySession:
     class _Response:
         """Context manager that owns a connection and its response."""
 
-        def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        def __init__(
+            self,
+            conn: http.client.HTTPConnection,
+            resp: http.client.HTTPResponse,
+            forget: Callable[[], None],
+        ) -> None:
             self.conn = conn
             self.resp = resp
+            self.forget = forget
 
         def __enter__(self) -> http.client.HTTPResponse:
             return self.resp
 
         def __exit__(self, *exc: object) -> None:
+            self.forget()
             self.conn.close()
+
+    def _watch(self, conn: http.client.HTTPConnection) -> Callable[[], None]:
+        """Shut ``conn``'s socket down on cancellation, waking a thread blocked reading it."""
+
+        def abort() -> None:
+            sock = conn.sock
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+
+        return on_cancel(self.cancel, abort)
+
+    def _cancelled(self, what: str) -> DeadlineExceeded:
+        return DeadlineExceeded(f"pull of {self.ref} cancelled while fetching {what}")
 
     def _request(
         self, endpoint: Endpoint, method: str, path: str, *, accept: str | None = None, what: str
@@ -329,19 +351,28 @@ class RegistrySession:
             if send_auth and auth_state.header:
                 headers["Authorization"] = auth_state.header
             conn = self._connection(endpoint, scheme, host)
+            forget = self._watch(conn)
             try:
                 conn.request(method, url_path, headers=headers)
                 resp = conn.getresponse()
             except TimeoutError:
+                forget()
                 conn.close()
+                if self.cancel.is_set():
+                    raise self._cancelled(what) from None
                 raise Unavailable(
                     f"{what}: registry {scheme}://{host} sent nothing for "
                     f"{self.config.pull_progress_timeout:g}s (pull_progress_timeout)"
                 ) from None
             except (OSError, http.client.HTTPException) as exc:
+                forget()
                 conn.close()
+                if self.cancel.is_set():
+                    raise self._cancelled(what) from None
                 raise Unavailable(f"{what}: cannot reach registry {scheme}://{host}: {exc}") from None
             status = resp.status
+            if status != 200:
+                forget()
             if status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location") or ""
                 conn.close()
@@ -367,7 +398,7 @@ class RegistrySession:
                     "and no credentials were given"
                 )
             if status == 200:
-                return RegistrySession._Response(conn, resp)
+                return RegistrySession._Response(conn, resp, forget)
             detail = _error_detail(resp)
             conn.close()
             where = f"{what}: registry {scheme}://{host} answered HTTP {status}{detail}"
@@ -468,13 +499,19 @@ class RegistrySession:
             try:
                 chunk = resp.read1(CHUNK) if hasattr(resp, "read1") else resp.read(CHUNK)
             except TimeoutError:
+                if self.cancel.is_set():
+                    raise self._cancelled(what) from None
                 raise Unavailable(
                     f"{what}: registry {endpoint} sent no bytes for "
                     f"{self.config.pull_progress_timeout:g}s (pull_progress_timeout); pull cancelled"
                 ) from None
             except (OSError, http.client.HTTPException) as exc:
+                if self.cancel.is_set():
+                    raise self._cancelled(what) from None
                 raise Unavailable(f"{what}: connection to registry {endpoint} broke: {exc}") from None
             if not chunk:
+                if self.cancel.is_set():
+                    raise self._cancelled(what)
                 return
             yield chunk
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +12,7 @@ import grpc
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
+from imageservice.cancel import Cancellation
 from imageservice.db import ImageRecord
 from imageservice.errors import DeadlineExceeded, InvalidArgument
 from imageservice.registry import Credentials
@@ -21,22 +21,8 @@ from imageservice.store import ImageStore
 STREAM_PAGE = 100
 
 
-def image_user(config: dict) -> tuple[int | None, str]:
-    """The image's USER as CRI reports it: a numeric uid, else a user name.
-
-    ``1002`` and ``1002:grp`` give uid 1002; ``www-data`` and ``www-data:grp`` give the name.
-    """
-    user = str((config.get("config") or {}).get("User") or "")
-    name = user.split(":", 1)[0]
-    if not name:
-        return None, ""
-    if name.isdigit():
-        return int(name), ""
-    return None, name
-
-
 def to_proto(record: ImageRecord) -> pb.Image:
-    uid, username = image_user(record.config)
+    uid, username = record.user
     image = pb.Image(
         id=record.id,
         repo_tags=record.repo_tags,
@@ -68,8 +54,12 @@ class ImageService(pb_grpc.ImageServiceServicer):
         # Pulls wait on downloads for minutes; they get threads of their own so that
         # quick RPCs in the default executor never queue behind them.
         self._pull_threads = ThreadPoolExecutor(16, thread_name_prefix="pull")
+        self._active: set[Cancellation] = set()
 
     def close(self) -> None:
+        """Cancel pulls in flight (their cleanup runs) and wait for their threads."""
+        for cancel in list(self._active):
+            cancel.set()
         self._pull_threads.shutdown(wait=True, cancel_futures=True)
 
     def _matching(self, image_filter: pb.ImageFilter | None) -> list[pb.Image]:
@@ -122,9 +112,11 @@ class ImageService(pb_grpc.ImageServiceServicer):
         if not name:
             raise InvalidArgument("PullImage: image.image is empty")
         credentials = _credentials(request.auth)
-        cancel = threading.Event()
+        cancel = Cancellation()
         loop = asyncio.get_running_loop()
+        self._active.add(cancel)
         work = loop.run_in_executor(self._pull_threads, self.store.pull, name, credentials, cancel)
+        work.add_done_callback(lambda _f: self._active.discard(cancel))
         remaining = context.time_remaining()
         try:
             record = await asyncio.wait_for(asyncio.shield(work), timeout=remaining)

@@ -14,6 +14,7 @@ across a download or an unpack.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import structlog
 
+from imageservice.cancel import Cancellation
 from imageservice.config import ImageConfig
 from imageservice.db import ImageDB, ImageRecord, LayerRecord, LayerRef
 from imageservice.errors import (
@@ -98,7 +100,7 @@ class _LayerJob:
 
     chain_id: str
     future: Future[LayerRecord]
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=Cancellation)
     waiters: int = 0
 
 
@@ -160,6 +162,10 @@ class ImageStore:
         self._collect_layers(list(self._layers))
 
     def close(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel.set()
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.db.close()
 
@@ -409,7 +415,7 @@ class ImageStore:
                     continue
                 job = self._jobs.get(chain_id)
                 if job is None:
-                    job_cancel = threading.Event()
+                    job_cancel = Cancellation()
                     job_session = RegistrySession(
                         ref, self.config, session.credentials, job_cancel, _auth=session._auth
                     )
@@ -471,11 +477,13 @@ class ImageStore:
                     f"but the image config says {diff_id}"
                 )
             blob.unlink()
+            _syncfs(unpacked)
             layer = LayerRecord(chain_id, diff_id, result.size, result.inodes)
             with self._lock:
                 if session.cancel.is_set():
                     raise DeadlineExceeded(f"download of layer {desc.digest} cancelled")
                 os.rename(unpacked, self._layer_path(chain_id))
+                _fsync_dir(self.layers_dir)
                 self.db.add_layer(layer)
                 self._layers[chain_id] = layer
             return layer
@@ -584,11 +592,13 @@ class ImageStore:
                     f"layer {desc.digest}: uncompressed content has digest {result.diff_id}, "
                     f"but the image config says {diff_id}"
                 )
+            _syncfs(work)
             layer = LayerRecord(chain_id, diff_id, result.size, result.inodes)
             with self._lock:
                 if chain_id in self._layers:
                     return
                 os.rename(work / "layer", self._layer_path(chain_id))
+                _fsync_dir(self.layers_dir)
                 self.db.add_layer(layer)
                 self._layers[chain_id] = layer
         finally:
@@ -596,6 +606,29 @@ class ImageStore:
 
     def _layer_path(self, chain_id: str) -> Path:
         return self.layers_dir / chain_id.removeprefix("sha256:")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the file system holding ``path``: an unpacked layer must be on disk before the
+    database says it is present (one call per layer, not one fsync per file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_hex_prefix(text: str) -> bool:

@@ -418,8 +418,6 @@ def test_tiny_deadline_gives_deadline_exceeded_and_leaves_nothing(
     push_image(registry, "test/deadline", "1", image)
     err = rpc_error(cri.pull, f"{registry.host}/test/deadline:1", timeout=0.001)
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    err = rpc_error(cri.pull, f"{registry.host}/test/deadline:1", timeout=0.3)
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_for(lambda: layer_dirs(daemon) == set() and leftovers(daemon) == [])
     assert cri.list_images() == []
     # And a patient pull then works.

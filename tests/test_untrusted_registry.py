@@ -185,3 +185,44 @@ def nothing_left_of(daemon: Daemon, image: Image) -> bool:
         p.name == image.layers[-1].diff_id.removeprefix("sha256:") for p in (daemon.root / "layers").iterdir()
     )
     return not tmp and not top_chain_present
+
+
+def test_deadline_passing_mid_download_cancels_and_leaves_nothing(
+    fake: FakeRegistry, daemon: Daemon, cri: CRIClient
+) -> None:
+    big = random_layer(4 * 1024 * 1024, seed=12)
+    image = Image.build([busybox_layer(), big], cmd=["sh"])
+    serve_image(fake, "slow/app", "1", image)
+    fake.routes[f"/v2/slow/app/blobs/{big.digest}"] = Route(
+        body=fake.stall(first=big.blob[:65536]), content_length=len(big.blob)
+    )
+    started = time.monotonic()
+    err = pull_error(cri, f"{fake.host}/slow/app:1", timeout=1.5)
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5
+    # The busybox layer may have finished before the deadline; it must not survive the failed pull.
+    assert nothing_stored(daemon, cri)
+    assert cri.version().runtime_name == "pycri"
+
+
+def test_sigterm_during_a_stalled_pull_stops_promptly_and_keeps_nothing(
+    fake: FakeRegistry, daemon_factory
+) -> None:  # type: ignore[no-untyped-def]
+    daemon = daemon_factory(name="term-pull")
+    big = random_layer(4 * 1024 * 1024, seed=13)
+    image = Image.build([big], cmd=["sh"])
+    serve_image(fake, "term/app", "1", image)
+    fake.routes[f"/v2/term/app/blobs/{big.digest}"] = Route(
+        body=fake.stall(first=big.blob[:65536]), content_length=len(big.blob)
+    )
+    thread = threading.Thread(
+        target=lambda: pytest.raises(grpc.RpcError, daemon.client().pull, f"{fake.host}/term/app:1")
+    )
+    thread.start()
+    time.sleep(1)
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 8
+    thread.join(10)
+    assert list((daemon.root / "layers").iterdir()) == []
+    assert list((daemon.root / "tmp").iterdir()) == []
