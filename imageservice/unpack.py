@@ -6,13 +6,14 @@ ownership, modes, times, xattrs, links and device nodes are kept as the archive 
 
 Path policy (an entry that breaks it raises ``HostileContent`` naming blob and entry):
 
-* Entry names and hardlink targets are interpreted relative to the layer root, which
-  plays the role of ``/``. A leading ``/`` is stripped (``/etc/x`` means ``dest/etc/x``),
-  exactly as containerd and Docker do, so layers written by tools that store absolute
-  names still unpack. ``.`` components and repeated slashes are dropped.
+* Entry names and hardlink targets are relative to the layer root. ``.`` components
+  (so a leading ``./``) and repeated slashes are dropped. A name that starts with ``/``
+  is refused: containerd and Docker strip the slash instead, but layer writers (Docker,
+  BuildKit, containerd, GNU tar by default) never store absolute names, so
+  one is a sign of a crafted archive and refusing it should cost no real image.
 * A ``..`` component is resolved lexically within the name; one that would climb above
-  the layer root (``../x``, ``a/../../x``) is refused rather than clamped, because no
-  honest layer writer produces it.
+  the layer root (``../x``, ``a/../../x``, ``s/../../x``) is refused rather than clamped,
+  for the same reason.
 * Parent directories are resolved physically, one component at a time with ``lstat``.
   A symlink met on the way is followed as if the process were chrooted into ``dest``:
   an absolute target restarts at ``dest``, a relative one continues from the link's
@@ -43,6 +44,7 @@ import errno
 import hashlib
 import io
 import os
+import queue
 import shutil
 import stat
 import tarfile
@@ -167,24 +169,78 @@ class _GzipReader:
 
 
 class _HashingReader:
-    """File-like view of the decompressed tar stream that hashes every byte it returns."""
+    """File-like view of the decompressed tar stream, hashed as it is produced.
+
+    A helper thread decompresses and hashes up to ``_DEPTH`` chunks ahead of the tar
+    parser. zlib, zstd and hashlib release the GIL on large buffers, so on a two-core
+    machine this overlaps them with tar parsing and filesystem calls instead of
+    adding to them. ``close`` must be called before the blob file is closed.
+    """
+
+    _DEPTH = 4
 
     def __init__(self, source: _Readable) -> None:
         self._source = source
         self._sha = hashlib.sha256()
+        self._queue: queue.Queue[bytes | Exception] = queue.Queue(self._DEPTH)
+        self._stop = threading.Event()
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._produce, name="unpack-decompress", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        while True:
+            item: bytes | Exception
+            try:
+                item = self._source.read(_CHUNK)
+                self._sha.update(item)
+            except (EOFError, zlib.error, zstandard.ZstdError) as exc:
+                item = _CorruptStream(f"corrupt compressed stream: {exc}")
+            except OSError as exc:
+                item = _BlobUnreadable(f"reading blob failed: {exc}")
+            except Exception as exc:  # handed to the consumer, which re-raises it
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    # A timeout so that close() is noticed even when nobody reads.
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or not isinstance(item, bytes) or not item:
+                return
 
     def read(self, size: int = -1, /) -> bytes:
-        try:
-            data = self._source.read(size)
-        except (EOFError, zlib.error, zstandard.ZstdError) as exc:
-            raise _CorruptStream(f"corrupt compressed stream: {exc}") from exc
-        except OSError as exc:
-            raise _BlobUnreadable(f"reading blob failed: {exc}") from exc
-        self._sha.update(data)
+        if size < 0:
+            return b"".join(iter(lambda: self.read(_CHUNK), b""))
+        while self._pos >= len(self._buf):
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, Exception):
+                self._error = item
+                raise item
+            if not item:
+                self._eof = True
+                return b""
+            self._buf, self._pos = item, 0
+        data = self._buf[self._pos : self._pos + size]
+        self._pos += len(data)
         return data
 
     def hexdigest(self) -> str:
+        """Digest of everything decompressed; only meaningful once read() hit EOF."""
+        self._thread.join()
         return self._sha.hexdigest()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # Real tarfile classes, just missing from typeshed.
@@ -293,6 +349,8 @@ class _Unpacker:
     def _names(self, name: str, what: str) -> tuple[str, ...]:
         if "\x00" in name:
             raise self.hostile(f"{what} contains a NUL byte")
+        if name.startswith("/"):
+            raise self.hostile(f"{what} {name!r} is an absolute path")
         parts = _split(name)
         if parts is None:
             raise self.hostile(f"{what} {name!r} climbs above the layer root")
@@ -446,6 +504,11 @@ class _Unpacker:
 
     def apply(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         parts = self._names(member.name, "name")
+        if _WHITEOUT_META_PREFIX in member.name and any(
+            p.startswith(_WHITEOUT_META_PREFIX) for p in parts[:-1]
+        ):
+            # Contents of AUFS bookkeeping dirs (.wh..wh.plnk/...) are skipped like the dirs.
+            return
         if parts and parts[-1].startswith(_WHITEOUT_PREFIX):
             self._whiteout(parts, member)
             return
@@ -640,42 +703,41 @@ def unpack_layer(
     """
     # Resolve once so every later path is symlink-free from the filesystem root down.
     root = os.path.realpath(dest)
+    unpacker = _Unpacker(root, blob_digest, cancel)
     if not os.path.isdir(root):
-        raise InvalidArgument(
-            f"layer {blob_digest}: entry '<archive start>': destination {str(dest)!r} is not a directory"
-        )
+        raise InvalidArgument(unpacker.msg(f"destination {str(dest)!r} is not a directory"))
     with os.scandir(root) as it:
         # Hardlinks may only point at what this layer created; that holds only if
         # nothing else was there to begin with.
         if next(it, None) is not None:
-            raise InvalidArgument(
-                f"layer {blob_digest}: entry '<archive start>': destination {str(dest)!r} is not empty"
-            )
-    unpacker = _Unpacker(root, blob_digest, cancel)
+            raise InvalidArgument(unpacker.msg(f"destination {str(dest)!r} is not empty"))
     try:
         with open(blob_path, "rb") as raw:
             reader = _HashingReader(_open_decompressed(raw, blob_digest))
-            # "r|" only ever calls read(); the stubs want a full file object.
-            with tarfile.open(  # type: ignore[call-overload]
-                fileobj=reader,
-                mode="r|",
-                bufsize=_TAR_BUFSIZE,
-                tarinfo=_StrictTarInfo,
-                errors="surrogateescape",
-            ) as tf:
-                while True:
+            try:
+                # "r|" only ever calls read(); the stubs want a full file object.
+                with tarfile.open(  # type: ignore[call-overload]
+                    fileobj=reader,
+                    mode="r|",
+                    bufsize=_TAR_BUFSIZE,
+                    tarinfo=_StrictTarInfo,
+                    errors="surrogateescape",
+                ) as tf:
+                    while True:
+                        unpacker.check_cancel()
+                        member = tf.next()
+                        if member is None:
+                            break
+                        # Stream mode never needs earlier members; keeping them all would
+                        # cost memory proportional to the entry count.
+                        tf.members.clear()
+                        unpacker.entry = member.name
+                        unpacker.apply(tf, member)
+                # Padding after the end-of-archive blocks is part of the diff ID.
+                while reader.read(_CHUNK):
                     unpacker.check_cancel()
-                    member = tf.next()
-                    if member is None:
-                        break
-                    # Stream mode never needs earlier members; keeping them all would
-                    # cost memory proportional to the entry count.
-                    tf.members.clear()
-                    unpacker.entry = member.name
-                    unpacker.apply(tf, member)
-            # Padding after the end-of-archive blocks is part of the diff ID.
-            while reader.read(_CHUNK):
-                unpacker.check_cancel()
+            finally:
+                reader.close()
         unpacker.finish()
     except PycriError:
         raise

@@ -215,14 +215,22 @@ def test_sigterm_during_a_stalled_pull_stops_promptly_and_keeps_nothing(
     fake.routes[f"/v2/term/app/blobs/{big.digest}"] = Route(
         body=fake.stall(first=big.blob[:65536]), content_length=len(big.blob)
     )
-    thread = threading.Thread(
-        target=lambda: pytest.raises(grpc.RpcError, daemon.client().pull, f"{fake.host}/term/app:1")
-    )
+    outcome: list[BaseException] = []
+
+    def doomed_pull() -> None:
+        try:
+            with daemon.client() as client:
+                client.pull(f"{fake.host}/term/app:1")
+        except grpc.RpcError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=doomed_pull)
     thread.start()
     time.sleep(1)
     started = time.monotonic()
     assert daemon.stop() == 0
     assert time.monotonic() - started < 8
     thread.join(10)
+    assert len(outcome) == 1  # the caller heard about it
     assert list((daemon.root / "layers").iterdir()) == []
     assert list((daemon.root / "tmp").iterdir()) == []
