@@ -82,3 +82,158 @@ class CRIClient:
 
     def image_fs_info(self) -> pb.ImageFsInfoResponse:
         return self.images.ImageFsInfo(pb.ImageFsInfoRequest(), timeout=self.timeout)
+
+    # --- pods and containers ------------------------------------------------------
+
+    def run_pod(
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        uid: str = "",
+        attempt: int = 0,
+        hostname: str = "",
+        log_directory: str = "",
+        labels: dict[str, str] | None = None,
+        pid_mode: int = pb.NamespaceMode.CONTAINER,
+        host_network: bool = False,
+        dns_servers: list[str] | None = None,
+        dns_searches: list[str] | None = None,
+        cgroup_parent: str = "",
+        runtime_handler: str = "",
+        port_mappings: list[pb.PortMapping] | None = None,
+        config: pb.PodSandboxConfig | None = None,
+    ) -> str:
+        """RunPodSandbox with a kubelet-like config (PID namespace per container by default)."""
+        if config is None:
+            config = self.pod_config(
+                name,
+                namespace=namespace,
+                uid=uid,
+                attempt=attempt,
+                hostname=hostname,
+                log_directory=log_directory,
+                labels=labels,
+                pid_mode=pid_mode,
+                host_network=host_network,
+                dns_servers=dns_servers,
+                dns_searches=dns_searches,
+                cgroup_parent=cgroup_parent,
+                port_mappings=port_mappings,
+            )
+        request = pb.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler)
+        return self.runtime.RunPodSandbox(request, timeout=max(self.timeout, 120)).pod_sandbox_id
+
+    @staticmethod
+    def pod_config(
+        name: str,
+        *,
+        namespace: str = "default",
+        uid: str = "",
+        attempt: int = 0,
+        hostname: str = "",
+        log_directory: str = "",
+        labels: dict[str, str] | None = None,
+        pid_mode: int = pb.NamespaceMode.CONTAINER,
+        host_network: bool = False,
+        dns_servers: list[str] | None = None,
+        dns_searches: list[str] | None = None,
+        cgroup_parent: str = "",
+        port_mappings: list[pb.PortMapping] | None = None,
+    ) -> pb.PodSandboxConfig:
+        config = pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(
+                name=name, namespace=namespace, uid=uid or f"uid-{name}", attempt=attempt
+            ),
+            hostname=hostname,
+            log_directory=log_directory,
+            labels=labels or {},
+            port_mappings=port_mappings or [],
+        )
+        options = config.linux.security_context.namespace_options
+        options.pid = pid_mode
+        if host_network:
+            options.network = pb.NamespaceMode.NODE
+        if dns_servers or dns_searches:
+            config.dns_config.servers.extend(dns_servers or [])
+            config.dns_config.searches.extend(dns_searches or [])
+        config.linux.cgroup_parent = cgroup_parent
+        return config
+
+    def stop_pod(self, pod_id: str) -> None:
+        self.runtime.StopPodSandbox(
+            pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=max(self.timeout, 120)
+        )
+
+    def remove_pod(self, pod_id: str) -> None:
+        self.runtime.RemovePodSandbox(
+            pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=max(self.timeout, 120)
+        )
+
+    def pod_status(self, pod_id: str, verbose: bool = False) -> pb.PodSandboxStatusResponse:
+        return self.runtime.PodSandboxStatus(
+            pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=verbose), timeout=self.timeout
+        )
+
+    def list_pods(self, pod_filter: pb.PodSandboxFilter | None = None) -> list[pb.PodSandbox]:
+        return list(
+            self.runtime.ListPodSandbox(
+                pb.ListPodSandboxRequest(filter=pod_filter), timeout=self.timeout
+            ).items
+        )
+
+    def create_container(
+        self,
+        pod_id: str,
+        name: str,
+        image: str,
+        *,
+        command: list[str] | None = None,
+        args: list[str] | None = None,
+        envs: dict[str, str] | None = None,
+        log_path: str = "",
+        labels: dict[str, str] | None = None,
+        config: pb.ContainerConfig | None = None,
+        sandbox_config: pb.PodSandboxConfig | None = None,
+    ) -> str:
+        if config is None:
+            config = pb.ContainerConfig(
+                metadata=pb.ContainerMetadata(name=name),
+                image=pb.ImageSpec(image=image),
+                command=command or [],
+                args=args or [],
+                envs=[pb.KeyValue(key=k, value=v) for k, v in (envs or {}).items()],
+                log_path=log_path,
+                labels=labels or {},
+            )
+        request = pb.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox_config
+        )
+        return self.runtime.CreateContainer(request, timeout=max(self.timeout, 120)).container_id
+
+    def start_container(self, container_id: str) -> None:
+        self.runtime.StartContainer(pb.StartContainerRequest(container_id=container_id), timeout=self.timeout)
+
+    def stop_container(self, container_id: str, timeout: int = 10) -> None:
+        self.runtime.StopContainer(
+            pb.StopContainerRequest(container_id=container_id, timeout=timeout),
+            timeout=self.timeout + timeout,
+        )
+
+    def remove_container(self, container_id: str) -> None:
+        self.runtime.RemoveContainer(
+            pb.RemoveContainerRequest(container_id=container_id), timeout=self.timeout
+        )
+
+    def container_status(self, container_id: str, verbose: bool = False) -> pb.ContainerStatusResponse:
+        return self.runtime.ContainerStatus(
+            pb.ContainerStatusRequest(container_id=container_id, verbose=verbose), timeout=self.timeout
+        )
+
+    def list_containers(self, container_filter: pb.ContainerFilter | None = None) -> list[pb.Container]:
+        request = pb.ListContainersRequest(filter=container_filter)
+        return list(self.runtime.ListContainers(request, timeout=self.timeout).containers)
+
+    def exec_sync(self, container_id: str, cmd: list[str], timeout: int = 0) -> pb.ExecSyncResponse:
+        request = pb.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout)
+        return self.runtime.ExecSync(request, timeout=self.timeout + timeout)

@@ -36,7 +36,7 @@ def _hybrid_cgroup_controllers(unified: Path = Path("/sys/fs/cgroup/unified")) -
         return []
 
 
-def probe(name: str) -> RuntimeInfo:
+def probe(name: str, unified: Path = Path("/sys/fs/cgroup/unified")) -> RuntimeInfo:
     path = _find(name)
     if path is None:
         return RuntimeInfo(name, "", "", False, f"{name} is not installed (apt-get install {name})")
@@ -48,7 +48,7 @@ def probe(name: str) -> RuntimeInfo:
         return RuntimeInfo(name, path, "", False, f"{path} --version failed: {out.stderr.strip()}")
     version = out.stdout.splitlines()[0].strip() if out.stdout else ""
     if name == "crun":
-        controllers = _hybrid_cgroup_controllers()
+        controllers = _hybrid_cgroup_controllers(unified)
         if controllers:
             return RuntimeInfo(
                 name,
@@ -56,7 +56,7 @@ def probe(name: str) -> RuntimeInfo:
                 version,
                 False,
                 "crun refuses hybrid cgroup hosts whose cgroup2 mount holds controllers "
-                f"({', '.join(controllers)} on /sys/fs/cgroup/unified); mount them on a v1 hierarchy, "
+                f"({', '.join(controllers)} on {unified}); mount them on a v1 hierarchy, "
                 "e.g. mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb",
             )
     return RuntimeInfo(name, path, version, True, "")
