@@ -159,7 +159,12 @@ class ImageStore:
         for entry in self.layers_dir.iterdir():
             if entry.name not in known:
                 _remove_tree(entry)
-        self._collect_layers(list(self._layers))
+
+    def collect_unused(self) -> None:
+        """Remove layers nothing uses; call once containers have re-taken their holds."""
+        with self._lock:
+            candidates = list(self._layers)
+        self._collect_layers(candidates)
 
     def close(self) -> None:
         with self._lock:
@@ -200,18 +205,9 @@ class ImageStore:
             image_id: str | None = None
             if ref is not None:
                 if ref.digest:
+                    # Only this repository's digest: another repository's image with the same
+                    # manifest is not what the caller named (containerd matches exactly too).
                     image_id = self._names.get(f"{ref.repository}@{ref.digest}")
-                    if image_id is None:
-                        # Any repo digest of ours with that manifest digest is the same content.
-                        image_id = next(
-                            (
-                                rec.id
-                                for rec in self._images.values()
-                                if rec.manifest_digest == ref.digest
-                                or any(d.endswith("@" + ref.digest) for d in rec.repo_digests)
-                            ),
-                            None,
-                        )
                 elif ref.tagged:
                     image_id = self._names.get(ref.tagged)
                 if image_id:
@@ -246,6 +242,11 @@ class ImageStore:
             self._pins.update(chains)
             return chains
 
+    def hold_chains(self, chains: list[str]) -> None:
+        """Re-take holds recorded before a restart (a container's layers)."""
+        with self._lock:
+            self._pins.update(chains)
+
     def release_layers(self, chains: list[str]) -> None:
         with self._lock:
             self._pins.subtract(chains)
@@ -255,12 +256,6 @@ class ImageStore:
         with self._lock:
             used = sum(layer.size for layer in self._layers.values())
             inodes = sum(layer.inodes for layer in self._layers.values())
-        for db_file in self.root.glob("pycri.db*"):
-            try:
-                used += db_file.stat().st_size
-                inodes += 1
-            except FileNotFoundError:
-                pass
         return FsUsage(str(self.layers_dir), used, inodes, time.time_ns())
 
     # --- removal ---------------------------------------------------------------
@@ -319,6 +314,7 @@ class ImageStore:
         config_desc, layer_descs = self._parse_image_manifest(ref, manifest)
         config_bytes = session.fetch_config(config_desc.digest, config_desc.size)
         diff_ids = self._parse_config(ref, config_bytes, len(layer_descs))
+        self._check_platform(ref, config_bytes)
         chains = chain_ids(diff_ids)
         image_id = config_desc.digest
         with self._lock:
@@ -379,6 +375,16 @@ class ImageStore:
                     f"image {ref}: layer {layer.digest} has unsupported media type {layer.media_type!r}"
                 )
         return config, layers
+
+    def _check_platform(self, ref: Reference, config_bytes: bytes) -> None:
+        """A single-platform image (or a child pulled by digest) must be for this host."""
+        config = json.loads(config_bytes)
+        platform = {k: config.get(k, "") for k in ("os", "architecture", "variant") if config.get(k)}
+        if "os" in platform and "architecture" in platform and not self.platform.matches(platform):
+            raise FailedPrecondition(
+                f"image {ref} is for {describe(platform)}; this host runs {self.platform} "
+                "(set image.platform to pull for another platform)"
+            )
 
     def _parse_config(self, ref: Reference, config_bytes: bytes, layer_count: int) -> list[str]:
         try:
@@ -522,7 +528,8 @@ class ImageStore:
                 pinned=existing.pinned if existing else False,
                 created_at=existing.created_at if existing else time.time(),
             )
-            if ref.tagged and ref.tagged not in record.repo_tags:
+            # With both a tag and a digest the digest decides and the tag is dropped, as in containerd.
+            if ref.tagged and not ref.digest and ref.tagged not in record.repo_tags:
                 record.repo_tags.append(ref.tagged)
             if repo_digest and repo_digest not in record.repo_digests:
                 record.repo_digests.append(repo_digest)

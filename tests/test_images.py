@@ -500,3 +500,35 @@ def test_configured_pinned_images_are_reported_pinned(registry: Registry, daemon
         client.pull(f"{registry.host}/test/unpinned:1")
         assert client.image_status(f"{registry.host}/test/pinned:1").image.pinned is True
         assert client.image_status(f"{registry.host}/test/unpinned:1").image.pinned is False
+
+
+def test_digest_lookup_does_not_match_another_repository(registry: Registry, cri: CRIClient) -> None:
+    image = busybox_image(cmd=["echo", "mine"])
+    digest = push_image(registry, "test/mine", "1", image)
+    cri.pull(f"{registry.host}/test/mine:1")
+    assert cri.image_status(f"{registry.host}/test/mine@{digest}").image.id == image.config_digest
+    assert not cri.image_status(f"{registry.host}/test/someone-else@{digest}").HasField("image")
+    cri.remove_image(f"{registry.host}/test/someone-else@{digest}")  # names nothing: removes nothing
+    assert [i.id for i in cri.list_images()] == [image.config_digest]
+
+
+def test_single_manifest_for_another_platform_is_refused(
+    registry: Registry, daemon: Daemon, cri: CRIClient
+) -> None:
+    foreign = busybox_image(cmd=["echo", "foreign"]).with_platform(
+        {"os": "linux", "architecture": OTHER_ARCH}
+    )
+    push_image(registry, "test/foreign-single", "1", foreign)
+    err = rpc_error(cri.pull, f"{registry.host}/test/foreign-single:1")
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"linux/{OTHER_ARCH}" in (err.details() or "")
+    assert cri.list_images() == [] and wait_for(lambda: layer_dirs(daemon) == set())
+
+
+def test_tag_and_digest_together_record_only_the_digest(registry: Registry, cri: CRIClient) -> None:
+    image = busybox_image(cmd=["echo", "both"])
+    digest = push_image(registry, "test/both", "1", image)
+    cri.pull(f"{registry.host}/test/both:1@{digest}")
+    status = cri.image_status(image.config_digest).image
+    assert list(status.repo_tags) == []
+    assert list(status.repo_digests) == [f"{registry.host}/test/both@{digest}"]
