@@ -27,9 +27,11 @@ def _toml_value(value: Any) -> str:
 def render_toml(config: Config) -> str:
     data = config.to_dict()
     image = data.pop("image")
+    network = data.pop("network")
     registries = image.pop("registries")
     lines = [f"{k} = {_toml_value(v)}" for k, v in data.items()]
     lines += ["", "[image]"] + [f"{k} = {_toml_value(v)}" for k, v in image.items()]
+    lines += ["", "[network]"] + [f"{k} = {_toml_value(v)}" for k, v in network.items()]
     for host, table in registries.items():
         lines += ["", f"[registries.{json.dumps(host)}]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]

@@ -151,7 +151,7 @@ class CRIClient:
             port_mappings=port_mappings or [],
         )
         options = config.linux.security_context.namespace_options
-        options.pid = pid_mode
+        options.pid = pid_mode  # type: ignore[assignment]  # an enum value as int
         if host_network:
             options.network = pb.NamespaceMode.NODE
         if dns_servers or dns_searches:
@@ -202,7 +202,7 @@ class CRIClient:
                 image=pb.ImageSpec(image=image),
                 command=command or [],
                 args=args or [],
-                envs=[pb.KeyValue(key=k, value=v) for k, v in (envs or {}).items()],
+                envs=[pb.KeyValue(key=k, value=v.encode()) for k, v in (envs or {}).items()],
                 log_path=log_path,
                 labels=labels or {},
             )

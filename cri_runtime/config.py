@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,16 @@ from imageservice.config import ImageConfig, RegistryHost
 from imageservice.errors import InvalidArgument
 
 DEFAULT_CONFIG_PATH = Path("/etc/pycri/pycri.toml")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    # The first *.conflist here (lexical order) is the pod network.
+    conf_dir: str = "/etc/cni/net.d"
+    bin_dirs: tuple[str, ...] = ("/opt/cni/bin", "/usr/lib/cni")
+    # With no conflist, pycri's built-in bridge network hands out addresses from this subnet.
+    pod_subnet: str = "198.18.0.0/16"
+    bridge: str = "pycri0"
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,7 @@ class Config:
     # "crun" or "runc"; pycri falls back to runc when crun cannot run on this host.
     default_runtime: str = "crun"
     image: ImageConfig = field(default_factory=ImageConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     @property
     def socket_path(self) -> Path:
@@ -32,6 +44,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["network"]["bin_dirs"] = list(self.network.bin_dirs)
         image = out["image"]
         image["pinned_images"] = list(self.image.pinned_images)
         image["registries"] = {host: dataclasses.asdict(reg) for host, reg in self.image.registries.items()}
@@ -43,7 +56,8 @@ class Config:
         return out
 
 
-_TOP_KEYS = {f.name for f in dataclasses.fields(Config)} - {"image"}
+_TOP_KEYS = {f.name for f in dataclasses.fields(Config)} - {"image", "network"}
+_NETWORK_KEYS = {f.name for f in dataclasses.fields(NetworkConfig)}
 _IMAGE_KEYS = {f.name for f in dataclasses.fields(ImageConfig)} - {"registries"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("console", "json")
@@ -59,7 +73,7 @@ def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> No
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     """Overlay the TOML table ``data`` on ``base`` (defaults when None)."""
     base = base or Config()
-    unknown = set(data) - _TOP_KEYS - {"image", "registries"}
+    unknown = set(data) - _TOP_KEYS - {"image", "registries", "network"}
     if unknown:
         raise InvalidArgument(f"unknown configuration keys: {sorted(unknown)}")
     top: dict[str, Any] = {}
@@ -92,7 +106,22 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config
         _check_type(f"registries.{host!r}", table, dict)
         registries[host] = RegistryHost.from_table(host, table)
     image = dataclasses.replace(base.image, registries=registries, **image_fields)
-    config = dataclasses.replace(base, image=image, **top)
+    network_table = data.get("network", {})
+    _check_type("network", network_table, dict)
+    unknown = set(network_table) - _NETWORK_KEYS
+    if unknown:
+        raise InvalidArgument(f"unknown keys in [network]: {sorted(unknown)}")
+    network_fields: dict[str, Any] = {}
+    for key, value in network_table.items():
+        if key == "bin_dirs":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidArgument("network.bin_dirs must be a list of directories")
+            value = tuple(value)
+        else:
+            _check_type(f"network.{key}", value, str)
+        network_fields[key] = value
+    network = dataclasses.replace(base.network, **network_fields)
+    config = dataclasses.replace(base, image=image, network=network, **top)
     validate(config)
     return config
 
@@ -106,6 +135,12 @@ def validate(config: Config) -> None:
         raise InvalidArgument(f"cgroup_driver must be cgroupfs or systemd, got {config.cgroup_driver!r}")
     if config.default_runtime not in ("crun", "runc"):
         raise InvalidArgument(f"default_runtime must be crun or runc, got {config.default_runtime!r}")
+    try:
+        subnet = ipaddress.ip_network(config.network.pod_subnet)
+    except ValueError:
+        raise InvalidArgument(f"network.pod_subnet {config.network.pod_subnet!r} is not a subnet") from None
+    if subnet.num_addresses < 4:
+        raise InvalidArgument(f"network.pod_subnet {subnet} is too small for pods")
     if config.image.max_concurrent_downloads < 1:
         raise InvalidArgument("image.max_concurrent_downloads must be at least 1")
     if config.image.max_metadata_bytes < 1024:

@@ -1,31 +1,137 @@
-"""The CRI RuntimeService. This stage answers Version, Status and RuntimeConfig; every
-other RPC answers UNIMPLEMENTED with its name."""
+"""The CRI RuntimeService: protobuf in, manager calls (in worker threads), protobuf out.
+
+RPCs not implemented yet answer UNIMPLEMENTED with their name.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 
-from cri_runtime import __version__, network
+from cri_runtime import __version__
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
+from cri_runtime.cni import CNI
 from cri_runtime.config import Config
+from cri_runtime.containers import ContainerManager
 from cri_runtime.oci import RuntimeInfo
+from cri_runtime.sandboxes import SandboxManager
+from cri_runtime.state import Container, Sandbox
+from imageservice.errors import InvalidArgument
 
 RUNTIME_NAME = "pycri"
 RUNTIME_API_VERSION = "v1"
+T = TypeVar("T")
+
+_SANDBOX_STATES = {"ready": pb.PodSandboxState.SANDBOX_READY, "notready": pb.PodSandboxState.SANDBOX_NOTREADY}
+_CONTAINER_STATES = {
+    "created": pb.ContainerState.CONTAINER_CREATED,
+    "running": pb.ContainerState.CONTAINER_RUNNING,
+    "exited": pb.ContainerState.CONTAINER_EXITED,
+    "unknown": pb.ContainerState.CONTAINER_UNKNOWN,
+}
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+def _labels_match(labels: dict[str, str], selector: Any) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def sandbox_metadata(sandbox: Sandbox) -> pb.PodSandboxMetadata:
+    return pb.PodSandboxMetadata(
+        name=sandbox.name, uid=sandbox.uid, namespace=sandbox.namespace, attempt=sandbox.attempt
+    )
+
+
+def sandbox_to_proto(sandbox: Sandbox) -> pb.PodSandbox:
+    return pb.PodSandbox(
+        id=sandbox.id,
+        metadata=sandbox_metadata(sandbox),
+        state=_SANDBOX_STATES[sandbox.state],
+        created_at=sandbox.created_at_ns,
+        labels=sandbox.labels,
+        annotations=sandbox.annotations,
+        runtime_handler=sandbox.runtime_handler,
+    )
+
+
+def container_to_proto(container: Container) -> pb.Container:
+    return pb.Container(
+        id=container.id,
+        pod_sandbox_id=container.pod_id,
+        metadata=pb.ContainerMetadata(name=container.name, attempt=container.attempt),
+        image=pb.ImageSpec(image=container.image),
+        image_ref=container.image_ref,
+        image_id=container.image_id,
+        state=_CONTAINER_STATES[container.state],
+        created_at=container.created_at_ns,
+        labels=container.labels,
+        annotations=container.annotations,
+    )
+
+
+def container_status(container: Container) -> pb.ContainerStatus:
+    config = pb.ContainerConfig.FromString(container.config)
+    status = pb.ContainerStatus(
+        id=container.id,
+        metadata=pb.ContainerMetadata(name=container.name, attempt=container.attempt),
+        state=_CONTAINER_STATES[container.state],
+        created_at=container.created_at_ns,
+        started_at=container.started_at_ns,
+        finished_at=container.finished_at_ns,
+        exit_code=container.exit_code,
+        image=pb.ImageSpec(image=container.image),
+        image_ref=container.image_ref,
+        image_id=container.image_id,
+        reason=container.reason,
+        message=container.message,
+        labels=container.labels,
+        annotations=container.annotations,
+        mounts=list(config.mounts),
+        log_path=container.log_path,
+    )
+    if config.linux.HasField("resources"):
+        status.resources.linux.CopyFrom(config.linux.resources)
+    if container.user:
+        linux_user = status.user.linux
+        linux_user.uid = container.user[0]
+        linux_user.gid = container.user[1]
+        linux_user.supplemental_groups.extend(container.user[2:])
+    return status
 
 
 class RuntimeService(pb_grpc.RuntimeServiceServicer):
     def __init__(
-        self, config: Config, runtimes: dict[str, RuntimeInfo], default: RuntimeInfo | None, why: str
-    ):
+        self,
+        config: Config,
+        runtimes: dict[str, RuntimeInfo],
+        default: RuntimeInfo | None,
+        why: str,
+        sandboxes: SandboxManager | None = None,
+        containers: ContainerManager | None = None,
+        cni: CNI | None = None,
+    ) -> None:
         self.config = config
         self.runtimes = runtimes
         self.default_runtime = default
         self.default_reason = why
+        self.sandboxes = sandboxes
+        self.containers = containers
+        self.cni = cni
+
+    def _managers(self) -> tuple[SandboxManager, ContainerManager]:
+        assert self.sandboxes is not None and self.containers is not None
+        return self.sandboxes, self.containers
+
+    # --- runtime ------------------------------------------------------------------
 
     async def Version(
         self, request: pb.VersionRequest, context: grpc.aio.ServicerContext
@@ -42,13 +148,14 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         if self.default_runtime is None:
             runtime_ready.reason = "NoOCIRuntime"
             runtime_ready.message = self.default_reason
-        net = network.readiness()
-        network_ready = pb.RuntimeCondition(
-            type="NetworkReady",
-            status=net.ready,
-            reason=net.reason,
-            message=net.message if not net.ready else "",
-        )
+        if self.cni is not None:
+            ready, message = self.cni.ready()
+        else:
+            ready, message = False, "no CNI configured"
+        network_ready = pb.RuntimeCondition(type="NetworkReady", status=ready)
+        if not ready:
+            network_ready.reason = "NetworkPluginNotReady"
+            network_ready.message = message
         handlers = [
             pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
             for name in ("", *(n for n, info in self.runtimes.items() if info.usable))
@@ -66,7 +173,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                     n: {"path": i.path, "version": i.version, "usable": i.usable, "reason": i.reason}
                     for n, i in self.runtimes.items()
                 },
-                "network": net.message,
+                "network": message,
                 "config": self.config.to_dict(),
             }
             response.info["config"] = json.dumps(info)
@@ -79,6 +186,179 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             pb.CgroupDriver.SYSTEMD if self.config.cgroup_driver == "systemd" else pb.CgroupDriver.CGROUPFS
         )
         return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
+
+    async def UpdateRuntimeConfig(
+        self, request: pb.UpdateRuntimeConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateRuntimeConfigResponse:
+        cidr = request.runtime_config.network_config.pod_cidr
+        if cidr and self.cni is not None:
+            self.cni.set_pod_cidr(cidr)
+        return pb.UpdateRuntimeConfigResponse()
+
+    # --- pod sandboxes --------------------------------------------------------------
+
+    async def RunPodSandbox(
+        self, request: pb.RunPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunPodSandboxResponse:
+        sandboxes, _ = self._managers()
+        sandbox = await _in_thread(sandboxes.run, request.config, request.runtime_handler)
+        return pb.RunPodSandboxResponse(pod_sandbox_id=sandbox.id)
+
+    async def StopPodSandbox(
+        self, request: pb.StopPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StopPodSandboxResponse:
+        sandboxes, _ = self._managers()
+        if not request.pod_sandbox_id:
+            raise InvalidArgument("pod_sandbox_id is empty")
+        await _in_thread(sandboxes.stop, request.pod_sandbox_id)
+        return pb.StopPodSandboxResponse()
+
+    async def RemovePodSandbox(
+        self, request: pb.RemovePodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemovePodSandboxResponse:
+        sandboxes, _ = self._managers()
+        if not request.pod_sandbox_id:
+            raise InvalidArgument("pod_sandbox_id is empty")
+        await _in_thread(sandboxes.remove, request.pod_sandbox_id)
+        return pb.RemovePodSandboxResponse()
+
+    async def PodSandboxStatus(
+        self, request: pb.PodSandboxStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PodSandboxStatusResponse:
+        sandboxes, containers = self._managers()
+        sandbox = sandboxes.get(request.pod_sandbox_id)
+        config = pb.PodSandboxConfig.FromString(sandbox.config)
+        options = config.linux.security_context.namespace_options
+        status = pb.PodSandboxStatus(
+            id=sandbox.id,
+            metadata=sandbox_metadata(sandbox),
+            state=_SANDBOX_STATES[sandbox.state],
+            created_at=sandbox.created_at_ns,
+            network=pb.PodSandboxNetworkStatus(
+                ip=sandbox.ip, additional_ips=[pb.PodIP(ip=ip) for ip in sandbox.additional_ips]
+            ),
+            linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=options)),
+            labels=sandbox.labels,
+            annotations=sandbox.annotations,
+            runtime_handler=sandbox.runtime_handler,
+        )
+        response = pb.PodSandboxStatusResponse(status=status)
+        if request.verbose:
+            response.info["info"] = json.dumps(
+                {
+                    "pid": sandbox.init_pid,
+                    "cgroupPath": sandbox.cgroup_path,
+                    "netns": sandbox.netns_path,
+                    "hostname": sandbox.hostname,
+                    "runtimeHandler": sandbox.runtime_handler,
+                    "containers": [c.id for c in containers.in_pod(sandbox.id)],
+                }
+            )
+        return response
+
+    async def ListPodSandbox(
+        self, request: pb.ListPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPodSandboxResponse:
+        sandboxes, _ = self._managers()
+        wanted = request.filter if request.HasField("filter") else None
+        items = []
+        for sandbox in sandboxes.all():
+            if wanted is not None:
+                if wanted.id and not sandbox.id.startswith(wanted.id):
+                    continue
+                if wanted.HasField("state") and _SANDBOX_STATES[sandbox.state] != wanted.state.state:
+                    continue
+                if not _labels_match(sandbox.labels, wanted.label_selector):
+                    continue
+            items.append(sandbox_to_proto(sandbox))
+        return pb.ListPodSandboxResponse(items=items)
+
+    # --- containers -------------------------------------------------------------------
+
+    async def CreateContainer(
+        self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateContainerResponse:
+        _, containers = self._managers()
+        container = await _in_thread(containers.create, request.pod_sandbox_id, request.config)
+        return pb.CreateContainerResponse(container_id=container.id)
+
+    async def StartContainer(
+        self, request: pb.StartContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartContainerResponse:
+        _, containers = self._managers()
+        await _in_thread(containers.start, request.container_id)
+        return pb.StartContainerResponse()
+
+    async def StopContainer(
+        self, request: pb.StopContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StopContainerResponse:
+        _, containers = self._managers()
+        await _in_thread(containers.stop, request.container_id, float(request.timeout))
+        return pb.StopContainerResponse()
+
+    async def RemoveContainer(
+        self, request: pb.RemoveContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveContainerResponse:
+        _, containers = self._managers()
+        if not request.container_id:
+            raise InvalidArgument("container_id is empty")
+        await _in_thread(containers.remove, request.container_id)
+        return pb.RemoveContainerResponse()
+
+    async def ListContainers(
+        self, request: pb.ListContainersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListContainersResponse:
+        _, containers = self._managers()
+        wanted = request.filter if request.HasField("filter") else None
+        items = []
+        for container in containers.all():
+            if wanted is not None:
+                if wanted.id and not container.id.startswith(wanted.id):
+                    continue
+                if wanted.pod_sandbox_id and not container.pod_id.startswith(wanted.pod_sandbox_id):
+                    continue
+                if wanted.HasField("state") and _CONTAINER_STATES[container.state] != wanted.state.state:
+                    continue
+                if not _labels_match(container.labels, wanted.label_selector):
+                    continue
+            items.append(container_to_proto(container))
+        return pb.ListContainersResponse(containers=items)
+
+    async def ContainerStatus(
+        self, request: pb.ContainerStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ContainerStatusResponse:
+        _, containers = self._managers()
+        container = containers.get(request.container_id)
+        response = pb.ContainerStatusResponse(status=container_status(container))
+        if request.verbose:
+            info: dict[str, Any] = {
+                "pid": container.pid,
+                "sandboxID": container.pod_id,
+                "runtime": container.runtime,
+                "rootfs": container.rootfs,
+            }
+            try:
+                with open(f"{container.bundle}/bundle/config.json") as fh:
+                    info["runtimeSpec"] = json.load(fh)
+            except OSError:
+                pass
+            response.info["info"] = json.dumps(info)
+        return response
+
+    async def ExecSync(
+        self, request: pb.ExecSyncRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExecSyncResponse:
+        _, containers = self._managers()
+        timeout = float(request.timeout) if request.timeout > 0 else None
+        result = await _in_thread(containers.exec_sync, request.container_id, list(request.cmd), timeout)
+        return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    async def ReopenContainerLog(
+        self, request: pb.ReopenContainerLogRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReopenContainerLogResponse:
+        _, containers = self._managers()
+        await _in_thread(containers.reopen_log, request.container_id)
+        return pb.ReopenContainerLogResponse()
 
 
 def _unimplemented(name: str, streaming: bool) -> Any:

@@ -11,6 +11,7 @@ import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,13 @@ import structlog
 
 from cri_runtime import oci
 from cri_runtime.api import api_pb2_grpc as pb_grpc
+from cri_runtime.cni import CNI
 from cri_runtime.config import Config
+from cri_runtime.containers import ContainerManager, ContainerSettings
+from cri_runtime.executor import Executor
 from cri_runtime.runtime_service import RuntimeService
+from cri_runtime.sandboxes import SandboxManager, SandboxSettings
+from cri_runtime.state import StateDB
 from imageservice.errors import FailedPrecondition, InvalidArgument, PycriError
 from imageservice.importer import import_archive
 from imageservice.service import ImageService
@@ -189,6 +195,7 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     (log.info if default else log.warning)("oci runtime", decision=why)
     store = ImageStore(Path(config.root), config.image)
     image_service = ImageService(store)
+    runtime = build_runtime(config, store, runtimes, default)
     server = grpc.aio.server(
         interceptors=[_Interceptor()],
         options=[
@@ -196,7 +203,10 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
-    pb_grpc.add_RuntimeServiceServicer_to_server(RuntimeService(config, runtimes, default, why), server)
+    pb_grpc.add_RuntimeServiceServicer_to_server(
+        RuntimeService(config, runtimes, default, why, runtime.sandboxes, runtime.containers, runtime.cni),
+        server,
+    )
     pb_grpc.add_ImageServiceServicer_to_server(image_service, server)
     server.add_generic_rpc_handlers((_admin_handler(store),))
     # The socket is born 0660 (umask) so there is no moment when others may connect.
@@ -219,11 +229,68 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     finally:
         log.info("shutting down")
         await server.stop(grace=5)
+        runtime.containers.close()
         image_service.close()
         store.close()
+        runtime.db.close()
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
         log.info("stopped")
+
+
+@dataclass
+class Runtime:
+    db: StateDB
+    cni: CNI
+    sandboxes: SandboxManager
+    containers: ContainerManager
+
+
+def oom_score_adj_floor() -> int | None:
+    """pycri's own oom_score_adj when it cannot go lower (no CAP_SYS_RESOURCE), else None."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("CapEff:"):
+                if int(line.split()[1], 16) & (1 << 24):
+                    return None
+                break
+    with open("/proc/self/oom_score_adj") as fh:
+        return int(fh.read().strip())
+
+
+def build_runtime(
+    config: Config, store: ImageStore, runtimes: dict[str, oci.RuntimeInfo], default: oci.RuntimeInfo | None
+) -> Runtime:
+    """The pod and container side: state DB, CNI, executors, managers, restored state."""
+    root, state = Path(config.root), Path(config.state)
+    db = StateDB(root / "runtime.db")
+    network = config.network
+    cni = CNI(
+        Path(network.conf_dir),
+        [Path(d) for d in network.bin_dirs],
+        state / "cni",
+        builtin_subnet=network.pod_subnet,
+        builtin_bridge=network.bridge,
+    )
+    usable = {name: info for name, info in runtimes.items() if info.usable}
+    executors = {name: Executor(name, info.path, state / "exec") for name, info in usable.items()}
+    sandboxes = SandboxManager(
+        SandboxSettings(state / "sandboxes", default.name if default else "", tuple(usable)), db, cni
+    )
+    containers = ContainerManager(
+        ContainerSettings(root / "containers", state / "containers", oom_score_adj_floor()),
+        db,
+        sandboxes,
+        store,
+        executors,
+        default.name if default else "",
+    )
+    saved_sandboxes, saved_containers = db.load()
+    sandboxes.restore(saved_sandboxes)
+    containers.restore([c for c in saved_containers if c.runtime in executors])
+    store.collect_unused()
+    containers.start_watcher()
+    return Runtime(db, cni, sandboxes, containers)
 
 
 def validate_paths(config: Config) -> None:

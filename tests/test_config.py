@@ -20,9 +20,11 @@ def test_shipped_config_file_matches_the_builtin_defaults() -> None:
     # Every default key is written out, so operators see them all.
     defaults = Config().to_dict()
     image_defaults = defaults.pop("image")
+    network_defaults = defaults.pop("network")
     image_defaults.pop("registries")
-    assert set(shipped) - {"image"} == set(defaults)
+    assert set(shipped) - {"image", "network"} == set(defaults)
     assert set(shipped["image"]) == set(image_defaults)
+    assert set(shipped["network"]) == set(network_defaults)
 
 
 def test_registry_tables_are_parsed_with_defaults_for_the_rest() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -110,3 +111,37 @@ class Daemon:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
         return 0
+
+
+def force_cleanup(daemon: Daemon) -> None:
+    """Last resort after a failed test: take down whatever the daemon left, so the next test
+    (and the next CI run) starts on a clean host. The test has already failed by then."""
+    import shutil
+
+    from cri_runtime import cgroups, mounts
+
+    workdir = str(daemon.workdir)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"conmon") or workdir.encode() not in b" ".join(argv):
+            continue
+        args = [a.decode() for a in argv if a]
+        runtime = args[args.index("--runtime") + 1]
+        root = next(a.split("=", 1)[1] for a in args if a.startswith("--root="))
+        cid = args[args.index("--cid") + 1]
+        subprocess.run([runtime, "--root", root, "kill", cid, "KILL"], capture_output=True, timeout=10)
+        subprocess.run([runtime, "--root", root, "delete", "--force", cid], capture_output=True, timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.name), signal.SIGKILL)
+    mounts.unmount_all_under(daemon.workdir)
+    sandboxes = daemon.state / "sandboxes"
+    if sandboxes.is_dir():
+        for pod in sandboxes.iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                cgroups.remove(f"/pycri/{pod.name}")
+    shutil.rmtree(daemon.state, ignore_errors=True)

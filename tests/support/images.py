@@ -246,11 +246,18 @@ def tar_from_entries(entries: Iterable[tuple[str, FileSpec]], *, parents: bool =
     """
     buf = io.BytesIO()
     seen: set[str] = set()
+    written: dict[str, FileSpec] = {}
     with tarfile.open(fileobj=buf, mode="w:", format=tarfile.PAX_FORMAT) as tf:
         for raw_name, spec in entries:
             name = raw_name.strip("/")
             if not name:
                 continue
+            target = written.get(spec.target) if spec.type == "hardlink" else None
+            if target is not None:
+                # A hard link's header describes the same inode: real tar writers repeat the
+                # target's mode and owner, and extractors apply them (docker and containerd do).
+                spec = replace(spec, mode=target.mode, uid=target.uid, gid=target.gid)
+            written[name] = spec
             if parents:
                 parts = name.split("/")
                 for i in range(1, len(parts)):

@@ -1,0 +1,432 @@
+"""ContainerManager: containers as an overlay root file system, an OCI spec, and a conmon
+monitor running the OCI runtime.
+
+A background watcher reads conmon's exit files, so that ContainerStatus and
+ListContainers answer from memory without a subprocess per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from cri_runtime import mounts, spec
+from cri_runtime.api import api_pb2 as pb
+from cri_runtime.executor import ExecResult, Executor
+from cri_runtime.locks import KeyedLocks
+from cri_runtime.names import NameIndex
+from cri_runtime.sandboxes import SandboxManager
+from cri_runtime.state import Container, Sandbox, StateDB
+from imageservice.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from imageservice.store import ImageStore
+
+log = structlog.get_logger("pycri.container")
+
+EXEC_OUTPUT_CAP = 16 * 1024 * 1024
+WATCH_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    root_dir: Path  # <root>/containers: upper and work directories
+    state_dir: Path  # <state>/containers: rootfs mount points and bundles
+    oom_score_adj_floor: int | None
+
+
+def _signal_number(name: str) -> int:
+    if not name:
+        return signal.SIGTERM
+    text = name.upper()
+    if text.isdigit():
+        return int(text)
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        return signal.SIGTERM
+
+
+class ContainerManager:
+    def __init__(
+        self,
+        settings: ContainerSettings,
+        db: StateDB,
+        sandboxes: SandboxManager,
+        images: ImageStore,
+        executors: dict[str, Executor],
+        default_runtime: str,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.sandboxes = sandboxes
+        self.images = images
+        self.executors = executors
+        self.default_runtime = default_runtime
+        self.containers: dict[str, Container] = {}
+        self.names = NameIndex()
+        self.locks = KeyedLocks()
+        self._guard = threading.Lock()
+        self._stop_watch = threading.Event()
+        self._watcher: threading.Thread | None = None
+        sandboxes.containers = self
+        for directory in (settings.root_dir, settings.state_dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o711)
+
+    def restore(self, containers: list[Container]) -> None:
+        for container in containers:
+            self.containers[container.id] = container
+            self.names.reserve(self._name_key(container), container.id, "container")
+            with contextlib.suppress(Exception):
+                self.images.hold_chains(container.layers)
+
+    def start_watcher(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name="exit-watcher", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        self._stop_watch.set()
+        if self._watcher is not None:
+            self._watcher.join(2)
+
+    # --- lookups -----------------------------------------------------------------
+
+    def get(self, container_id: str) -> Container:
+        if not container_id:
+            raise InvalidArgument("container id is empty")
+        with self._guard:
+            found = self.containers.get(container_id)
+            if found is None:
+                matches = [c for c in self.containers.values() if c.id.startswith(container_id)]
+                if len(matches) == 1:
+                    found = matches[0]
+        if found is None:
+            raise NotFound(f"container {container_id!r} not found")
+        return found
+
+    def find(self, container_id: str) -> Container | None:
+        try:
+            return self.get(container_id)
+        except NotFound:
+            return None
+
+    def all(self) -> list[Container]:
+        with self._guard:
+            return list(self.containers.values())
+
+    def in_pod(self, pod_id: str) -> list[Container]:
+        with self._guard:
+            return [c for c in self.containers.values() if c.pod_id == pod_id]
+
+    def executor(self, container: Container) -> Executor:
+        return self.executors[container.runtime]
+
+    def _name_key(self, container: Container) -> str:
+        sandbox = self.sandboxes.find(container.pod_id)
+        pod = f"{sandbox.name}_{sandbox.namespace}_{sandbox.uid}" if sandbox else container.pod_id
+        return f"{container.name}_{pod}_{container.attempt}"
+
+    # --- CreateContainer -----------------------------------------------------------
+
+    def create(self, pod_id: str, config: pb.ContainerConfig) -> Container:
+        sandbox = self.sandboxes.get(pod_id)
+        if sandbox.state != "ready":
+            raise FailedPrecondition(
+                f"pod sandbox {sandbox.id} is not ready; cannot create a container in it"
+            )
+        if not config.metadata.name:
+            raise InvalidArgument("container metadata.name is empty")
+        if not config.image.image:
+            raise InvalidArgument("container image.image is empty")
+        image = self.images.resolve(config.image.image)
+        if image is None:
+            raise NotFound(f"image {config.image.image!r} is not present; pull it first")
+        container_id = secrets.token_hex(32)
+        runtime = sandbox.runtime_handler or self.default_runtime
+        if runtime not in self.executors:
+            raise FailedPrecondition(f"runtime {runtime!r} is not usable on this host")
+        log_path = ""
+        if config.log_path:
+            if not sandbox.log_directory:
+                raise InvalidArgument("container log_path is set but the pod has no log_directory")
+            log_path = os.path.normpath(os.path.join(sandbox.log_directory, config.log_path))
+        container = Container(
+            id=container_id,
+            pod_id=sandbox.id,
+            name=config.metadata.name,
+            attempt=config.metadata.attempt,
+            labels=dict(config.labels),
+            annotations=dict(config.annotations),
+            image=config.image.image,
+            image_id=image.id,
+            image_ref=image.repo_digests[0] if image.repo_digests else image.id,
+            created_at_ns=time.time_ns(),
+            config=config.SerializeToString(),
+            log_path=log_path,
+            runtime=runtime,
+            stop_signal=str((image.config.get("config") or {}).get("StopSignal") or ""),
+        )
+        key = self._name_key(container)
+        self.names.reserve(key, container_id, "container")
+        try:
+            with self.locks.hold(container_id), contextlib.ExitStack() as undo:
+                self._create(container, sandbox, config, image.config, undo)
+                undo.pop_all()
+        except BaseException:
+            self.names.release(key, container_id)
+            raise
+        log.info("container created", id=container_id, pod=sandbox.id, name=container.name, runtime=runtime)
+        return container
+
+    def _create(
+        self,
+        container: Container,
+        sandbox: Sandbox,
+        config: pb.ContainerConfig,
+        image_config: dict,
+        undo: contextlib.ExitStack,
+    ) -> None:
+        chains = self.images.hold_layers(container.image_id)
+        undo.callback(self.images.release_layers, chains)
+        container.layers = chains
+        persistent = self.settings.root_dir / container.id
+        (persistent / "upper").mkdir(parents=True, mode=0o755)
+        (persistent / "work").mkdir(mode=0o700)
+        undo.callback(shutil.rmtree, persistent, True)
+        volatile = self.settings.state_dir / container.id
+        rootfs = volatile / "rootfs"
+        rootfs.mkdir(parents=True, mode=0o755)
+        undo.callback(shutil.rmtree, volatile, True)
+        container.dir, container.rootfs, container.bundle = str(persistent), str(rootfs), str(volatile)
+        mounts.mount_overlay(
+            self.images.layer_dirs(container.image_id), persistent / "upper", persistent / "work", rootfs
+        )
+        undo.callback(mounts.unmount, rootfs)
+        context = spec.SandboxContext(
+            pod_id=sandbox.id,
+            hostname=sandbox.hostname,
+            netns_path=sandbox.netns_path or None,
+            ipc_ns_path=sandbox.ipcns_path or None,
+            uts_ns_path=sandbox.utsns_path or None,
+            pid_ns_path=self._pid_ns_path(sandbox, config),
+            pid_mode=self._pid_mode(sandbox, config),
+            hosts_path=str(Path(sandbox.dir) / "hosts"),
+            resolv_path=str(Path(sandbox.dir) / "resolv.conf"),
+            hostname_path=str(Path(sandbox.dir) / "hostname"),
+            shm_path=sandbox.shm_path or None,
+            sysctls=dict(pb.PodSandboxConfig.FromString(sandbox.config).linux.sysctls),
+            privileged=pb.PodSandboxConfig.FromString(sandbox.config).linux.security_context.privileged,
+        )
+        if config.linux.security_context.privileged and not context.privileged:
+            raise InvalidArgument("a privileged container needs a privileged pod sandbox")
+        for host_path in spec.host_paths_to_create(config):
+            host_path.mkdir(parents=True, exist_ok=True)
+        oci_spec = spec.build_container_spec(
+            container_id=container.id,
+            config=config,
+            image_config=image_config,
+            sandbox=context,
+            rootfs=rootfs,
+            cgroups_path=f"{sandbox.cgroup_path}/{container.id}",
+            oom_score_adj_floor=self.settings.oom_score_adj_floor,
+        )
+        process = oci_spec["process"]
+        user = process.get("user", {})
+        container.user = [int(user.get("uid", 0)), int(user.get("gid", 0)), *user.get("additionalGids", [])]
+        spec.ensure_working_dir(rootfs, process.get("cwd", "/"), container.user[0], container.user[1])
+        container.mounts = [
+            {
+                "container_path": m.container_path,
+                "host_path": m.host_path,
+                "readonly": m.readonly,
+                "propagation": m.propagation,
+            }
+            for m in config.mounts
+        ]
+        bundle = volatile / "bundle"
+        bundle.mkdir(mode=0o700)
+        (bundle / "config.json").write_text(json.dumps(oci_spec))
+        if container.log_path:
+            Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
+        executor = self.executor(container)
+        container.pid = executor.create(
+            container.id,
+            bundle,
+            Path(container.log_path) if container.log_path else volatile / "console.log",
+            terminal=config.tty,
+            stdin=config.stdin,
+            stdin_once=config.stdin_once,
+        )
+        undo.callback(executor.delete, container.id)
+        self.db.save(container)
+        undo.callback(self.db.delete, container)
+        with self._guard:
+            self.containers[container.id] = container
+
+    def _pid_mode(self, sandbox: Sandbox, config: pb.ContainerConfig) -> spec.PidMode:
+        mode = config.linux.security_context.namespace_options.pid
+        if mode == pb.NamespaceMode.POD and not sandbox.init_pid:
+            # The pod has no shared PID namespace (kubelet's default): one of its own, as
+            # with containerd, whose pause container would otherwise be the one shared.
+            return "container"
+        modes: dict[int, spec.PidMode] = {
+            pb.NamespaceMode.POD: "pod",
+            pb.NamespaceMode.CONTAINER: "container",
+            pb.NamespaceMode.NODE: "node",
+            pb.NamespaceMode.TARGET: "target",
+        }
+        return modes[mode]
+
+    def _pid_ns_path(self, sandbox: Sandbox, config: pb.ContainerConfig) -> str | None:
+        options = config.linux.security_context.namespace_options
+        if options.pid == pb.NamespaceMode.POD:
+            return f"/proc/{sandbox.init_pid}/ns/pid" if sandbox.init_pid else None
+        if options.pid == pb.NamespaceMode.TARGET:
+            target = self.get(options.target_id)
+            if target.state != "running" or not target.pid:
+                raise FailedPrecondition(f"target container {options.target_id} is not running")
+            return f"/proc/{target.pid}/ns/pid"
+        return None
+
+    # --- Start / Stop ----------------------------------------------------------------
+
+    def start(self, container_id: str) -> None:
+        container = self.get(container_id)
+        with self.locks.hold(container.id):
+            if container.state != "created":
+                raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
+            started = time.time_ns()  # before: a quick process may exit before start returns
+            self.executor(container).start(container.id)
+            container.started_at_ns = started
+            container.state = "running"
+            self.db.save(container)
+        log.info("container started", id=container.id)
+
+    def stop(self, container_id: str, timeout: float) -> None:
+        container = self.find(container_id)
+        if container is None:
+            raise NotFound(f"container {container_id!r} not found")
+        self._stop(container, timeout)
+
+    def _stop(self, container: Container, timeout: float) -> None:
+        with self.locks.hold(container.id):
+            if container.state == "exited":
+                return
+            executor = self.executor(container)
+            if container.state == "created":
+                # Never started: there is nothing to signal; it is exited as far as CRI goes.
+                executor.kill(container.id, signal.SIGKILL)
+            else:
+                if timeout > 0:
+                    executor.kill(container.id, _signal_number(container.stop_signal))
+                    if executor.wait_exit(container.id, timeout) is None:
+                        executor.kill(container.id, signal.SIGKILL, all_processes=True)
+                else:
+                    executor.kill(container.id, signal.SIGKILL, all_processes=True)
+            info = executor.wait_exit(container.id, 10)
+            self._record_exit(container, info)
+
+    def _record_exit(self, container: Container, info: object) -> None:
+        exit_code = getattr(info, "exit_code", 137)
+        finished = getattr(info, "finished_at_ns", 0) or time.time_ns()
+        oom = bool(getattr(info, "oom_killed", False))
+        container.state = "exited"
+        container.exit_code = exit_code
+        container.finished_at_ns = finished
+        container.reason = "OOMKilled" if oom else ("Completed" if exit_code == 0 else "Error")
+        container.pid = 0
+        self.db.save(container)
+
+    def stop_all_in_pod(self, pod_id: str) -> None:
+        for container in self.in_pod(pod_id):
+            self._stop(container, 0)
+
+    # --- Remove ----------------------------------------------------------------------
+
+    def remove(self, container_id: str) -> None:
+        container = self.find(container_id)
+        if container is None:
+            return  # CRI: removing a removed container succeeds
+        self._remove(container)
+
+    def _remove(self, container: Container) -> None:
+        if container.state in ("running", "created"):
+            self._stop(container, 0)
+        with self.locks.hold(container.id):
+            self.executor(container).delete(container.id)
+            mounts.unmount_all_under(Path(container.bundle))
+            shutil.rmtree(container.bundle, ignore_errors=True)
+            shutil.rmtree(container.dir, ignore_errors=True)
+            self.db.delete(container)
+            with self._guard:
+                self.containers.pop(container.id, None)
+            self.names.release(self._name_key(container), container.id)
+            self.images.release_layers(container.layers)
+        log.info("container removed", id=container.id)
+
+    def remove_all_in_pod(self, pod_id: str) -> None:
+        for container in self.in_pod(pod_id):
+            self._remove(container)
+
+    # --- ExecSync, logs ---------------------------------------------------------------
+
+    def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
+        container = self.get(container_id)
+        if not cmd:
+            raise InvalidArgument("ExecSync: cmd is empty")
+        if container.state != "running":
+            raise FailedPrecondition(f"container {container.id} is {container.state}, not running")
+        result = self.executor(container).exec_sync(container.id, cmd, timeout, max_output=EXEC_OUTPUT_CAP)
+        if result.timed_out:
+            raise DeadlineExceeded(
+                f"ExecSync {cmd[0]!r} in container {container.id} exceeded its {timeout:g}s timeout; killed"
+            )
+        if result.truncated:
+            raise ResourceExhausted(
+                f"ExecSync {cmd[0]!r} in container {container.id}: output exceeds "
+                f"{EXEC_OUTPUT_CAP // (1024 * 1024)} MiB"
+            )
+        return result
+
+    def reopen_log(self, container_id: str) -> None:
+        container = self.get(container_id)
+        if container.state != "running":
+            raise FailedPrecondition(
+                f"container {container.id} is {container.state}; its log cannot be reopened"
+            )
+        self.executor(container).reopen_log(container.id)
+
+    # --- background exit watcher -------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stop_watch.wait(WATCH_INTERVAL):
+            for container in self.all():
+                if container.state != "running":
+                    continue
+                try:
+                    info = self.executor(container).exit_info(container.id)
+                except Exception as exc:  # a broken file must not stop the watcher
+                    log.warning("exit watcher", id=container.id, error=str(exc))
+                    continue
+                if info is None or container.state != "running":
+                    continue
+                # No per-container lock here: a StopContainer may hold it for its whole
+                # timeout, and recording the same exit twice is harmless.
+                self._record_exit(container, info)
+                log.info("container exited", id=container.id, exit_code=container.exit_code)

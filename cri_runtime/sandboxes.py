@@ -1,0 +1,352 @@
+"""SandboxManager: pods as pinned namespaces, a cgroup, a CNI network and a few files.
+
+Each step of RunPodSandbox pushes its undo; a failure unwinds them so that nothing
+half-made survives (no mount, netns, cgroup, CNI allocation, directory or DB row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from cri_runtime import cgroups, mounts, netns
+from cri_runtime.api import api_pb2 as pb
+from cri_runtime.cni import CNI, PortMapping
+from cri_runtime.locks import KeyedLocks
+from cri_runtime.names import NameIndex
+from cri_runtime.state import Sandbox, StateDB
+from imageservice.errors import InvalidArgument, NotFound, PycriError, Unavailable
+
+if TYPE_CHECKING:
+    from cri_runtime.containers import ContainerManager
+
+log = structlog.get_logger("pycri.sandbox")
+
+DEFAULT_CGROUP_PARENT = "/pycri"
+SHM_SIZE = 64 * 1024 * 1024
+CATATONIT = "/usr/bin/catatonit"
+PODINIT = Path(__file__).with_name("podinit.py")
+PROTOCOLS = {pb.Protocol.TCP: "tcp", pb.Protocol.UDP: "udp", pb.Protocol.SCTP: "sctp"}
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    state_dir: Path  # <state>/sandboxes
+    default_runtime: str
+    runtimes: tuple[str, ...]
+
+
+def _metadata_name(meta: pb.PodSandboxMetadata) -> str:
+    return f"{meta.name}_{meta.namespace}_{meta.uid}_{meta.attempt}"
+
+
+class SandboxManager:
+    def __init__(self, settings: SandboxSettings, db: StateDB, cni: CNI) -> None:
+        self.settings = settings
+        self.db = db
+        self.cni = cni
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.names = NameIndex()
+        self.locks = KeyedLocks()
+        self.containers: ContainerManager | None = None
+        self._guard = threading.Lock()
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+
+    def restore(self, sandboxes: list[Sandbox]) -> None:
+        for sandbox in sandboxes:
+            self.sandboxes[sandbox.id] = sandbox
+            self.names.reserve(sandbox_name(sandbox), sandbox.id, "pod sandbox")
+
+    # --- lookups -------------------------------------------------------------------
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        if not sandbox_id:
+            raise InvalidArgument("pod sandbox id is empty")
+        with self._guard:
+            found = self.sandboxes.get(sandbox_id)
+            if found is None:
+                matches = [s for s in self.sandboxes.values() if s.id.startswith(sandbox_id)]
+                if len(matches) == 1:
+                    found = matches[0]
+        if found is None:
+            raise NotFound(f"pod sandbox {sandbox_id!r} not found")
+        return found
+
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        try:
+            return self.get(sandbox_id)
+        except NotFound:
+            return None
+
+    def all(self) -> list[Sandbox]:
+        with self._guard:
+            return list(self.sandboxes.values())
+
+    # --- RunPodSandbox --------------------------------------------------------------
+
+    def run(self, config: pb.PodSandboxConfig, runtime_handler: str) -> Sandbox:
+        meta = config.metadata
+        for field_name in ("name", "namespace", "uid"):
+            if not getattr(meta, field_name):
+                raise InvalidArgument(f"pod sandbox metadata.{field_name} is empty")
+        if runtime_handler and runtime_handler not in self.settings.runtimes:
+            raise NotFound(
+                f"runtime handler {runtime_handler!r} is not configured; "
+                f"available: {', '.join(self.settings.runtimes)}"
+            )
+        sandbox_id = secrets.token_hex(32)
+        name = _metadata_name(meta)
+        self.names.reserve(name, sandbox_id, "pod sandbox")
+        try:
+            with self.locks.hold(sandbox_id), contextlib.ExitStack() as undo:
+                sandbox = self._create(sandbox_id, config, runtime_handler, undo)
+                undo.pop_all()
+        except BaseException:
+            self.names.release(name, sandbox_id)
+            raise
+        log.info("pod sandbox ready", id=sandbox_id, name=meta.name, namespace=meta.namespace, ip=sandbox.ip)
+        return sandbox
+
+    def _create(
+        self, sandbox_id: str, config: pb.PodSandboxConfig, runtime_handler: str, undo: contextlib.ExitStack
+    ) -> Sandbox:
+        meta = config.metadata
+        linux = config.linux
+        options = linux.security_context.namespace_options
+        host_network = options.network == pb.NamespaceMode.NODE
+        host_ipc = options.ipc == pb.NamespaceMode.NODE
+        for key in linux.sysctls:
+            if host_network and key.startswith("net."):
+                raise InvalidArgument(f"sysctl {key} cannot be set on a pod in the host network namespace")
+        directory = self.settings.state_dir / sandbox_id
+        directory.mkdir(mode=0o711)
+        undo.callback(shutil.rmtree, directory, True)
+        sandbox = Sandbox(
+            id=sandbox_id,
+            name=meta.name,
+            namespace=meta.namespace,
+            uid=meta.uid,
+            attempt=meta.attempt,
+            labels=dict(config.labels),
+            annotations=dict(config.annotations),
+            runtime_handler=runtime_handler,
+            created_at_ns=time.time_ns(),
+            config=config.SerializeToString(),
+            state="ready",
+            hostname=config.hostname or (os.uname().nodename if host_network else meta.name),
+            log_directory=config.log_directory,
+            network_mode=options.network,
+            pid_mode=options.pid,
+            ipc_mode=options.ipc,
+            dir=str(directory),
+        )
+        # Namespaces: the pod's own net, IPC and UTS, pinned so they outlive any process.
+        pinned = netns.create_pod_namespaces(
+            directory / "ns",
+            net=not host_network,
+            ipc=not host_ipc,
+            uts=not host_network,
+            hostname=sandbox.hostname,
+        )
+        undo.callback(netns.remove_pod_namespaces, pinned)
+        sandbox.netns_path = str(pinned.net or "")
+        sandbox.ipcns_path = str(pinned.ipc or "")
+        sandbox.utsns_path = str(pinned.uts or "")
+        # The pod cgroup: kubelet names it; crictl users often don't.
+        sandbox.cgroup_path = cgroups.normalize(
+            linux.cgroup_parent or f"{DEFAULT_CGROUP_PARENT}/{sandbox_id}"
+        )
+        created = cgroups.create(sandbox.cgroup_path)
+        sandbox.cgroup_created = [str(p) for p in created]
+        undo.callback(cgroups.remove_dirs, created)
+        if options.pid == pb.NamespaceMode.POD:
+            sandbox.init_pid = self._start_pod_init(pinned)
+            undo.callback(_kill_init, sandbox.init_pid)
+        # Network: CNI ADD in the pinned netns.
+        if not host_network:
+            ports = [
+                PortMapping(PROTOCOLS.get(p.protocol, "tcp"), p.container_port, p.host_port, p.host_ip)
+                for p in config.port_mappings
+                if p.host_port
+            ]
+            result = self.cni.add(
+                sandbox_id,
+                Path(sandbox.netns_path),
+                pod_name=meta.name,
+                pod_namespace=meta.namespace,
+                pod_uid=meta.uid,
+                port_mappings=ports,
+            )
+            undo.callback(self._cni_delete, sandbox)
+            sandbox.network_ready = True
+            if result.ips:
+                sandbox.ip = result.ips[0]
+                sandbox.additional_ips = list(result.ips[1:])
+        # Files every container binds in.
+        self._write_pod_files(sandbox, config, directory, host_network)
+        shm = directory / "shm"
+        shm.mkdir()
+        if host_ipc:
+            sandbox.shm_path = "/dev/shm"
+        else:
+            mounts.mount_tmpfs(shm, size=SHM_SIZE)
+            undo.callback(mounts.unmount, shm)
+            sandbox.shm_path = str(shm)
+        self.db.save(sandbox)
+        undo.callback(self.db.delete, sandbox)
+        with self._guard:
+            self.sandboxes[sandbox_id] = sandbox
+        return sandbox
+
+    def _start_pod_init(self, pinned: netns.PodNamespaces) -> int:
+        args = [sys.executable, "-S", "-E", str(PODINIT)]
+        for flag, path in (("--net", pinned.net), ("--ipc", pinned.ipc), ("--uts", pinned.uts)):
+            if path is not None:
+                args += [flag, str(path)]
+        args += ["--", CATATONIT, "-P"]
+        try:
+            result = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise Unavailable(f"cannot start the pod's PID namespace init: {exc}") from exc
+        if result.returncode != 0:
+            raise Unavailable(
+                f"cannot start the pod's PID namespace init ({CATATONIT}): {result.stderr.strip()}"
+            )
+        return int(result.stdout.strip())
+
+    def _cni_delete(self, sandbox: Sandbox) -> None:
+        self.cni.delete(
+            sandbox.id,
+            Path(sandbox.netns_path) if sandbox.netns_path else None,
+            pod_name=sandbox.name,
+            pod_namespace=sandbox.namespace,
+            pod_uid=sandbox.uid,
+        )
+
+    def _write_pod_files(
+        self, sandbox: Sandbox, config: pb.PodSandboxConfig, directory: Path, host_network: bool
+    ) -> None:
+        (directory / "hostname").write_text(sandbox.hostname + "\n")
+        if host_network:
+            shutil.copyfile("/etc/hosts", directory / "hosts")
+        else:
+            lines = [
+                "127.0.0.1\tlocalhost",
+                "::1\tlocalhost ip6-localhost ip6-loopback",
+                "fe00::0\tip6-localnet",
+                "fe00::0\tip6-mcastprefix",
+                "fe00::1\tip6-allnodes",
+                "fe00::2\tip6-allrouters",
+            ]
+            if sandbox.ip:
+                lines.append(f"{sandbox.ip}\t{sandbox.hostname}")
+            (directory / "hosts").write_text("\n".join(lines) + "\n")
+        dns = config.dns_config
+        if dns.servers or dns.searches or dns.options:
+            text = "".join(f"nameserver {s}\n" for s in dns.servers)
+            if dns.searches:
+                text += "search " + " ".join(dns.searches) + "\n"
+            if dns.options:
+                text += "options " + " ".join(dns.options) + "\n"
+            (directory / "resolv.conf").write_text(text)
+        elif os.path.exists("/etc/resolv.conf"):
+            shutil.copyfile("/etc/resolv.conf", directory / "resolv.conf")
+        else:
+            (directory / "resolv.conf").write_text("")
+
+    # --- StopPodSandbox / RemovePodSandbox ------------------------------------------
+
+    def stop(self, sandbox_id: str) -> None:
+        sandbox = self.find(sandbox_id)
+        if sandbox is None:
+            return  # CRI: stopping a pod that is gone is not an error
+        if self.containers is not None:
+            self.containers.stop_all_in_pod(sandbox.id)
+        with self.locks.hold(sandbox.id):
+            self._teardown(sandbox)
+            sandbox.state = "notready"
+            self.db.save(sandbox)
+        log.info("pod sandbox stopped", id=sandbox.id)
+
+    def _teardown(self, sandbox: Sandbox) -> None:
+        """Release what a stopped pod no longer needs; every step tolerates being repeated."""
+        errors: list[str] = []
+        if sandbox.network_ready:
+            try:
+                self._cni_delete(sandbox)
+                sandbox.network_ready = False
+                self.db.save(sandbox)
+            except PycriError as exc:
+                errors.append(str(exc))
+        if sandbox.init_pid:
+            _kill_init(sandbox.init_pid)
+            sandbox.init_pid = 0
+        directory = Path(sandbox.dir)
+        with contextlib.suppress(OSError):
+            mounts.unmount(directory / "shm")
+        netns.remove_pod_namespaces(
+            netns.PodNamespaces(
+                Path(sandbox.netns_path) if sandbox.netns_path else None,
+                Path(sandbox.ipcns_path) if sandbox.ipcns_path else None,
+                Path(sandbox.utsns_path) if sandbox.utsns_path else None,
+            )
+        )
+        if errors:
+            raise Unavailable("; ".join(errors))
+
+    def remove(self, sandbox_id: str) -> None:
+        sandbox = self.find(sandbox_id)
+        if sandbox is None:
+            return
+        if self.containers is not None:
+            self.containers.remove_all_in_pod(sandbox.id)
+        with self.locks.hold(sandbox.id):
+            self._teardown(sandbox)
+            if sandbox.cgroup_created:
+                # Ours: remove it with whatever the runtime left below it, then the parents we made.
+                cgroups.remove(sandbox.cgroup_path)
+                cgroups.remove_dirs([Path(p) for p in sandbox.cgroup_created])
+            directory = Path(sandbox.dir)
+            mounts.unmount_all_under(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+            self.db.delete(sandbox)
+            with self._guard:
+                self.sandboxes.pop(sandbox.id, None)
+            self.names.release(sandbox_name(sandbox), sandbox.id)
+        log.info("pod sandbox removed", id=sandbox.id)
+
+
+def sandbox_name(sandbox: Sandbox) -> str:
+    return f"{sandbox.name}_{sandbox.namespace}_{sandbox.uid}_{sandbox.attempt}"
+
+
+def _kill_init(pid: int) -> None:
+    """SIGKILL the pod's init (catatonit), which takes its PID namespace down with it."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if b"catatonit" not in fh.read():
+                return  # the PID was reused by something else
+        os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split(") ", 1)[1].startswith("Z"):
+                    break  # a zombie of our own or of init's: it is dead
+        except (FileNotFoundError, IndexError):
+            break
+        time.sleep(0.01)

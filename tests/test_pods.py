@@ -1,0 +1,344 @@
+"""Pods and containers end to end: real namespaces, cgroups, overlay mounts, CNI, conmon and
+crun/runc, driven through the gRPC socket of a real pycri daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri_runtime import oci
+from cri_runtime.api import api_pb2 as pb
+from cri_runtime.client import CRIClient
+from cri_runtime.mounts import mounts_under
+from tests.support.daemon import Daemon, force_cleanup
+from tests.support.images import Image, busybox_layer, layer_from_files, push_image
+from tests.support.registry import Registry
+
+pytestmark = pytest.mark.root
+
+RUNTIMES = ["runc", "crun"]
+
+
+@dataclass
+class Env:
+    daemon: Daemon
+    cri: CRIClient
+    image: str
+    logs: Path
+    subnet_prefix: str
+
+    def pod(self, name: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("log_directory", str(self.logs / name))
+        return self.cri.run_pod(name, **kwargs)
+
+    def run(self, pod: str, name: str, args: list[str], **kwargs) -> str:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("log_path", f"{name}.log")
+        cid = self.cri.create_container(pod, name, self.image, command=args, **kwargs)
+        self.cri.start_container(cid)
+        return cid
+
+
+@pytest.fixture(scope="module")
+def pod_image(registry: Registry) -> str:
+    extra = layer_from_files([("www/index.html", "hello from the pod\n"), ("data/", "")])
+    image = Image.build([busybox_layer(), extra], cmd=["sh"], env=["PATH=/bin:/usr/bin", "FROM_IMAGE=yes"])
+    push_image(registry, "test/pods", "1", image)
+    return f"{registry.host}/test/pods:1"
+
+
+def live_processes(name: str) -> int:
+    """Processes called ``name`` that are alive (zombies wait for this VM's slow init to reap them)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm, _, rest = stat.partition("(")[2].rpartition(")")
+        if comm == name and rest.split()[0] != "Z":
+            count += 1
+    return count
+
+
+def host_snapshot() -> dict[str, object]:
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return {
+        "conmon": live_processes("conmon"),
+        "catatonit": live_processes("catatonit"),
+        "veth": len(re.findall(r"veth", links)),
+        "mounts": len(mountinfo.splitlines()),
+        "pycri_cgroups": sorted(os.listdir("/sys/fs/cgroup/memory/pycri"))
+        if os.path.isdir("/sys/fs/cgroup/memory/pycri")
+        else [],
+    }
+
+
+@pytest.fixture(params=RUNTIMES)
+def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path: Path) -> Iterator[Env]:  # type: ignore[no-untyped-def]
+    runtime = request.param
+    if runtime == "crun" and not oci.probe("crun").usable:
+        pytest.skip(f"crun cannot run here: {oci.probe('crun').reason}")
+    before = host_snapshot()
+    third = 100 + RUNTIMES.index(runtime)
+    bridge = f"pyt{secrets.token_hex(3)}"
+    net_dir = tmp_path / "net.d"
+    net_dir.mkdir()
+    daemon = daemon_factory(
+        f'default_runtime = "{runtime}"\n[network]\nconf_dir = "{net_dir}"\n'
+        f'pod_subnet = "198.18.{third}.0/24"\nbridge = "{bridge}"\n',
+        name=f"pods-{runtime}",
+    )
+    try:
+        with daemon.client() as cri:
+            cri.pull(pod_image)
+            yield Env(daemon, cri, pod_image, tmp_path / "logs", f"198.18.{third}.")
+            for pod in cri.list_pods():
+                cri.stop_pod(pod.id)
+                cri.remove_pod(pod.id)
+        daemon.stop()
+    finally:
+        daemon.kill()
+        leftovers = mounts_under(daemon.workdir)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        after = host_snapshot()
+        # Judge first, then clean whatever was left, so one failure does not spoil the next test.
+        force_cleanup(daemon)
+    assert leftovers == [], "pycri left mounts behind"
+    assert after == before, "the host is not as it was before the test"
+
+
+def wait_exited(cri: CRIClient, cid: str, timeout: float = 15) -> pb.ContainerStatus:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = cri.container_status(cid).status
+        if status.state == pb.ContainerState.CONTAINER_EXITED:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"container {cid} did not exit in {timeout}s")
+
+
+def exec_out(cri: CRIClient, cid: str, *cmd: str) -> str:
+    result = cri.exec_sync(cid, list(cmd), timeout=10)
+    assert result.exit_code == 0, (cmd, result.stderr)
+    return result.stdout.decode()
+
+
+def test_pod_gets_an_ip_from_the_subnet_and_reports_it(env: Env) -> None:
+    pod = env.pod("netpod")
+    status = env.cri.pod_status(pod).status
+    assert status.state == pb.PodSandboxState.SANDBOX_READY
+    assert status.network.ip.startswith(env.subnet_prefix)
+    assert status.metadata.name == "netpod"
+    cid = env.run(pod, "c", ["sleep", "100"])
+    addresses = exec_out(env.cri, cid, "ip", "-o", "-4", "addr")
+    assert status.network.ip in addresses
+
+
+def test_two_containers_share_the_pods_loopback_and_shm(env: Env) -> None:
+    pod = env.pod("sharing")
+    server = env.run(pod, "server", ["busybox", "httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/www"])
+    client = env.run(pod, "client", ["sh", "-c", "echo shared > /dev/shm/token; sleep 100"])
+    deadline = time.monotonic() + 10
+    while True:
+        result = env.cri.exec_sync(client, ["wget", "-qO-", "http://127.0.0.1:8080/index.html"], timeout=5)
+        if result.exit_code == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert result.stdout == b"hello from the pod\n"
+    assert exec_out(env.cri, server, "cat", "/dev/shm/token") == "shared\n"
+
+
+def test_container_sees_env_user_hostname_dns_and_mounts(env: Env, tmp_path: Path) -> None:
+    host_dir = tmp_path / "hostdata"
+    host_dir.mkdir()
+    (host_dir / "file.txt").write_text("from the host\n")
+    pod = env.pod("identity", hostname="myhost", dns_servers=["198.18.0.53"], dns_searches=["svc.test"])
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="who"),
+        image=pb.ImageSpec(image=env.image),
+        command=["sleep", "100"],
+        envs=[pb.KeyValue(key="GREETING", value=b"hi")],
+        mounts=[
+            pb.Mount(container_path="/mnt/data", host_path=str(host_dir), readonly=True),
+            pb.Mount(container_path="/mnt/created", host_path=str(tmp_path / "created-by-pycri")),
+        ],
+        log_path="who.log",
+    )
+    config.linux.security_context.run_as_user.value = 1002
+    config.linux.security_context.supplemental_groups.append(4242)
+    cid = env.cri.create_container(pod, "who", env.image, config=config)
+    env.cri.start_container(cid)
+    environment = exec_out(env.cri, cid, "env")
+    assert "GREETING=hi" in environment and "FROM_IMAGE=yes" in environment
+    ids = exec_out(env.cri, cid, "id")
+    assert "uid=1002(app)" in ids and "1003(grp)" in ids and "4242" in ids
+    assert exec_out(env.cri, cid, "hostname").strip() == "myhost"
+    resolv = exec_out(env.cri, cid, "cat", "/etc/resolv.conf")
+    assert "nameserver 198.18.0.53" in resolv and "search svc.test" in resolv
+    assert exec_out(env.cri, cid, "cat", "/mnt/data/file.txt") == "from the host\n"
+    denied = env.cri.exec_sync(cid, ["touch", "/mnt/data/new"], timeout=5)
+    assert denied.exit_code != 0  # read-only mount
+    assert (tmp_path / "created-by-pycri").is_dir()
+    status = env.cri.container_status(cid).status
+    assert status.user.linux.uid == 1002
+
+
+def test_exit_codes_and_cri_format_logs(env: Env) -> None:
+    pod = env.pod("logs")
+    cid = env.run(pod, "speaker", ["sh", "-c", "echo out; echo err >&2; printf partial; exit 3"])
+    status = wait_exited(env.cri, cid)
+    assert status.exit_code == 3 and status.reason == "Error"
+    assert status.finished_at >= status.started_at > 0
+    lines = Path(status.log_path).read_text().splitlines()
+    pattern = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) (P|F) (.*)$")
+    parsed = [pattern.match(line) for line in lines]
+    assert all(parsed), lines
+    entries = [(m.group(2), m.group(3), m.group(4)) for m in parsed if m]
+    assert ("stdout", "F", "out") in entries and ("stderr", "F", "err") in entries
+    assert any(e[2] == "partial" for e in entries)
+    ok = env.run(pod, "quiet", ["true"])
+    done = wait_exited(env.cri, ok)
+    assert done.exit_code == 0 and done.reason == "Completed"
+
+
+def test_stop_honours_the_timeout_then_kills(env: Env) -> None:
+    pod = env.pod("stubborn")
+    cid = env.run(pod, "ignore-term", ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"])
+    time.sleep(0.3)
+    started = time.monotonic()
+    env.cri.stop_container(cid, timeout=2)
+    elapsed = time.monotonic() - started
+    status = env.cri.container_status(cid).status
+    assert status.state == pb.ContainerState.CONTAINER_EXITED
+    assert status.exit_code == 137
+    assert 1.8 <= elapsed < 8
+    env.cri.stop_container(cid, timeout=2)  # stopping again is fine
+    # PID 1 gets no default signal handlers: a polite process traps TERM itself.
+    polite = env.run(pod, "polite", ["sh", "-c", "trap 'exit 0' TERM; sleep 100 & wait"])
+    started = time.monotonic()
+    env.cri.stop_container(polite, timeout=10)
+    assert time.monotonic() - started < 5
+
+
+def test_memory_limit_is_enforced_and_oom_is_reported(env: Env) -> None:
+    pod = env.pod("hungry")
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="hog"),
+        image=pb.ImageSpec(image=env.image),
+        command=["sh", "-c", "head -c 200000000 /dev/zero | tail -c 190000000 > /dev/null"],
+        log_path="hog.log",
+    )
+    config.linux.resources.memory_limit_in_bytes = 32 * 1024 * 1024
+    cid = env.cri.create_container(pod, "hog", env.image, config=config)
+    env.cri.start_container(cid)
+    status = wait_exited(env.cri, cid, timeout=30)
+    assert status.reason == "OOMKilled", (status.exit_code, status.reason)
+
+
+def test_exec_sync_returns_output_and_times_out(env: Env) -> None:
+    pod = env.pod("execs")
+    cid = env.run(pod, "c", ["sleep", "100"])
+    result = env.cri.exec_sync(cid, ["sh", "-c", "echo o; echo e >&2; exit 7"], timeout=5)
+    assert (result.stdout, result.stderr, result.exit_code) == (b"o\n", b"e\n", 7)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        env.cri.exec_sync(cid, ["sleep", "60"], timeout=1)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5
+    assert "sleep 60" not in exec_out(env.cri, cid, "ps")
+
+
+def test_list_and_status_filters(env: Env) -> None:
+    first = env.pod("list-a", labels={"app": "a"})
+    second = env.pod("list-b", labels={"app": "b"})
+    running = env.run(first, "runner", ["sleep", "100"], labels={"tier": "x"})
+    created = env.cri.create_container(
+        second, "idle", env.image, command=["sleep", "100"], log_path="idle.log"
+    )
+    assert {p.id for p in env.cri.list_pods()} >= {first, second}
+    by_label = env.cri.list_pods(pb.PodSandboxFilter(label_selector={"app": "b"}))
+    assert [p.id for p in by_label] == [second]
+    assert [p.id for p in env.cri.list_pods(pb.PodSandboxFilter(id=first[:12]))] == [first]
+    assert [c.id for c in env.cri.list_containers(pb.ContainerFilter(pod_sandbox_id=second))] == [created]
+    states = env.cri.list_containers(
+        pb.ContainerFilter(state=pb.ContainerStateValue(state=pb.ContainerState.CONTAINER_RUNNING))
+    )
+    assert [c.id for c in states] == [running]
+    assert [c.id for c in env.cri.list_containers(pb.ContainerFilter(label_selector={"tier": "x"}))] == [
+        running
+    ]
+    verbose = json.loads(env.cri.container_status(running, verbose=True).info["info"])
+    assert verbose["pid"] > 0 and verbose["runtimeSpec"]["process"]["args"] == ["sleep", "100"]
+
+
+def test_stop_and_remove_pod_are_idempotent(env: Env) -> None:
+    pod = env.pod("lifecycle")
+    env.run(pod, "c", ["sleep", "100"])
+    env.cri.stop_pod(pod)
+    env.cri.stop_pod(pod)
+    assert env.cri.pod_status(pod).status.state == pb.PodSandboxState.SANDBOX_NOTREADY
+    assert all(c.state == pb.ContainerState.CONTAINER_EXITED for c in env.cri.list_containers())
+    env.cri.remove_pod(pod)
+    env.cri.remove_pod(pod)
+    env.cri.stop_pod(pod)
+    assert env.cri.list_pods() == [] and env.cri.list_containers() == []
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_requests_get_the_right_codes_and_leave_nothing(env: Env) -> None:
+    def code(call, *args, **kwargs) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+        with pytest.raises(grpc.RpcError) as err:
+            call(*args, **kwargs)
+        return err.value.code()
+
+    assert code(env.cri.pod_status, "nope") == grpc.StatusCode.NOT_FOUND
+    assert code(env.cri.container_status, "nope") == grpc.StatusCode.NOT_FOUND
+    assert code(env.cri.create_container, "nope", "c", env.image) == grpc.StatusCode.NOT_FOUND
+    assert code(env.cri.run_pod, "") == grpc.StatusCode.INVALID_ARGUMENT
+    pod = env.pod("dup")
+    assert code(env.cri.run_pod, "dup", log_directory=str(env.logs / "dup")) == grpc.StatusCode.ALREADY_EXISTS
+    assert code(env.cri.create_container, pod, "c", "127.0.0.1:1/absent:1") == grpc.StatusCode.NOT_FOUND
+    relative = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="rel"),
+        image=pb.ImageSpec(image=env.image),
+        command=["true"],
+        mounts=[pb.Mount(container_path="relative/path", host_path="/tmp")],
+    )
+    assert (
+        code(env.cri.create_container, pod, "rel", env.image, config=relative)
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    bad_cap = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="cap"), image=pb.ImageSpec(image=env.image)
+    )
+    bad_cap.linux.security_context.capabilities.add_capabilities.append("CAP_NOT_A_THING")
+    assert (
+        code(env.cri.create_container, pod, "cap", env.image, config=bad_cap)
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    # Create or start reports the runtime's own error; nothing is left half-made.
+    with pytest.raises(grpc.RpcError) as err:
+        missing = env.cri.create_container(pod, "nobin", env.image, command=["/not/here"], log_path="n.log")
+        env.cri.start_container(missing)
+    assert "/not/here" in (err.value.details() or "")
+    env.cri.stop_pod(pod)
+    assert code(env.cri.create_container, pod, "late", env.image) == grpc.StatusCode.FAILED_PRECONDITION
+    env.cri.remove_pod(pod)
+    leftovers = [p for p in (env.daemon.state / "containers").iterdir()]
+    assert leftovers == []
+    assert [p for p in (env.daemon.root / "containers").iterdir()] == []
