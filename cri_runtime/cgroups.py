@@ -28,7 +28,9 @@ def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
             pre, _, post = line.partition(" - ")
             fstype = post.split(" ", 1)[0]
             point = pre.split(" ")[4]
-            if fstype == "cgroup" and point.startswith(str(root) + "/"):
+            # Hybrid hosts: the runtimes also make each container's cgroup on the cgroup2
+            # "unified" mount, so the pod's cgroup lives (and must be removed) there too.
+            if fstype in ("cgroup", "cgroup2") and point.startswith(str(root) + "/"):
                 found.append(Path(point))
     return sorted(set(found))
 

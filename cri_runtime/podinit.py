@@ -18,9 +18,14 @@ def main(argv: list[str]) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     args = list(argv)
     joins: list[tuple[str, int]] = []
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     while args and args[0] != "--":
-        flag, path = args[0], args[1]
-        joins.append((path, NAMESPACE_FLAGS[flag]))
+        flag, value = args[0], args[1]
+        if flag == "--tag":
+            # Marks the init as this pod's, so cleanup after a crash can find it.
+            environment["PYCRI_SANDBOX"] = value
+        else:
+            joins.append((value, NAMESPACE_FLAGS[flag]))
         args = args[2:]
     command = args[1:]
     for path, nstype in joins:
@@ -42,7 +47,7 @@ def main(argv: list[str]) -> int:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         try:
-            os.execv(command[0], command)
+            os.execve(command[0], command, environment)
         except OSError as exc:
             os.write(write_end, str(exc).encode())
         os._exit(127)

@@ -172,7 +172,7 @@ class SandboxManager:
         sandbox.cgroup_created = [str(p) for p in created]
         undo.callback(cgroups.remove_dirs, created)
         if options.pid == pb.NamespaceMode.POD:
-            sandbox.init_pid = self._start_pod_init(pinned)
+            sandbox.init_pid = self._start_pod_init(pinned, directory)
             undo.callback(_kill_init, sandbox.init_pid)
         # Network: CNI ADD in the pinned netns.
         if not host_network:
@@ -210,8 +210,8 @@ class SandboxManager:
             self.sandboxes[sandbox_id] = sandbox
         return sandbox
 
-    def _start_pod_init(self, pinned: netns.PodNamespaces) -> int:
-        args = [sys.executable, "-S", "-E", str(PODINIT)]
+    def _start_pod_init(self, pinned: netns.PodNamespaces, directory: Path) -> int:
+        args = [sys.executable, "-S", "-E", str(PODINIT), "--tag", str(directory)]
         for flag, path in (("--net", pinned.net), ("--ipc", pinned.ipc), ("--uts", pinned.uts)):
             if path is not None:
                 args += [flag, str(path)]

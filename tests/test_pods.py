@@ -4,7 +4,6 @@ crun/runc, driven through the gRPC socket of a real pycri daemon."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -36,10 +35,13 @@ class Env:
     image: str
     logs: Path
     subnet_prefix: str
+    pods: list[str]
 
     def pod(self, name: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
         kwargs.setdefault("log_directory", str(self.logs / name))
-        return self.cri.run_pod(name, **kwargs)
+        pod_id = self.cri.run_pod(name, **kwargs)
+        self.pods.append(pod_id)
+        return pod_id
 
     def run(self, pod: str, name: str, args: list[str], **kwargs) -> str:  # type: ignore[no-untyped-def]
         kwargs.setdefault("log_path", f"{name}.log")
@@ -56,33 +58,40 @@ def pod_image(registry: Registry) -> str:
     return f"{registry.host}/test/pods:1"
 
 
-def live_processes(name: str) -> int:
-    """Processes called ``name`` that are alive (zombies wait for this VM's slow init to reap them)."""
-    count = 0
+def processes_of(workdir: Path) -> list[str]:
+    """Live conmon monitors and pod inits that belong to the daemon in ``workdir``.
+
+    Scoped to this daemon, so other pycri instances on the machine do not disturb the check;
+    zombies (waiting for this VM's slow init to reap them) are not alive.
+    """
+    found = []
+    marker = str(workdir).encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
         except OSError:
             continue
         comm, _, rest = stat.partition("(")[2].rpartition(")")
-        if comm == name and rest.split()[0] != "Z":
-            count += 1
-    return count
+        if rest.split()[0] == "Z":
+            continue
+        if (comm == "conmon" and marker in argv) or (comm == "catatonit" and marker in environ):
+            found.append(f"{comm}:{entry.name}")
+    return found
 
 
-def host_snapshot() -> dict[str, object]:
-    mountinfo = Path("/proc/self/mountinfo").read_text()
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+def host_leftovers(daemon: Daemon, bridge: str, pods: list[str]) -> dict[str, object]:
+    links = subprocess.run(
+        ["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True
+    ).stdout
     return {
-        "conmon": live_processes("conmon"),
-        "catatonit": live_processes("catatonit"),
-        "veth": len(re.findall(r"veth", links)),
-        "mounts": len(mountinfo.splitlines()),
-        "pycri_cgroups": sorted(os.listdir("/sys/fs/cgroup/memory/pycri"))
-        if os.path.isdir("/sys/fs/cgroup/memory/pycri")
-        else [],
+        "processes": processes_of(daemon.workdir),
+        "mounts": mounts_under(daemon.workdir),
+        "bridge ports": links.splitlines(),
+        "cgroups": [str(path) for pod in pods for path in Path("/sys/fs/cgroup").glob(f"*/pycri/{pod}")],
     }
 
 
@@ -91,7 +100,6 @@ def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path
     runtime = request.param
     if runtime == "crun" and not oci.probe("crun").usable:
         pytest.skip(f"crun cannot run here: {oci.probe('crun').reason}")
-    before = host_snapshot()
     third = 100 + RUNTIMES.index(runtime)
     bridge = f"pyt{secrets.token_hex(3)}"
     net_dir = tmp_path / "net.d"
@@ -101,23 +109,22 @@ def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path
         f'pod_subnet = "198.18.{third}.0/24"\nbridge = "{bridge}"\n',
         name=f"pods-{runtime}",
     )
+    pods: list[str] = []
     try:
         with daemon.client() as cri:
             cri.pull(pod_image)
-            yield Env(daemon, cri, pod_image, tmp_path / "logs", f"198.18.{third}.")
+            yield Env(daemon, cri, pod_image, tmp_path / "logs", f"198.18.{third}.", pods)
             for pod in cri.list_pods():
                 cri.stop_pod(pod.id)
                 cri.remove_pod(pod.id)
         daemon.stop()
     finally:
         daemon.kill()
-        leftovers = mounts_under(daemon.workdir)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-        after = host_snapshot()
+        leftovers = host_leftovers(daemon, bridge, pods)
         # Judge first, then clean whatever was left, so one failure does not spoil the next test.
         force_cleanup(daemon)
-    assert leftovers == [], "pycri left mounts behind"
-    assert after == before, "the host is not as it was before the test"
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    assert leftovers == {"processes": [], "mounts": [], "bridge ports": [], "cgroups": []}
 
 
 def wait_exited(cri: CRIClient, cid: str, timeout: float = 15) -> pb.ContainerStatus:

@@ -126,7 +126,12 @@ def force_cleanup(daemon: Daemon) -> None:
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes()
         except OSError:
+            continue
+        if argv and argv[0].endswith(b"catatonit") and workdir.encode() in environ:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
             continue
         if not argv or not argv[0].endswith(b"conmon") or workdir.encode() not in b" ".join(argv):
             continue
