@@ -49,6 +49,41 @@ class ContainerSettings:
     oom_score_adj_floor: int | None
 
 
+# What "no limit" is for each cgroup setting, to undo a partial update of one that was unset.
+_UNSET = {
+    "cpu": {"shares": 1024, "quota": -1, "period": 100000},
+    "memory": {"limit": -1, "swap": -1},
+}
+
+
+def _restorable(current: dict, update: dict) -> dict:
+    """The settings that undo ``update``: the current values, or "no limit" where none was set."""
+    out: dict = {}
+    for key, value in update.items():
+        if not isinstance(value, dict):
+            if key in current:
+                out[key] = current[key]
+            continue
+        section = {}
+        for name in value:
+            if name in current.get(key, {}):
+                section[name] = current[key][name]
+            elif name in _UNSET.get(key, {}):
+                section[name] = _UNSET[key][name]
+        if key == "cpu" and "cpus" in value and "cpus" not in section:
+            section["cpus"] = _host_cpus()
+        if section:
+            out[key] = section
+    return out
+
+
+def _host_cpus() -> str:
+    try:
+        return Path("/sys/fs/cgroup/cpuset/cpuset.cpus").read_text().strip()
+    except OSError:
+        return f"0-{(os.cpu_count() or 1) - 1}"
+
+
 def _signal_number(name: str) -> int:
     if not name:
         return signal.SIGTERM
@@ -383,6 +418,46 @@ class ContainerManager:
     def remove_all_in_pod(self, pod_id: str) -> None:
         for container in self.in_pod(pod_id):
             self._remove(container)
+
+    # --- UpdateContainerResources --------------------------------------------------------
+
+    def update_resources(self, container_id: str, wanted: pb.LinuxContainerResources) -> None:
+        """Change a container's cgroup limits, all or nothing.
+
+        The runtime writes one cgroup file after another; when a later one is refused (a memory
+        limit below what the container already uses), the earlier ones are put back.
+        """
+        container = self.get(container_id)
+        resources, adj = spec.linux_resources(wanted, self.settings.oom_score_adj_floor)
+        with self.locks.hold(container.id):
+            if container.state not in ("created", "running"):
+                raise FailedPrecondition(
+                    f"container {container.id} is {container.state}; only a live container can be updated"
+                )
+            bundle_config = Path(container.bundle) / "bundle" / "config.json"
+            oci_spec = json.loads(bundle_config.read_text())
+            current = oci_spec.get("linux", {}).get("resources", {})
+            previous = _restorable(current, resources)
+            executor = self.executor(container)
+            try:
+                executor.update_resources(container.id, resources)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    executor.update_resources(container.id, previous)
+                raise
+            merged = dict(current)
+            for key, value in resources.items():
+                merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+            oci_spec.setdefault("linux", {})["resources"] = merged
+            oci_spec["process"]["oomScoreAdj"] = adj
+            tmp = bundle_config.with_suffix(".tmp")
+            tmp.write_text(json.dumps(oci_spec))
+            os.replace(tmp, bundle_config)
+            config = pb.ContainerConfig.FromString(container.config)
+            config.linux.resources.CopyFrom(wanted)
+            container.config = config.SerializeToString()
+            self.db.save(container)
+        log.info("container resources updated", id=container.id, resources=resources)
 
     # --- ExecSync, logs ---------------------------------------------------------------
 

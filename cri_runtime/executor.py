@@ -525,6 +525,22 @@ class Executor:
             )
         raise Internal(f"{self.runtime_name} start {container_id} failed: {error}")
 
+    def update_resources(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Apply OCI linux.resources to a live container (``<runtime> update --resources``)."""
+        directory = self.container_dir(container_id)
+        if not directory.is_dir():
+            raise NotFound(f"container {container_id} is not known to {self.runtime_name}")
+        request = directory / "update.json"
+        request.write_text(json.dumps(resources))
+        try:
+            result = self._runtime(["update", "--resources", str(request), container_id])
+        finally:
+            request.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise FailedPrecondition(
+                f"{self.runtime_name} update {container_id}: {_clean_runtime_error(result.stderr)}"
+            )
+
     def kill(self, container_id: str, signal: int, *, all_processes: bool = False) -> None:
         """Send ``signal`` to the container's init (or all its processes).
 

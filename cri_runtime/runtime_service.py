@@ -353,6 +353,15 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         result = await _in_thread(containers.exec_sync, request.container_id, list(request.cmd), timeout)
         return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
+    async def UpdateContainerResources(
+        self, request: pb.UpdateContainerResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateContainerResourcesResponse:
+        _, containers = self._managers()
+        if not request.HasField("linux"):
+            raise InvalidArgument("UpdateContainerResources: linux resources are required on Linux")
+        await _in_thread(containers.update_resources, request.container_id, request.linux)
+        return pb.UpdateContainerResourcesResponse()
+
     async def ReopenContainerLog(
         self, request: pb.ReopenContainerLogRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReopenContainerLogResponse:

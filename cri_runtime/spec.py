@@ -1002,6 +1002,13 @@ _CPU_LIST = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
 _PAGE_SIZE = re.compile(r"[1-9][0-9]*[KMGTP]B")
 
 
+def linux_resources(
+    config: pb.LinuxContainerResources, oom_score_adj_floor: int | None
+) -> tuple[dict[str, Any], int]:
+    """Validated OCI linux.resources (without devices) and oomScoreAdj, for create and update."""
+    return _resources(config, oom_score_adj_floor)
+
+
 def _resources(
     config: pb.LinuxContainerResources, oom_score_adj_floor: int | None
 ) -> tuple[dict[str, Any], int]:

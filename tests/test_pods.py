@@ -349,3 +349,114 @@ def test_bad_requests_get_the_right_codes_and_leave_nothing(env: Env) -> None:
     leftovers = [p for p in (env.daemon.state / "containers").iterdir()]
     assert leftovers == []
     assert [p for p in (env.daemon.root / "containers").iterdir()] == []
+
+
+def test_failing_cni_plugin_fails_the_pod_and_leaves_nothing(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    net_dir = tmp_path / "broken.d"
+    net_dir.mkdir()
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    # A plugin that fails the way real ones do: a CNI error on stdout, a reason on stderr.
+    plugin = plugin_dir / "failing"
+    plugin.write_text(
+        "#!/bin/sh\n"
+        'if [ "$CNI_COMMAND" = ADD ]; then\n'
+        '  echo \'{"cniVersion":"1.0.0","code":11,"msg":"no addresses left in pool"}\'\n'
+        "  echo 'failing: pool exhausted' >&2\n"
+        "  exit 1\n"
+        "fi\n"
+        "exit 0\n"
+    )
+    plugin.chmod(0o755)
+    (net_dir / "10-broken.conflist").write_text(
+        json.dumps({"cniVersion": "1.0.0", "name": "broken", "plugins": [{"type": "failing"}]})
+    )
+    daemon = daemon_factory(
+        f'[network]\nconf_dir = "{net_dir}"\nbin_dirs = ["{plugin_dir}", "/usr/lib/cni"]\n', name="badcni"
+    )
+    with daemon.client() as cri, pytest.raises(grpc.RpcError) as err:
+        cri.run_pod("doomed", log_directory=str(tmp_path / "logs"))
+    assert "no addresses left in pool" in (err.value.details() or "")
+    assert "failing" in (err.value.details() or "")
+    with daemon.client() as cri:
+        assert cri.list_pods() == []
+    assert list((daemon.state / "sandboxes").iterdir()) == []
+    assert mounts_under(daemon.workdir) == []
+    assert processes_of(daemon.workdir) == []
+
+
+def test_mount_the_runtime_rejects_fails_create_and_leaves_nothing(env: Env, tmp_path: Path) -> None:
+    pod = env.pod("badmount")
+    source = tmp_path / "a-directory"
+    source.mkdir()
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="bad"),
+        image=pb.ImageSpec(image=env.image),
+        command=["true"],
+        # A directory cannot be bind-mounted over the image's /etc/passwd file.
+        mounts=[pb.Mount(container_path="/etc/passwd", host_path=str(source))],
+        log_path="bad.log",
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        env.cri.create_container(pod, "bad", env.image, config=config)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "passwd" in (err.value.details() or "")
+    assert env.cri.list_containers() == []
+    assert list((env.daemon.state / "containers").iterdir()) == []
+    assert list((env.daemon.root / "containers").iterdir()) == []
+    assert [p for p in processes_of(env.daemon.workdir) if p.startswith("conmon")] == []
+    # The name is free again: the same container can be created with a good config.
+    del config.mounts[:]
+    assert env.cri.create_container(pod, "bad", env.image, config=config)
+
+
+def container_cgroup(env: Env, pod: str, cid: str, controller: str) -> Path:
+    verbose = json.loads(env.cri.pod_status(pod, verbose=True).info["info"])
+    return Path("/sys/fs/cgroup") / controller / verbose["cgroupPath"].lstrip("/") / cid
+
+
+def test_update_container_resources_applies_and_is_all_or_nothing(env: Env) -> None:
+    pod = env.pod("resize")
+    cid = env.run(pod, "c", ["sh", "-c", "head -c 20000000 /dev/zero > /dev/shm/fill; sleep 100"])
+    time.sleep(0.5)
+    memory = container_cgroup(env, pod, cid, "memory")
+    cpu = container_cgroup(env, pod, cid, "cpu")
+    resources = pb.LinuxContainerResources(cpu_shares=512, memory_limit_in_bytes=256 * 1024 * 1024)
+    env.cri.runtime.UpdateContainerResources(
+        pb.UpdateContainerResourcesRequest(container_id=cid, linux=resources), timeout=30
+    )
+    assert (cpu / "cpu.shares").read_text().strip() == "512"
+    assert int((memory / "memory.limit_in_bytes").read_text()) == 256 * 1024 * 1024
+    status = env.cri.container_status(cid).status
+    assert status.resources.linux.cpu_shares == 512
+    # A memory limit below what the container already holds (20 MB in /dev/shm) is refused,
+    # and the CPU change that came with it is undone.
+    impossible = pb.LinuxContainerResources(cpu_shares=256, memory_limit_in_bytes=4 * 1024 * 1024)
+    with pytest.raises(grpc.RpcError) as err:
+        env.cri.runtime.UpdateContainerResources(
+            pb.UpdateContainerResourcesRequest(container_id=cid, linux=impossible), timeout=30
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (cpu / "cpu.shares").read_text().strip() == "512"
+    assert int((memory / "memory.limit_in_bytes").read_text()) == 256 * 1024 * 1024
+    assert env.cri.container_status(cid).status.resources.linux.cpu_shares == 512
+
+
+def test_reopen_container_log_starts_a_new_file(env: Env) -> None:
+    pod = env.pod("rotate")
+    cid = env.run(
+        pod, "ticker", ["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done"]
+    )
+    log_path = Path(env.cri.container_status(cid).status.log_path)
+    time.sleep(0.5)
+    rotated = log_path.with_name(log_path.name + ".1")
+    log_path.rename(rotated)
+    env.cri.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid), timeout=10)
+    frozen = rotated.read_text()
+    time.sleep(0.5)
+    assert rotated.read_text() == frozen
+    assert "tick" in log_path.read_text()
+    env.cri.stop_container(cid, timeout=0)
+    with pytest.raises(grpc.RpcError) as err:
+        env.cri.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
