@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -18,6 +20,12 @@ class RuntimeInfo:
     version: str
     usable: bool
     reason: str  # why not usable, empty when usable
+    mount_options: frozenset[str] = frozenset()  # from `<runtime> features`, when it answers
+
+    @property
+    def recursive_read_only(self) -> bool:
+        """rro mounts need the runtime's support and the kernel's mount_setattr (5.12+)."""
+        return "rro" in self.mount_options and _kernel_at_least(5, 12)
 
 
 def _find(name: str) -> str | None:
@@ -34,6 +42,25 @@ def _hybrid_cgroup_controllers(unified: Path = Path("/sys/fs/cgroup/unified")) -
         return (unified / "cgroup.controllers").read_text().split()
     except OSError:
         return []
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = os.uname().release.split("-")[0].split(".")
+    try:
+        return (int(release[0]), int(release[1])) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
+def _mount_options(path: str) -> frozenset[str]:
+    """Mount options the runtime says it supports (`features` is an OCI runtime-spec 1.1 command)."""
+    try:
+        out = subprocess.run([path, "features"], capture_output=True, text=True, timeout=10, check=False)
+        if out.returncode != 0:
+            return frozenset()
+        return frozenset(json.loads(out.stdout).get("mountOptions") or ())
+    except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError):
+        return frozenset()
 
 
 def probe(name: str, unified: Path = Path("/sys/fs/cgroup/unified")) -> RuntimeInfo:
@@ -59,7 +86,7 @@ def probe(name: str, unified: Path = Path("/sys/fs/cgroup/unified")) -> RuntimeI
                 f"({', '.join(controllers)} on {unified}); mount them on a v1 hierarchy, "
                 "e.g. mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb",
             )
-    return RuntimeInfo(name, path, version, True, "")
+    return RuntimeInfo(name, path, version, True, "", _mount_options(path))
 
 
 def detect() -> dict[str, RuntimeInfo]:

@@ -156,10 +156,15 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         if not ready:
             network_ready.reason = "NetworkPluginNotReady"
             network_ready.message = message
-        handlers = [
-            pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
-            for name in ("", *(n for n, info in self.runtimes.items() if info.usable))
-        ]
+        usable = {n: info for n, info in self.runtimes.items() if info.usable}
+        handlers = []
+        for name, handler in (("", self.default_runtime), *usable.items()):
+            if handler is None:
+                continue
+            features = pb.RuntimeHandlerFeatures(
+                recursive_read_only_mounts=handler.recursive_read_only, user_namespaces=False
+            )
+            handlers.append(pb.RuntimeHandler(name=name, features=features))
         response = pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=[runtime_ready, network_ready]),
             runtime_handlers=handlers,

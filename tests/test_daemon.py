@@ -37,8 +37,10 @@ def test_status_reports_runtime_and_network_conditions(cri: CRIClient) -> None:
     conditions = {c.type: c for c in status.status.conditions}
     assert conditions["RuntimeReady"].status is True
     assert "NetworkReady" in conditions
-    handlers = [h.name for h in status.runtime_handlers]
+    handlers = {h.name: h for h in status.runtime_handlers}
     assert "" in handlers and "runc" in handlers
+    assert handlers["runc"].features.recursive_read_only_mounts is True
+    assert handlers["runc"].features.user_namespaces is False
     info = json.loads(status.info["config"])
     assert info["defaultRuntime"] in ("crun", "runc")
     assert info["runtimes"]["runc"]["usable"] is True

@@ -30,3 +30,12 @@ def test_crun_is_usable_when_cgroup2_holds_no_controller(tmp_path: Path) -> None
 def test_missing_runtime_says_how_to_install_it() -> None:
     info = oci.probe("no-such-runtime-xyz")
     assert not info.usable and "not installed" in info.reason
+
+
+def test_recursive_read_only_support_comes_from_the_runtimes_features() -> None:
+    crun = oci.probe("crun", unified=Path("/nonexistent"))
+    runc = oci.probe("runc")
+    # runc 1.1 lists "rro" in `runc features`; crun 1.8 has no `features` command, so pycri
+    # does not claim what it cannot check. The kernel here has mount_setattr.
+    assert "rro" in runc.mount_options and runc.recursive_read_only
+    assert crun.recursive_read_only is ("rro" in crun.mount_options)
