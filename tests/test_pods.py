@@ -111,12 +111,14 @@ def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path
     )
     pods: list[str] = []
     try:
-        with daemon.client() as cri:
-            cri.pull(pod_image)
-            yield Env(daemon, cri, pod_image, tmp_path / "logs", f"198.18.{third}.", pods)
-            for pod in cri.list_pods():
-                cri.stop_pod(pod.id)
-                cri.remove_pod(pod.id)
+        environment = Env(daemon, daemon.client(), pod_image, tmp_path / "logs", f"198.18.{third}.", pods)
+        environment.cri.pull(pod_image)
+        yield environment
+        # A test may have restarted the daemon and replaced the client.
+        for pod in environment.cri.list_pods():
+            environment.cri.stop_pod(pod.id)
+            environment.cri.remove_pod(pod.id)
+        environment.cri.close()
         daemon.stop()
     finally:
         daemon.kill()
@@ -460,3 +462,22 @@ def test_reopen_container_log_starts_a_new_file(env: Env) -> None:
     with pytest.raises(grpc.RpcError) as err:
         env.cri.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_containers_run_on_across_a_daemon_restart(env: Env) -> None:
+    pod = env.pod("survivor")
+    keeper = env.run(pod, "keeper", ["sleep", "100"])
+    quitter = env.run(pod, "quitter", ["sh", "-c", "sleep 1; exit 4"])
+    before = env.cri.container_status(keeper).status
+    env.cri.close()
+    env.daemon.stop()
+    time.sleep(1.5)  # the quitter exits while pycri is down
+    env.daemon.start()
+    env.cri = env.daemon.client()
+    after = env.cri.container_status(keeper).status
+    assert after.state == pb.ContainerState.CONTAINER_RUNNING
+    assert after.started_at == before.started_at
+    assert exec_out(env.cri, keeper, "echo", "still here") == "still here\n"
+    gone = wait_exited(env.cri, quitter)
+    assert gone.exit_code == 4
+    assert env.cri.pod_status(pod).status.network.ip.startswith(env.subnet_prefix)
