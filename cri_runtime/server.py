@@ -187,6 +187,12 @@ def _admin_handler(store: ImageStore) -> grpc.GenericRpcHandler:
 
 async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
     socket_path = config.socket_path
+    if config.cgroup_driver == "systemd":
+        # Pods would be systemd slices and containers scopes, made over systemd's D-Bus API;
+        # pycri does not drive systemd yet, and pretending would misplace every pod.
+        raise FailedPrecondition(
+            "cgroup_driver = systemd is not supported yet; use cgroupfs (and cgroupDriver: cgroupfs in kubelet)"
+        )
     prepare_socket(socket_path)
     for directory in (Path(config.root), Path(config.state)):
         directory.mkdir(parents=True, exist_ok=True, mode=0o711)

@@ -151,3 +151,30 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "max_concurent_downloads" in out.stderr
+
+
+def test_unsupported_systemd_cgroup_driver_is_refused_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "pycri.toml"
+    config.write_text('cgroup_driver = "systemd"\n')
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cri_runtime.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--socket",
+            str(tmp_path / "s.sock"),
+            "--root",
+            str(tmp_path / "root"),
+            "--state",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "cgroup_driver = systemd is not supported" in result.stderr
+    assert not (tmp_path / "s.sock").exists()
