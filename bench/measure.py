@@ -139,3 +139,78 @@ def percentile(values: list[float], pct: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    comm: str
+    state: str
+    argv: tuple[bytes, ...]
+
+
+def read_proc(pid: int) -> Proc | None:
+    """One process from ``/proc``, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = tuple(fh.read().split(b"\0")[:-1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    comm, _, rest = stat.partition("(")[2].rpartition(")")
+    fields = rest.split()
+    return Proc(pid, int(fields[1]), comm, fields[0], argv)
+
+
+def process_table() -> dict[int, Proc]:
+    """Every live (non-zombie) process, by PID."""
+    table: dict[int, Proc] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            proc = read_proc(int(entry.name))
+            if proc is not None and proc.state != "Z":
+                table[proc.pid] = proc
+    return table
+
+
+def children_of(table: dict[int, Proc]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for proc in table.values():
+        out.setdefault(proc.ppid, []).append(proc.pid)
+    return out
+
+
+def descendants(pid: int, table: dict[int, Proc]) -> list[int]:
+    kids = children_of(table)
+    found: list[int] = []
+    todo = list(kids.get(pid, []))
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(kids.get(current, []))
+    return found
+
+
+def environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return marker in fh.read()
+    except OSError:
+        return False
+
+
+def read_pss_kib(pid: int) -> int | None:
+    """``Pss`` from ``/proc/<pid>/smaps_rollup`` in KiB (shared pages split between their users)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None

@@ -6,6 +6,7 @@ It speaks plain CRI v1, so it drives containerd or CRI-O just the same.
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -89,38 +90,13 @@ class CRIClient:
         self,
         name: str,
         *,
-        namespace: str = "default",
-        uid: str = "",
-        attempt: int = 0,
-        hostname: str = "",
-        log_directory: str = "",
-        labels: dict[str, str] | None = None,
-        pid_mode: int = pb.NamespaceMode.CONTAINER,
-        host_network: bool = False,
-        dns_servers: list[str] | None = None,
-        dns_searches: list[str] | None = None,
-        cgroup_parent: str = "",
         runtime_handler: str = "",
-        port_mappings: list[pb.PortMapping] | None = None,
         config: pb.PodSandboxConfig | None = None,
+        **options: Any,
     ) -> str:
-        """RunPodSandbox with a kubelet-like config (PID namespace per container by default)."""
+        """RunPodSandbox with ``config``, or a kubelet-like one from ``pod_config(name, **options)``."""
         if config is None:
-            config = self.pod_config(
-                name,
-                namespace=namespace,
-                uid=uid,
-                attempt=attempt,
-                hostname=hostname,
-                log_directory=log_directory,
-                labels=labels,
-                pid_mode=pid_mode,
-                host_network=host_network,
-                dns_servers=dns_servers,
-                dns_searches=dns_searches,
-                cgroup_parent=cgroup_parent,
-                port_mappings=port_mappings,
-            )
+            config = self.pod_config(name, **options)
         request = pb.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler)
         return self.runtime.RunPodSandbox(request, timeout=max(self.timeout, 120)).pod_sandbox_id
 
