@@ -7,10 +7,22 @@
    bytes the registry served (from its access log).
 3. ``--images`` tiny distinct images pulled in parallel, then ``--list-calls`` ListImages
    calls: p50/p99 latency.
+4. Pods (``bench/pods.py``), both daemons up, kubelet-like requests, busybox from the same
+   registry and containerd's sandbox image ``<registry>/pause:3.9`` (catatonit), pre-pulled:
+   a. RunPodSandbox + CreateContainer + StartContainer (``sleep 3600``): median of
+      ``--pods-runs``, runtimes interleaved;
+   b. StopContainer(10) + RemoveContainer + StopPodSandbox + RemovePodSandbox of a container
+      that exits on SIGTERM: median; and the container's stop + remove alone;
+   c. ``--memory-pods`` running pods of one container: VmRSS (and PSS) of the daemon plus
+      its per-pod processes (pycri: conmon, catatonit; containerd: shims, pause);
+   d. ``--list-containers`` running containers: ListContainers / ListPodSandbox p50/p99.
+   pycri runs ``--pycri-runtime`` (crun by default); with ``--compare-handler`` a and b
+   are also measured with pycri's other OCI runtime (runc), as an aside.
 
 Prints a markdown table (pycri | containerd | ratio pycri/containerd | target | met?) and
 writes everything, raw samples included, to ``bench/results/latest.json``.
-Only 127.0.0.1 is contacted. Every process, mount and temp dir is cleaned up at the end.
+Only 127.0.0.1 and the bench's own pod networks (198.19.0.0/24 containerd, 198.19.1.0/24 pycri)
+are used. Every pod, process, mount, bridge, cgroup and temp dir is cleaned up at the end.
 """
 
 from __future__ import annotations
@@ -32,15 +44,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import pods
 from bench.images import BigImages, build_and_push_big, build_and_push_many
 from bench.measure import RegistryLogWindow, RssSampler, blob_gets, median, percentile, read_status_kib
-from bench.runtimes import ContainerdRuntime, PycriRuntime, Runtime
+from bench.runtimes import ContainerdRuntime, PodNetwork, PycriRuntime, Runtime
+from cri_runtime import cgroups
 from tests.support.registry import Registry, start_registry
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MB = 1024 * 1024
 RSS_TARGET_MB = 150.0
 LIST_P99_TARGET_MS = 50.0
+POD_LATENCY_RATIO = 0.7
+POD_MEMORY_RATIO = 0.5
+POD_LIST_P99_TARGET_MS = 20.0
+POD_NETWORKS = {
+    "containerd": PodNetwork("pycri-bench-containerd", "198.19.0.0/24", "pybcd0"),
+    "pycri": PodNetwork("pycri", "198.19.1.0/24", "pybench0"),
+}
 
 RuntimeFactory = Callable[[str], Runtime]
 
@@ -63,6 +84,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="pad each small image's config with history to about this many KiB (default 0: tiny)",
     )
+    p.add_argument("--pods-runs", type=int, default=10, help="pod start/teardown runs (default 10)")
+    p.add_argument(
+        "--memory-pods", type=int, default=20, help="running pods for the memory test (default 20)"
+    )
+    p.add_argument(
+        "--list-containers", type=int, default=100, help="running containers for the List test (default 100)"
+    )
+    p.add_argument("--containers-per-pod", type=int, default=4, help="containers per pod there (default 4)")
+    p.add_argument(
+        "--pod-list-calls",
+        type=int,
+        default=500,
+        help="ListContainers/ListPodSandbox calls timed (default 500)",
+    )
+    p.add_argument(
+        "--pod-threads", type=int, default=4, help="parallel pod set-ups in tests 4c/4d (default 4)"
+    )
+    p.add_argument(
+        "--pycri-runtime", choices=("crun", "runc"), default="crun", help="pycri's OCI runtime (default crun)"
+    )
+    p.add_argument(
+        "--compare-handler",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time pod start/teardown with pycri's other OCI runtime (default on)",
+    )
+    p.add_argument("--skip-pods", action="store_true", help="skip test 4 (pods and containers)")
     p.add_argument("--skip-containerd", action="store_true", help="measure pycri only")
     p.add_argument("--skip-pull", action="store_true", help="skip tests 1 and 2")
     p.add_argument("--skip-list", action="store_true", help="skip test 3")
@@ -79,6 +127,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--layers must be at least 2 (the second image shares all but one)")
     if args.runs < 1 or args.images < 1 or args.list_calls < 1 or args.pull_threads < 1:
         p.error("--runs, --images, --list-calls and --pull-threads must be positive")
+    if (
+        min(args.pods_runs, args.memory_pods, args.containers_per_pod, args.pod_list_calls, args.pod_threads)
+        < 1
+    ):
+        p.error(
+            "--pods-runs, --memory-pods, --containers-per-pod, --pod-list-calls and --pod-threads "
+            "must be positive"
+        )
+    if args.list_containers < args.containers_per_pod:
+        p.error("--list-containers must be at least --containers-per-pod")
     return args
 
 
@@ -187,6 +245,183 @@ def list_run(make: RuntimeFactory, refs: list[str], calls: int, threads: int) ->
         "hwm_mib": hwm_kib / 1024,
         "latencies_ms": latencies,
     }
+
+
+# --- test 4: pods and containers --------------------------------------------------------------------------
+
+
+def _routes_overlapping(subnet: str, own_devices: set[str]) -> list[str]:
+    """Routes of other devices that overlap ``subnet``: someone else's network."""
+    import ipaddress
+
+    net = ipaddress.ip_network(subnet)
+    out = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        if not fields or fields[0] == "default":
+            continue
+        dev = fields[fields.index("dev") + 1] if "dev" in fields else ""
+        try:
+            other = ipaddress.ip_network(fields[0], strict=False)
+        except ValueError:
+            continue
+        if other.overlaps(net) and dev not in own_devices:
+            found.append(line)
+    return found
+
+
+def _iptables_rules() -> set[str]:
+    try:
+        out = subprocess.run(["iptables-save"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {line for line in out.splitlines() if line and not line.startswith(("#", ":"))}
+
+
+def _teardown_all(kube: pods.Kubelet, errors: list[str]) -> None:
+    errors.extend(kube.teardown_all())
+
+
+def make_pod_runtime(
+    name: str, base: Path, registry_host: str, images: pods.PodImages, args: argparse.Namespace
+) -> Runtime:
+    network = POD_NETWORKS[name]
+    if name == "pycri":
+        return PycriRuntime(
+            base / "pycri-pods", pod_network=network, default_runtime=args.pycri_runtime, log_level="info"
+        )
+    return ContainerdRuntime(
+        base / "containerd-pods", registry_host, sandbox_image=images.pause, pod_network=network
+    )
+
+
+def pods_bench(
+    args: argparse.Namespace,
+    base: Path,
+    reg: Registry,
+    names: list[str],
+    results: dict[str, dict[str, Any]],
+    errors: list[str],
+) -> None:
+    """Test 4: results[name]["pods"]; every pod, daemon, bridge and cgroup gone on return."""
+    for name in names:
+        net = POD_NETWORKS[name]
+        clash = _routes_overlapping(net.subnet, {net.bridge})
+        if clash:
+            raise RuntimeError(f"{name}'s pod subnet {net.subnet} is in use: {clash}")
+    t0 = time.monotonic()
+    images = pods.build_and_push_pod_images(reg)
+    log(f"pushed busybox and {images.pause} in {time.monotonic() - t0:.1f}s")
+    other_handler = "runc" if args.pycri_runtime == "crun" else "crun"
+    out: dict[str, dict[str, Any]] = {name: results[name].setdefault("pods", {}) for name in names}
+    iptables_before = _iptables_rules()
+    kubes: dict[str, pods.Kubelet] = {}
+    runtimes: dict[str, Runtime] = {}
+
+    def fail(name: str, what: str, exc: BaseException) -> None:
+        msg = f"{name} pods {what}: {exc!r}"
+        tail = runtimes[name].log_tail(15) if name in runtimes else ""
+        errors.append(msg + (f"\n    daemon log tail:\n{tail}" if tail else ""))
+        out[name].setdefault("errors", []).append(msg)
+        log(f"{msg} FAILED")
+        kube = kubes.get(name)
+        if kube is not None:
+            errors.extend(kube.teardown_all())
+
+    with contextlib.ExitStack() as cleanup:
+        # Runs last: the bench's pod cgroups, once every runtime and process is gone.
+        cleanup.callback(lambda: cgroups.remove(pods.CGROUP_ROOT))
+        for name in names:
+            rt = make_pod_runtime(name, base, reg.host, images, args)
+            runtimes[name] = rt
+
+            def stop(rt: Runtime = rt) -> None:
+                t = time.monotonic()
+                rt.stop()
+                left = getattr(rt, "cleanup_errors", [])
+                if left:
+                    errors.extend(f"{rt.name} cleanup: {e}" for e in left)
+                log(f"{rt.name} (pods) stopped and cleaned up in {time.monotonic() - t:.1f}s")
+
+            cleanup.callback(stop)
+            try:
+                rt.start()
+                client = rt.client()
+                cleanup.callback(client.close)
+                kube = pods.prepare(rt, client, images, base / f"{name}-kubelet", POD_NETWORKS[name].subnet)
+                cleanup.callback(_teardown_all, kube, errors)
+                kubes[name] = kube
+                log(f"{name} ready for pods (warm-up pod got {kube.pod_ip})")
+            except Exception as exc:
+                fail(name, "start", exc)
+        live = [n for n in names if n in kubes]
+
+        # a + b: interleaved rounds, order alternating, so drift hits both alike.
+        for run in range(args.pods_runs):
+            for name in live if run % 2 == 0 else live[::-1]:
+                if out[name].get("errors"):
+                    continue
+                handlers = [""]
+                if name == "pycri" and args.compare_handler:
+                    handlers.append(other_handler)
+                for handler in handlers:
+                    suffix = f"_{handler}" if handler else ""
+                    try:
+                        start, stop_times = pods.latency_round(kubes[name], handler)
+                    except Exception as exc:
+                        fail(name, f"latency run {run}{' ' + handler if handler else ''}", exc)
+                        break
+                    out[name].setdefault("start" + suffix, []).append(start)
+                    out[name].setdefault("teardown" + suffix, []).append(stop_times)
+                    log(
+                        f"{name}{' (' + handler + ')' if handler else ''} pod run {run}: start "
+                        f"{start['total'] * 1000:.0f} ms (run {start['run_pod'] * 1000:.0f} / create "
+                        f"{start['create'] * 1000:.0f} / start {start['start'] * 1000:.0f}); teardown "
+                        f"{stop_times['total'] * 1000:.0f} ms "
+                        f"(container {stop_times['container_total'] * 1000:.0f})"
+                    )
+
+        # c: memory
+        for name in live:
+            try:
+                mem = pods.memory_phase(kubes[name], args.memory_pods, args.pod_threads)
+            except Exception as exc:
+                fail(name, "memory", exc)
+                continue
+            out[name]["memory"] = mem
+            log(
+                f"{name}: {args.memory_pods} pods running: RSS {mem['rss_mib']:.1f} MiB "
+                f"(daemon {mem['daemon_rss_mib']:.1f}), PSS {mem['pss_mib']:.1f} MiB; "
+                + ", ".join(f"{role} x{int(v['count'])}" for role, v in mem["roles"].items())
+            )
+
+        # d: List* with many containers
+        per_pod = args.containers_per_pod
+        list_pods = args.list_containers // per_pod
+        for name in live:
+            try:
+                res = pods.list_phase(kubes[name], list_pods, per_pod, args.pod_list_calls, args.pod_threads)
+            except Exception as exc:
+                fail(name, "list", exc)
+                continue
+            out[name]["list"] = res
+            lc, lp = res["list_containers"], res["list_pods"]
+            log(
+                f"{name}: {res['containers']} containers in {list_pods} pods set up in "
+                f"{res['setup_seconds']:.1f}s; "
+                f"ListContainers p50 {lc['p50_ms']:.2f} p99 {lc['p99_ms']:.2f} ms; "
+                f"ListPodSandbox p50 {lp['p50_ms']:.2f} p99 {lp['p99_ms']:.2f} ms"
+            )
+    # Only what can be ours: another runtime on this host may change its own rules meanwhile.
+    marks = ("CNI-", "198.19.0.", "198.19.1.", *(n.bridge for n in POD_NETWORKS.values()))
+    added = sorted(r for r in _iptables_rules() - iptables_before if any(m in r for m in marks))
+    if added:
+        errors.append(f"iptables rules left behind: {added}")
+    for name in names:
+        out[name]["iptables_rules_added"] = added
+        if name in kubes:
+            out[name]["pod_ip"] = kubes[name].pod_ip
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -368,6 +603,176 @@ def build_rows(
                 digits=0,
             )
         )
+    if not args.skip_pods:
+        rows += build_pod_rows(args, results)
+    return rows
+
+
+def _ratio_met(py: float | None, cd: float | None, limit: float) -> bool | None:
+    if py is None or cd is None or not cd:
+        return None
+    return py / cd <= limit
+
+
+def build_pod_rows(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[Row]:
+    rows: list[Row] = []
+    py, cd = results.get("pycri", {}).get("pods", {}), results.get("containerd", {}).get("pods", {})
+    n = args.pods_runs
+    other = "runc" if args.pycri_runtime == "crun" else "crun"
+
+    def med(res: dict[str, Any], key: str, field: str) -> float | None:
+        runs = res.get(key)
+        return median([r[field] for r in runs]) * 1000 if runs else None
+
+    start_py, start_cd = med(py, "start", "total"), med(cd, "start", "total")
+    rows.append(
+        Row(
+            f"pod start: RunPodSandbox+CreateContainer+StartContainer, median of {n} (ms)",
+            start_py,
+            start_cd,
+            target=f"≤ {POD_LATENCY_RATIO}x containerd",
+            met=_ratio_met(start_py, start_cd, POD_LATENCY_RATIO),
+            digits=0,
+        )
+    )
+    for field, label in (
+        ("run_pod", "RunPodSandbox"),
+        ("create", "CreateContainer"),
+        ("start", "StartContainer"),
+    ):
+        rows.append(
+            Row(f"  … {label}, median (ms)", med(py, "start", field), med(cd, "start", field), digits=1)
+        )
+    if py.get(f"start_{other}"):
+        rows.append(
+            Row(
+                f"  … pycri with {other} instead of {args.pycri_runtime}: start, median (ms)",
+                med(py, f"start_{other}", "total"),
+                start_cd,
+                digits=0,
+            )
+        )
+    stop_py, stop_cd = med(py, "teardown", "total"), med(cd, "teardown", "total")
+    rows.append(
+        Row(
+            "pod teardown: StopContainer(10)+RemoveContainer+StopPodSandbox+RemovePodSandbox, "
+            f"median of {n} (ms)",
+            stop_py,
+            stop_cd,
+            target=f"≤ {POD_LATENCY_RATIO}x containerd",
+            met=_ratio_met(stop_py, stop_cd, POD_LATENCY_RATIO),
+            digits=0,
+        )
+    )
+    rows.append(
+        Row(
+            "container stop+remove alone (StopContainer+RemoveContainer), median (ms)",
+            med(py, "teardown", "container_total"),
+            med(cd, "teardown", "container_total"),
+            digits=0,
+        )
+    )
+    for field, label in (
+        ("stop_container", "StopContainer"),
+        ("remove_container", "RemoveContainer"),
+        ("stop_pod", "StopPodSandbox"),
+        ("remove_pod", "RemovePodSandbox"),
+    ):
+        rows.append(
+            Row(f"  … {label}, median (ms)", med(py, "teardown", field), med(cd, "teardown", field), digits=1)
+        )
+    if py.get(f"teardown_{other}"):
+        rows.append(
+            Row(
+                f"  … pycri with {other}: teardown, median (ms)",
+                med(py, f"teardown_{other}", "total"),
+                stop_cd,
+                digits=0,
+            )
+        )
+
+    def mem(res: dict[str, Any], key: str) -> float | None:
+        m = res.get("memory")
+        return float(m[key]) if m else None
+
+    def roles(res: dict[str, Any]) -> str | None:
+        m = res.get("memory")
+        if not m:
+            return None
+        return ", ".join(
+            f"{role} {int(v['count'])}x{v['rss_kib'] / max(v['count'], 1) / 1024:.1f}"
+            for role, v in m["roles"].items()
+        )
+
+    mp = args.memory_pods
+    rss_py, rss_cd = mem(py, "rss_mib"), mem(cd, "rss_mib")
+    rows.append(
+        Row(
+            f"memory, {mp} pods x 1 container: daemon + per-pod processes, VmRSS sum (MiB)",
+            rss_py,
+            rss_cd,
+            target=f"≤ {POD_MEMORY_RATIO}x containerd",
+            met=_ratio_met(rss_py, rss_cd, POD_MEMORY_RATIO),
+            digits=1,
+        )
+    )
+    rows.append(Row("  … daemon VmRSS (MiB)", mem(py, "daemon_rss_mib"), mem(cd, "daemon_rss_mib"), digits=1))
+    rows.append(
+        Row(
+            "  … per-pod processes VmRSS sum (MiB)",
+            mem(py, "per_pod_rss_mib"),
+            mem(cd, "per_pod_rss_mib"),
+            digits=1,
+        )
+    )
+    rows.append(Row("  … processes counted (role countxMiB RSS each)", roles(py), roles(cd), ratio=False))
+    rows.append(Row("  … same, PSS sum (MiB)", mem(py, "pss_mib"), mem(cd, "pss_mib"), digits=1))
+
+    def lst(res: dict[str, Any], call: str, key: str) -> float | None:
+        m = res.get("list")
+        return float(m[call][key]) if m else None
+
+    total = (args.list_containers // args.containers_per_pod) * args.containers_per_pod
+    pods_n = args.list_containers // args.containers_per_pod
+    calls = args.pod_list_calls
+    for call, label in (
+        ("list_containers", f"ListContainers ({total} running)"),
+        ("list_pods", f"ListPodSandbox ({pods_n} pods)"),
+    ):
+        rows.append(Row(f"{label}: p50 (ms)", lst(py, call, "p50_ms"), lst(cd, call, "p50_ms")))
+        p99 = lst(py, call, "p99_ms")
+        rows.append(
+            Row(
+                f"{label}: p99 of {calls} calls (ms)",
+                p99,
+                lst(cd, call, "p99_ms"),
+                target=f"< {POD_LIST_P99_TARGET_MS:.0f}",
+                met=None if p99 is None else p99 < POD_LIST_P99_TARGET_MS,
+            )
+        )
+
+    def list_extra(res: dict[str, Any], key: str) -> float | None:
+        m = res.get("list")
+        if not m:
+            return None
+        return float(m["memory"]["rss_mib"]) if key == "rss" else float(m[key])
+
+    rows.append(
+        Row(
+            f"{total} containers: set-up wall time, {args.pod_threads} threads (s)",
+            list_extra(py, "setup_seconds"),
+            list_extra(cd, "setup_seconds"),
+            digits=1,
+        )
+    )
+    rows.append(
+        Row(
+            f"{total} containers: daemon + per-pod processes VmRSS (MiB)",
+            list_extra(py, "rss"),
+            list_extra(cd, "rss"),
+            digits=1,
+        )
+    )
     return rows
 
 
@@ -459,6 +864,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{name}: pulled {len(refs)} images in {res['pull_seconds']:.1f}s; ListImages "
                         f"p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms"
                     )
+            if not args.skip_pods:
+                pods_bench(args, base, reg, names, results, errors)
         except KeyboardInterrupt:
             errors.append("interrupted")
             exit_code = 130

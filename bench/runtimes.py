@@ -143,6 +143,7 @@ class PycriRuntime:
         *,
         pod_network: PodNetwork | None = None,
         default_runtime: str = "",
+        log_level: str = "",
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.pod_network = pod_network
@@ -156,7 +157,8 @@ class PycriRuntime:
                 f'[network]\nconf_dir = "{net_dir}"\npod_subnet = "{pod_network.subnet}"\n'
                 f'bridge = "{pod_network.bridge}"\n'
             )
-        self.daemon = Daemon(workdir, config_text)
+        # tests.support.daemon logs at debug; a later --log-level wins.
+        self.daemon = Daemon(workdir, config_text, extra_args=["--log-level", log_level] if log_level else [])
 
     @property
     def pid(self) -> int:
@@ -174,9 +176,9 @@ class PycriRuntime:
 
     def stop(self) -> None:
         try:
-            if self.pod_network is not None and self.daemon.process is not None:
-                if self.daemon.process.poll() is None:
-                    self.cleanup_errors += remove_all_pods(self.endpoint)
+            proc = self.daemon.process
+            if self.pod_network is not None and proc is not None and proc.poll() is None:
+                self.cleanup_errors += remove_all_pods(self.endpoint)
             self.daemon.stop()
         finally:
             self.daemon.kill()
@@ -291,6 +293,8 @@ _CNI_CONFLIST = """\
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 # libcni's result cache (containerd 1.6 sets no cache dir of its own).
 CNI_RESULTS_DIR = Path("/var/lib/cni/results")
+# Host directories containerd creates on demand; removed (once empty) unless they existed before.
+_HOST_DIRS = (SHIM_SOCKET_DIR, SHIM_SOCKET_DIR.parent, CNI_RESULTS_DIR, CNI_RESULTS_DIR.parent)
 
 _HOSTS_TOML = """\
 # The bench registry speaks plain http on loopback only.
@@ -353,7 +357,7 @@ class ContainerdRuntime:
         self.registry_host = registry_host
         self.process: subprocess.Popen[bytes] | None = None
         # What existed before this containerd made shim sockets, so cleanup removes only its own.
-        self._existed = {SHIM_SOCKET_DIR, SHIM_SOCKET_DIR.parent}
+        self._existed = set(_HOST_DIRS)
 
     @property
     def pid(self) -> int:
@@ -393,7 +397,7 @@ class ContainerdRuntime:
             raise RuntimeError(f"{CONTAINERD_BINARY} not found (apt-get install containerd)")
         if self.pod_network is not None:
             claim_bridge(self.pod_network.bridge)
-        self._existed = {p for p in (SHIM_SOCKET_DIR, SHIM_SOCKET_DIR.parent) if p.exists()}
+        self._existed = {p for p in _HOST_DIRS if p.exists()}
         self._write_config()
         # setpriv --pdeathsig: containerd gets SIGTERM should this process die unexpectedly.
         prefix = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
@@ -471,14 +475,14 @@ class ContainerdRuntime:
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.unlink()
-        for directory in (SHIM_SOCKET_DIR, SHIM_SOCKET_DIR.parent):
-            if directory not in self._existed:
-                with contextlib.suppress(OSError):
-                    directory.rmdir()  # only once empty: another containerd may use it meanwhile
         if self.pod_network is not None:
             for cached in CNI_RESULTS_DIR.glob(f"{self.pod_network.name}-*"):
                 with contextlib.suppress(OSError):
                     cached.unlink()
+        for directory in _HOST_DIRS:
+            if directory not in self._existed:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only once empty: another containerd may use it meanwhile
 
     def stop(self) -> None:
         try:

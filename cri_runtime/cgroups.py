@@ -6,9 +6,11 @@ cgroup below it from the spec's cgroupsPath.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -120,3 +122,94 @@ def memory_hierarchy(root: Path = CGROUP_ROOT) -> Path | None:
         if "memory" in hierarchy.name.split(","):
             return hierarchy
     return None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What kubelet's summary API wants from one cgroup; None where the kernel gave nothing."""
+
+    cpu_ns: int | None
+    memory_usage: int | None
+    working_set: int | None
+    rss: int | None
+    page_faults: int | None
+    major_page_faults: int | None
+    memory_limit: int | None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if value.strip().isdigit():
+                out[key] = int(value)
+    except OSError:
+        pass
+    return out
+
+
+def usage(path: str, root: Path = CGROUP_ROOT) -> Usage:
+    """CPU and memory use of cgroup ``path``: a few small file reads, no subprocess."""
+    relative = normalize(path).lstrip("/")
+    if is_cgroup2_only(root):
+        directory = root / relative
+        cpu = _read_keyed(directory / "cpu.stat").get("usage_usec")
+        stat = _read_keyed(directory / "memory.stat")
+        current = _read_int(directory / "memory.current")
+        limit_text = ""
+        with contextlib.suppress(OSError):
+            limit_text = (directory / "memory.max").read_text().strip()
+        inactive = stat.get("inactive_file", 0)
+        return Usage(
+            cpu * 1000 if cpu is not None else None,
+            current,
+            max(current - inactive, 0) if current is not None else None,
+            stat.get("anon"),
+            stat.get("pgfault"),
+            stat.get("pgmajfault"),
+            int(limit_text) if limit_text.isdigit() else None,
+        )
+    by_controller = {name: h for h in hierarchies(root) for name in h.name.split(",")}
+    cpu = (
+        _read_int(by_controller["cpuacct"] / relative / "cpuacct.usage")
+        if "cpuacct" in by_controller
+        else None
+    )
+    memory_dir = by_controller["memory"] / relative if "memory" in by_controller else None
+    if memory_dir is None:
+        return Usage(cpu, None, None, None, None, None, None)
+    current = _read_int(memory_dir / "memory.usage_in_bytes")
+    stat = _read_keyed(memory_dir / "memory.stat")
+    inactive = stat.get("total_inactive_file", 0)
+    limit = _read_int(memory_dir / "memory.limit_in_bytes")
+    return Usage(
+        cpu,
+        current,
+        max(current - inactive, 0) if current is not None else None,
+        stat.get("total_rss"),
+        stat.get("total_pgfault"),
+        stat.get("total_pgmajfault"),
+        limit if limit is not None and limit < (1 << 62) else None,
+    )
+
+
+def tree_usage(directory: Path) -> tuple[int, int]:
+    """Bytes (allocated blocks) and inodes below ``directory``, not following links."""
+    used = inodes = 0
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in (*dirnames, *filenames):
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            used += st.st_blocks * 512
+            inodes += 1
+    return used, inodes

@@ -356,7 +356,7 @@ class ContainerManager:
     def stop(self, container_id: str, timeout: float) -> None:
         container = self.find(container_id)
         if container is None:
-            raise NotFound(f"container {container_id!r} not found")
+            return  # CRI: stopping a container that is gone is not an error
         self._stop(container, timeout)
 
     def _stop(self, container: Container, timeout: float) -> None:

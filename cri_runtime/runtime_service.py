@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from cri_runtime import __version__
+from cri_runtime import __version__, cgroups
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
 from cri_runtime.cni import CNI
@@ -126,6 +128,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.sandboxes = sandboxes
         self.containers = containers
         self.cni = cni
+        # Last CPU sample per container: usage_nano_cores is a rate between two calls.
+        self._cpu_samples: dict[str, tuple[int, int]] = {}
 
     def _managers(self) -> tuple[SandboxManager, ContainerManager]:
         assert self.sandboxes is not None and self.containers is not None
@@ -168,7 +172,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         response = pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=[runtime_ready, network_ready]),
             runtime_handlers=handlers,
-            features=pb.RuntimeFeatures(),
+            # spec.resolve_user honours supplemental_groups_policy (Merge and Strict).
+            features=pb.RuntimeFeatures(supplemental_groups_policy=True),
         )
         if request.verbose:
             info: dict[str, Any] = {
@@ -366,6 +371,80 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             raise InvalidArgument("UpdateContainerResources: linux resources are required on Linux")
         await _in_thread(containers.update_resources, request.container_id, request.linux)
         return pb.UpdateContainerResourcesResponse()
+
+    # --- stats --------------------------------------------------------------------------
+
+    def _container_stats(self, container: Container) -> pb.ContainerStats:
+        sandboxes, _ = self._managers()
+        now = time.time_ns()
+        stats = pb.ContainerStats(
+            attributes=pb.ContainerAttributes(
+                id=container.id,
+                metadata=pb.ContainerMetadata(name=container.name, attempt=container.attempt),
+                labels=container.labels,
+                annotations=container.annotations,
+            )
+        )
+        stats.cpu.timestamp = now
+        stats.memory.timestamp = now
+        sandbox = sandboxes.find(container.pod_id)
+        if sandbox is not None and container.state == "running":
+            use = cgroups.usage(f"{sandbox.cgroup_path}/{container.id}")
+            if use.cpu_ns is not None:
+                stats.cpu.usage_core_nano_seconds.value = use.cpu_ns
+                previous = self._cpu_samples.get(container.id)
+                if previous is not None and now > previous[0] and use.cpu_ns >= previous[1]:
+                    rate = (use.cpu_ns - previous[1]) * 1_000_000_000 // (now - previous[0])
+                    stats.cpu.usage_nano_cores.value = rate
+                self._cpu_samples[container.id] = (now, use.cpu_ns)
+            for field_name, value in (
+                ("usage_bytes", use.memory_usage),
+                ("working_set_bytes", use.working_set),
+                ("rss_bytes", use.rss),
+                ("page_faults", use.page_faults),
+                ("major_page_faults", use.major_page_faults),
+            ):
+                if value is not None:
+                    getattr(stats.memory, field_name).value = value
+            if use.memory_limit is not None and use.working_set is not None:
+                stats.memory.available_bytes.value = max(use.memory_limit - use.working_set, 0)
+        upper = Path(container.dir) / "upper"
+        if upper.is_dir():
+            used, inodes = cgroups.tree_usage(upper)
+            stats.writable_layer.timestamp = now
+            stats.writable_layer.fs_id.mountpoint = str(upper)
+            stats.writable_layer.used_bytes.value = used
+            stats.writable_layer.inodes_used.value = inodes
+        return stats
+
+    async def ContainerStats(
+        self, request: pb.ContainerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ContainerStatsResponse:
+        _, containers = self._managers()
+        container = containers.get(request.container_id)
+        stats = await _in_thread(self._container_stats, container)
+        return pb.ContainerStatsResponse(stats=stats)
+
+    async def ListContainerStats(
+        self, request: pb.ListContainerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListContainerStatsResponse:
+        _, containers = self._managers()
+        wanted = request.filter if request.HasField("filter") else None
+        chosen = []
+        for container in containers.all():
+            if wanted is not None:
+                if wanted.id and not container.id.startswith(wanted.id):
+                    continue
+                if wanted.pod_sandbox_id and not container.pod_id.startswith(wanted.pod_sandbox_id):
+                    continue
+                if not _labels_match(container.labels, wanted.label_selector):
+                    continue
+            chosen.append(container)
+
+        def collect() -> list[pb.ContainerStats]:
+            return [self._container_stats(c) for c in chosen]
+
+        return pb.ListContainerStatsResponse(stats=await _in_thread(collect))
 
     async def ReopenContainerLog(
         self, request: pb.ReopenContainerLogRequest, context: grpc.aio.ServicerContext

@@ -145,7 +145,8 @@ class SandboxManager:
             created_at_ns=time.time_ns(),
             config=config.SerializeToString(),
             state="ready",
-            hostname=config.hostname or (os.uname().nodename if host_network else meta.name),
+            # As containerd and CRI-O: no hostname asked for means the node's.
+            hostname=config.hostname or os.uname().nodename,
             log_directory=config.log_directory,
             network_mode=options.network,
             pid_mode=options.pid,

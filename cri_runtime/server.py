@@ -191,7 +191,8 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         # Pods would be systemd slices and containers scopes, made over systemd's D-Bus API;
         # pycri does not drive systemd yet, and pretending would misplace every pod.
         raise FailedPrecondition(
-            "cgroup_driver = systemd is not supported yet; use cgroupfs (and cgroupDriver: cgroupfs in kubelet)"
+            "cgroup_driver = systemd is not supported yet; "
+            "use cgroupfs (and cgroupDriver: cgroupfs in kubelet)"
         )
     prepare_socket(socket_path)
     for directory in (Path(config.root), Path(config.state)):

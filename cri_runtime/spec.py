@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 from cri_runtime import seccomp
 from cri_runtime.api import api_pb2 as pb
-from imageservice.errors import InvalidArgument
+from imageservice.errors import InvalidArgument, Unimplemented
 
 OCI_VERSION = "1.1.0"
 DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -854,7 +854,7 @@ def _bind(destination: str, source: str, *, readonly: bool) -> dict[str, Any]:
 def _config_mount(position: int, mount: pb.Mount) -> dict[str, Any]:
     field = f"mounts[{position}]"
     if mount.image.image:
-        raise InvalidArgument(f"{field}.image: image volumes are not supported")
+        raise Unimplemented(f"{field}.image: image volumes are not supported yet")
     if len(mount.uidMappings) or len(mount.gidMappings):
         raise InvalidArgument(f"{field}: ID-mapped mounts need user namespaces, which are not supported")
     if not mount.container_path.startswith("/"):

@@ -62,5 +62,9 @@ class HostileContent(InvalidArgument):
     """An archive entry that would escape its layer or otherwise attack the host."""
 
 
+class Unimplemented(PycriError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Internal(PycriError):
     code = grpc.StatusCode.INTERNAL

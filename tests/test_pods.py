@@ -481,3 +481,29 @@ def test_containers_run_on_across_a_daemon_restart(env: Env) -> None:
     gone = wait_exited(env.cri, quitter)
     assert gone.exit_code == 4
     assert env.cri.pod_status(pod).status.network.ip.startswith(env.subnet_prefix)
+
+
+def test_container_stats_report_cpu_memory_and_writable_layer(env: Env) -> None:
+    pod = env.pod("stats")
+    busy = env.run(
+        pod,
+        "busy",
+        ["sh", "-c", "head -c 5000000 /dev/zero > /tmp/blob; while true; do :; done"],
+        labels={"s": "1"},
+    )
+    idle = env.run(pod, "idle", ["sleep", "100"])
+    time.sleep(1)
+    first = env.cri.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=busy), timeout=10).stats
+    assert first.attributes.id == busy and first.attributes.metadata.name == "busy"
+    assert first.cpu.timestamp > 0 and first.cpu.usage_core_nano_seconds.value > 100_000_000
+    assert first.memory.working_set_bytes.value > 0
+    assert first.writable_layer.used_bytes.value >= 5_000_000
+    time.sleep(0.5)
+    second = env.cri.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=busy), timeout=10).stats
+    assert second.cpu.usage_nano_cores.value > 100_000_000  # a busy loop uses a good part of a core
+    listed = env.cri.runtime.ListContainerStats(pb.ListContainerStatsRequest(), timeout=10).stats
+    assert {s.attributes.id for s in listed} == {busy, idle}
+    chosen = env.cri.runtime.ListContainerStats(
+        pb.ListContainerStatsRequest(filter=pb.ContainerStatsFilter(label_selector={"s": "1"})), timeout=10
+    ).stats
+    assert [s.attributes.id for s in chosen] == [busy]
