@@ -213,3 +213,43 @@ def tree_usage(directory: Path) -> tuple[int, int]:
             used += st.st_blocks * 512
             inodes += 1
     return used, inodes
+
+
+def apply_limits(
+    path: str, *, cpu_shares: int = 0, cpu_quota: int = 0, cpu_period: int = 0, memory: int = 0
+) -> None:
+    """Write a pod's own limits (its resources plus overhead) on its cgroup; zero means unset."""
+    relative = normalize(path).lstrip("/")
+    if is_cgroup2_only():
+        directory = CGROUP_ROOT / relative
+        writes = []
+        if cpu_shares:
+            # The kernel's own conversion from v1 shares to v2 weight.
+            writes.append((directory / "cpu.weight", str(1 + ((cpu_shares - 2) * 9999) // 262142)))
+        if cpu_quota:
+            writes.append(
+                (directory / "cpu.max", f"{cpu_quota if cpu_quota > 0 else 'max'} {cpu_period or 100000}")
+            )
+        if memory:
+            writes.append((directory / "memory.max", str(memory)))
+    else:
+        by_controller = {name: h for h in hierarchies() for name in h.name.split(",")}
+        cpu_dir = by_controller["cpu"] / relative if "cpu" in by_controller else None
+        memory_dir = by_controller["memory"] / relative if "memory" in by_controller else None
+        writes = []
+        if cpu_dir is not None:
+            if cpu_shares:
+                writes.append((cpu_dir / "cpu.shares", str(cpu_shares)))
+            if cpu_period:
+                writes.append((cpu_dir / "cpu.cfs_period_us", str(cpu_period)))
+            if cpu_quota:
+                writes.append((cpu_dir / "cpu.cfs_quota_us", str(cpu_quota)))
+        if memory and memory_dir is not None:
+            writes.append((memory_dir / "memory.limit_in_bytes", str(memory)))
+    for target, value in writes:
+        try:
+            target.write_text(value)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot set {target.name} = {value} on pod cgroup {path}: {exc.strerror}"
+            ) from exc

@@ -172,6 +172,7 @@ class SandboxManager:
         created = cgroups.create(sandbox.cgroup_path)
         sandbox.cgroup_created = [str(p) for p in created]
         undo.callback(cgroups.remove_dirs, created)
+        self._apply_pod_limits(sandbox.cgroup_path, linux)
         if options.pid == pb.NamespaceMode.POD:
             sandbox.init_pid = self._start_pod_init(pinned, directory)
             undo.callback(_kill_init, sandbox.init_pid)
@@ -210,6 +211,27 @@ class SandboxManager:
         with self._guard:
             self.sandboxes[sandbox_id] = sandbox
         return sandbox
+
+    def _apply_pod_limits(self, cgroup_path: str, linux: pb.LinuxPodSandboxConfig) -> None:
+        """The pod's resources plus its overhead, as kubelet sizes a pod cgroup."""
+        resources, overhead = linux.resources, linux.overhead
+        if not (linux.HasField("resources") or linux.HasField("overhead")):
+            return
+        for name in ("cpu_shares", "cpu_quota", "cpu_period", "memory_limit_in_bytes"):
+            if getattr(resources, name) < 0 and name != "cpu_quota":
+                raise InvalidArgument(f"pod linux.resources.{name} must not be negative")
+        quota = resources.cpu_quota + overhead.cpu_quota if resources.cpu_quota > 0 else resources.cpu_quota
+        memory = resources.memory_limit_in_bytes
+        try:
+            cgroups.apply_limits(
+                cgroup_path,
+                cpu_shares=resources.cpu_shares + overhead.cpu_shares if resources.cpu_shares else 0,
+                cpu_quota=quota,
+                cpu_period=resources.cpu_period,
+                memory=memory + overhead.memory_limit_in_bytes if memory else 0,
+            )
+        except OSError as exc:
+            raise InvalidArgument(str(exc)) from exc
 
     def _start_pod_init(self, pinned: netns.PodNamespaces, directory: Path) -> int:
         args = [sys.executable, "-S", "-E", str(PODINIT), "--tag", str(directory)]

@@ -507,3 +507,17 @@ def test_container_stats_report_cpu_memory_and_writable_layer(env: Env) -> None:
         pb.ListContainerStatsRequest(filter=pb.ContainerStatsFilter(label_selector={"s": "1"})), timeout=10
     ).stats
     assert [s.attributes.id for s in chosen] == [busy]
+
+
+def test_pod_resources_and_overhead_size_the_pod_cgroup(env: Env) -> None:
+    config = env.cri.pod_config("sized", log_directory=str(env.logs / "sized"))
+    config.linux.resources.cpu_shares = 512
+    config.linux.resources.memory_limit_in_bytes = 128 * 1024 * 1024
+    config.linux.overhead.cpu_shares = 100
+    config.linux.overhead.memory_limit_in_bytes = 16 * 1024 * 1024
+    pod = env.cri.run_pod("sized", config=config)
+    env.pods.append(pod)
+    cgroup = json.loads(env.cri.pod_status(pod, verbose=True).info["info"])["cgroupPath"].lstrip("/")
+    assert (Path("/sys/fs/cgroup/cpu") / cgroup / "cpu.shares").read_text().strip() == "612"
+    limit = int((Path("/sys/fs/cgroup/memory") / cgroup / "memory.limit_in_bytes").read_text())
+    assert limit == 144 * 1024 * 1024
