@@ -9,7 +9,8 @@
   over the daemon plus every process it keeps per pod or container that is not the
   container's workload (pycri: conmon, catatonit; containerd: shims and pause processes).
 * **list**: ``--list-containers`` running containers (``--containers-per-pod`` per pod),
-  then ListContainers and ListPodSandbox latency, p50/p99.
+  then ListContainers and ListPodSandbox latency, p50/p99; with them running, the RSS and
+  the idle CPU (5 s, nobody calling) of the daemon and its per-pod processes.
 
 Requests look like kubelet's: a pod uid, labels and annotations, a log directory and a
 per-container ``log_path`` (``<name>/0.log``), DNS config, a pod cgroup parent that the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import itertools
+import os
 import sys
 import threading
 import time
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.measure import percentile, read_pss_kib, read_status_kib
+from bench.measure import percentile, read_cpu_ticks, read_pss_kib, read_status_kib
 from bench.runtimes import Runtime
 from cri_runtime import cgroups
 from cri_runtime.api import api_pb2 as pb
@@ -265,9 +267,13 @@ class Kubelet:
 
     def teardown(self, pod: Pod) -> None:
         """Untimed, as kubelet does it for a pod being deleted without grace."""
-        if pod.pod_id:
-            self.client.stop_pod(pod.pod_id)
-            self.client.remove_pod(pod.pod_id)
+        pod_ids = [pod.pod_id] if pod.pod_id else []
+        if not pod_ids:  # interrupted during RunPodSandbox: find it by its uid label
+            selector = pb.PodSandboxFilter(label_selector={"io.kubernetes.pod.uid": pod.config.metadata.uid})
+            pod_ids = [p.id for p in self.client.list_pods(selector)]
+        for pod_id in pod_ids:
+            self.client.stop_pod(pod_id)
+            self.client.remove_pod(pod_id)
         self.forget(pod)
 
     def forget(self, pod: Pod) -> None:
@@ -372,6 +378,19 @@ def infra_memory(runtime: Runtime) -> ProcessMemory:
     return ProcessMemory(roles, total_rss, total_pss, daemon_rss, daemon_pss)
 
 
+def idle_cpu_percent(runtime: Runtime, seconds: float = 5.0) -> float:
+    """CPU used by the daemon and its per-pod processes while nobody calls, in % of one core."""
+    pids = list(runtime.infra_processes())
+    before = {pid: read_cpu_ticks(pid) for pid in pids}
+    time.sleep(seconds)
+    used = 0
+    for pid, start in before.items():
+        end = read_cpu_ticks(pid)
+        if start is not None and end is not None:
+            used += end - start
+    return 100.0 * used / os.sysconf("SC_CLK_TCK") / seconds
+
+
 def create_many(kube: Kubelet, pods: int, per_pod: int, threads: int, prefix: str) -> tuple[list[Pod], float]:
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -435,6 +454,7 @@ def list_phase(kube: Kubelet, pods: int, per_pod: int, calls: int, threads: int)
     containers = _time_calls(kube.client.list_containers, calls)
     sandboxes = _time_calls(kube.client.list_pods, calls)
     memory = infra_memory(kube.runtime).as_dict()
+    idle_cpu = idle_cpu_percent(kube.runtime)
     response = sum(c.ByteSize() for c in kube.client.list_containers())
     teardown_started = time.perf_counter()
     for pod in made:
@@ -448,6 +468,7 @@ def list_phase(kube: Kubelet, pods: int, per_pod: int, calls: int, threads: int)
         "list_pods": _summary(sandboxes),
         "list_containers_response_bytes": response,
         "memory": memory,
+        "idle_cpu_percent": idle_cpu,
     }
 
 

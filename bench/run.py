@@ -700,7 +700,7 @@ def build_pod_rows(args: argparse.Namespace, results: dict[str, dict[str, Any]])
         if not m:
             return None
         return ", ".join(
-            f"{role} {int(v['count'])}x{v['rss_kib'] / max(v['count'], 1) / 1024:.1f}"
+            f"{role} {int(v['count'])} x {v['rss_kib'] / max(v['count'], 1) / 1024:.1f}"
             for role, v in m["roles"].items()
         )
 
@@ -725,7 +725,7 @@ def build_pod_rows(args: argparse.Namespace, results: dict[str, dict[str, Any]])
             digits=1,
         )
     )
-    rows.append(Row("  … processes counted (role countxMiB RSS each)", roles(py), roles(cd), ratio=False))
+    rows.append(Row("  … processes counted: role, count x MiB RSS each", roles(py), roles(cd), ratio=False))
     rows.append(Row("  … same, PSS sum (MiB)", mem(py, "pss_mib"), mem(cd, "pss_mib"), digits=1))
 
     def lst(res: dict[str, Any], call: str, key: str) -> float | None:
@@ -755,7 +755,7 @@ def build_pod_rows(args: argparse.Namespace, results: dict[str, dict[str, Any]])
         m = res.get("list")
         if not m:
             return None
-        return float(m["memory"]["rss_mib"]) if key == "rss" else float(m[key])
+        return float(m["memory"]["rss_mib"]) if key == "rss" else float(m.get(key, math.nan))
 
     rows.append(
         Row(
@@ -770,6 +770,14 @@ def build_pod_rows(args: argparse.Namespace, results: dict[str, dict[str, Any]])
             f"{total} containers: daemon + per-pod processes VmRSS (MiB)",
             list_extra(py, "rss"),
             list_extra(cd, "rss"),
+            digits=1,
+        )
+    )
+    rows.append(
+        Row(
+            f"{total} containers: idle CPU of daemon + per-pod processes, 5 s (% of a core)",
+            list_extra(py, "idle_cpu_percent"),
+            list_extra(cd, "idle_cpu_percent"),
             digits=1,
         )
     )
