@@ -10,7 +10,7 @@ BENCH_PACKAGES := containerd
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: deps apt-deps run test lint proto bench clean
+.PHONY: deps apt-deps run test lint proto bench clean install uninstall runtime-deps check
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -50,3 +50,73 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# --- node installation (see README "Install on a node") ---------------------------------
+# Overridable so that tests (and packagers) can install elsewhere: make install PYCRI_HOME=/tmp/x/opt ...
+INSTALL_PYTHON ?= /usr/bin/python3
+PYCRI_HOME ?= /opt/pycri
+BINDIR ?= /usr/local/bin
+SYSCONFDIR ?= /etc/pycri
+UNITDIR ?= /etc/systemd/system
+CRICTL_CONFIG ?= /etc/crictl.yaml
+DATADIR ?= /var/lib/pycri
+SKIP_APT ?=
+PURGE ?=
+CHECK_ARGS ?=
+RUNTIME_PACKAGES := crun runc conmon catatonit containernetworking-plugins iptables python3-venv
+
+runtime-deps:
+	@if [ -z "$(SKIP_APT)" ]; then \
+		missing=""; for p in $(RUNTIME_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		fi; \
+	fi
+
+# pycri in its own venv, built from a copy of the sources (nothing is written into this tree).
+install: runtime-deps
+	@set -e; src=$$(mktemp -d); trap 'rm -rf "$$src"' EXIT; \
+	cp -r pyproject.toml README.md cri_runtime imageservice "$$src"/; \
+	find "$$src" -name __pycache__ -prune -exec rm -rf {} +; \
+	rm -rf $(PYCRI_HOME); \
+	$(INSTALL_PYTHON) -m venv $(PYCRI_HOME); \
+	$(PYCRI_HOME)/bin/python -m pip install -q "$$src"; \
+	install -d -m 0755 $(BINDIR); \
+	ln -sfn $(PYCRI_HOME)/bin/pycri $(BINDIR)/pycri; \
+	install -d -m 0755 $(SYSCONFDIR); \
+	if [ -e $(SYSCONFDIR)/pycri.toml ]; then echo "keeping $(SYSCONFDIR)/pycri.toml"; \
+	else install -m 0644 manifests/pycri.toml $(SYSCONFDIR)/pycri.toml; fi; \
+	if [ -e $(CRICTL_CONFIG) ]; then echo "keeping $(CRICTL_CONFIG)"; \
+	else install -D -m 0644 manifests/crictl.yaml $(CRICTL_CONFIG); fi; \
+	install -D -m 0644 manifests/pycri.service $(UNITDIR)/pycri.service; \
+	if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then \
+		systemctl daemon-reload; systemctl enable pycri.service; \
+		echo "enabled pycri.service: systemctl start pycri"; \
+	else echo "systemd is not running here: start pycri with $(BINDIR)/pycri serve"; fi; \
+	echo "installed; run $(BINDIR)/pycri check"
+
+# Reverses install. Keeps $(DATADIR) (images, layers) and an edited pycri.toml unless PURGE=1.
+# Debian packages stay: other software may use them.
+uninstall:
+	@set -e; \
+	if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ] && [ -e $(UNITDIR)/pycri.service ]; then \
+		systemctl disable --now pycri.service || true; fi; \
+	rm -f $(UNITDIR)/pycri.service; \
+	if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then systemctl daemon-reload; fi; \
+	if [ -L $(BINDIR)/pycri ] && [ "$$(readlink $(BINDIR)/pycri)" = "$(PYCRI_HOME)/bin/pycri" ]; then \
+		rm -f $(BINDIR)/pycri; fi; \
+	rm -rf $(PYCRI_HOME); \
+	if [ -e $(CRICTL_CONFIG) ] && { [ -n "$(PURGE)" ] || cmp -s manifests/crictl.yaml $(CRICTL_CONFIG); }; then \
+		rm -f $(CRICTL_CONFIG); fi; \
+	if [ -e $(SYSCONFDIR)/pycri.toml ]; then \
+		if [ -n "$(PURGE)" ] || cmp -s manifests/pycri.toml $(SYSCONFDIR)/pycri.toml; then rm -f $(SYSCONFDIR)/pycri.toml; \
+		else echo "keeping the edited $(SYSCONFDIR)/pycri.toml (PURGE=1 removes it)"; fi; fi; \
+	rmdir $(SYSCONFDIR) 2>/dev/null || true; \
+	if [ -n "$(PURGE)" ]; then rm -rf $(DATADIR); \
+	elif [ -e $(DATADIR) ]; then echo "keeping $(DATADIR) (PURGE=1 removes it)"; fi; \
+	echo "uninstalled"
+
+# The node preflight, from this tree's venv (an installed pycri: pycri check).
+check: $(VENV)/.installed
+	$(VENV)/bin/pycri check $(CHECK_ARGS)

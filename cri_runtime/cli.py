@@ -1,4 +1,4 @@
-"""The ``pycri`` command: serve, version, config, image import."""
+"""The ``pycri`` command: serve, check, version, config, image import."""
 
 from __future__ import annotations
 
@@ -62,13 +62,30 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cri_runtime import logs, server
+    from cri_runtime import logs, sdnotify, server
 
     config = _config(args)
     server.validate_paths(config)
     logs.configure(config.log_level, config.log_format)
-    asyncio.run(server.serve(config))
+
+    def ready() -> None:
+        # Type=notify: systemd counts pycri as started once the socket serves.
+        sdnotify.notify("READY=1")
+
+    try:
+        asyncio.run(server.serve(config, ready=ready))
+    finally:
+        sdnotify.notify("STOPPING=1")
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from cri_runtime import check
+
+    config = _config(args)
+    findings = check.run_checks(config)
+    sys.stdout.write(check.report(findings))
+    return check.exit_code(findings)
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -124,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the daemon")
     _add_config_flags(serve)
     serve.set_defaults(func=_cmd_serve)
+    check = sub.add_parser("check", help="preflight: can pycri run on this node, and what to fix")
+    _add_config_flags(check)
+    check.set_defaults(func=_cmd_check)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_cmd_version)
     config = sub.add_parser("config", help="print the effective configuration")

@@ -26,6 +26,13 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class StreamingConfig:
+    # Where the exec, attach and port-forward URLs point; port 0 picks a free port.
+    address: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     socket: str = "/run/pycri/pycri.sock"
     root: str = "/var/lib/pycri"
@@ -37,6 +44,7 @@ class Config:
     default_runtime: str = "crun"
     image: ImageConfig = field(default_factory=ImageConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
 
     @property
     def socket_path(self) -> Path:
@@ -56,7 +64,8 @@ class Config:
         return out
 
 
-_TOP_KEYS = {f.name for f in dataclasses.fields(Config)} - {"image", "network"}
+_TOP_KEYS = {f.name for f in dataclasses.fields(Config)} - {"image", "network", "streaming"}
+_STREAMING_KEYS = {f.name for f in dataclasses.fields(StreamingConfig)}
 _NETWORK_KEYS = {f.name for f in dataclasses.fields(NetworkConfig)}
 _IMAGE_KEYS = {f.name for f in dataclasses.fields(ImageConfig)} - {"registries"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -73,7 +82,7 @@ def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> No
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     """Overlay the TOML table ``data`` on ``base`` (defaults when None)."""
     base = base or Config()
-    unknown = set(data) - _TOP_KEYS - {"image", "registries", "network"}
+    unknown = set(data) - _TOP_KEYS - {"image", "registries", "network", "streaming"}
     if unknown:
         raise InvalidArgument(f"unknown configuration keys: {sorted(unknown)}")
     top: dict[str, Any] = {}
@@ -121,7 +130,15 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config
             _check_type(f"network.{key}", value, str)
         network_fields[key] = value
     network = dataclasses.replace(base.network, **network_fields)
-    config = dataclasses.replace(base, image=image, network=network, **top)
+    streaming_table = data.get("streaming", {})
+    _check_type("streaming", streaming_table, dict)
+    unknown = set(streaming_table) - _STREAMING_KEYS
+    if unknown:
+        raise InvalidArgument(f"unknown keys in [streaming]: {sorted(unknown)}")
+    for key, value in streaming_table.items():
+        _check_type(f"streaming.{key}", value, int if key == "port" else str)
+    streaming = dataclasses.replace(base.streaming, **streaming_table)
+    config = dataclasses.replace(base, image=image, network=network, streaming=streaming, **top)
     validate(config)
     return config
 
@@ -141,6 +158,8 @@ def validate(config: Config) -> None:
         raise InvalidArgument(f"network.pod_subnet {config.network.pod_subnet!r} is not a subnet") from None
     if subnet.num_addresses < 4:
         raise InvalidArgument(f"network.pod_subnet {subnet} is too small for pods")
+    if not 0 <= config.streaming.port <= 65535:
+        raise InvalidArgument(f"streaming.port must be 0-65535, got {config.streaming.port}")
     if config.image.max_concurrent_downloads < 1:
         raise InvalidArgument("image.max_concurrent_downloads must be at least 1")
     if config.image.max_metadata_bytes < 1024:

@@ -40,6 +40,7 @@ log = structlog.get_logger("pycri.container")
 
 EXEC_OUTPUT_CAP = 16 * 1024 * 1024
 WATCH_INTERVAL = 0.1
+FULL_CHECK_TICKS = 30
 
 
 @dataclass(frozen=True)
@@ -490,12 +491,20 @@ class ContainerManager:
     # --- background exit watcher -------------------------------------------------------
 
     def _watch(self) -> None:
+        """Notice exits: one stat per running container per tick, and the full check (conmon
+        gone without an exit file, e.g. killed) only every FULL_CHECK_TICKS ticks."""
+        tick = 0
         while not self._stop_watch.wait(WATCH_INTERVAL):
+            tick += 1
+            thorough = tick % FULL_CHECK_TICKS == 0
             for container in self.all():
                 if container.state != "running":
                     continue
+                executor = self.executor(container)
                 try:
-                    info = self.executor(container).exit_info(container.id)
+                    if not thorough and not executor.exit_file_written(container.id):
+                        continue
+                    info = executor.exit_info(container.id)
                 except Exception as exc:  # a broken file must not stop the watcher
                     log.warning("exit watcher", id=container.id, error=str(exc))
                     continue

@@ -198,6 +198,10 @@ class Executor:
     def _exit_file(self, container_id: str) -> Path:
         return self.container_dir(container_id) / "exits" / container_id
 
+    def exit_file_written(self, container_id: str) -> bool:
+        """One stat: has conmon written the exit file? (The cheap check a watcher polls.)"""
+        return self._exit_file(container_id).exists()
+
     def _monitor(self, container_id: str) -> dict[str, str]:
         try:
             return json.loads((self.container_dir(container_id) / "monitor.json").read_text())
@@ -864,3 +868,95 @@ class Executor:
                 f"cannot exec in container {container_id}: it is {current.get('status')} ({error})"
             )
         raise Internal(f"{self.runtime_name} exec in {container_id} failed: {error}")
+
+    # --- interactive exec (streaming) ------------------------------------------------------
+
+    def prepare_exec(
+        self, container_id: str, cmd: list[str], *, tty: bool, console_size: tuple[int, int] | None = None
+    ) -> PreparedExec:
+        """The argv and files of an interactive ``<runtime> exec`` that the caller runs.
+
+        Without ``tty`` the process inherits the runtime's stdio (pipes the caller makes).
+        With ``tty`` the runtime makes a terminal inside the container and sends its master
+        over ``--console-socket``, a listening socket made here; the caller accepts on it.
+        The caller calls ``cleanup()`` when the process is gone. ``console_size`` is the
+        terminal's initial (width, height).
+        """
+        import socket
+        import tempfile
+
+        if not cmd:
+            raise InvalidArgument("exec command is empty")
+        directory = self.container_dir(container_id)
+        if not directory.exists():
+            raise NotFound(f"container {container_id} is not known to this executor")
+        process = self._exec_process(container_id, cmd)
+        if tty:
+            process["terminal"] = True
+            env = list(process.get("env") or [])
+            if not any(item.startswith("TERM=") for item in env):
+                env.append("TERM=xterm")  # as CRI-O and containerd do for a terminal
+            process["env"] = env
+            if console_size is not None and all(console_size):
+                process["consoleSize"] = {"width": console_size[0], "height": console_size[1]}
+        token = secrets.token_hex(6)
+        process_file = directory / f"exec-{token}.json"
+        pid_file = directory / f"exec-{token}.pid"
+        process_file.write_text(json.dumps(process))
+        argv = [
+            self.runtime_path,
+            "--root", str(self.runtime_root),
+            "exec",
+            "--process", str(process_file),
+            "--pid-file", str(pid_file),
+        ]  # fmt: skip
+        prepared = PreparedExec(argv, dict(self._env), process_file, pid_file)
+        if tty and self.runtime_name == "runc":
+            # runc refuses --console-socket unless it detaches, and a detached exec's exit code
+            # is lost; in the foreground it makes the terminal itself and copies it to its own
+            # stdio, which the caller makes a terminal (resized with SIGWINCH to runc).
+            prepared.runtime_copies_terminal = True
+        elif tty:
+            try:
+                # A short directory of its own: a socket path has at most 107 bytes.
+                prepared.console_dir = Path(tempfile.mkdtemp(prefix="pycri-tty-"))
+                path = prepared.console_dir / "console.sock"
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                prepared.console_listener = listener
+                listener.bind(str(path))
+                listener.listen(1)
+            except BaseException:
+                prepared.cleanup()
+                raise
+            argv += ["--console-socket", str(path)]
+        argv.append(container_id)
+        return prepared
+
+    def kill_exec(self, prepared: PreparedExec) -> None:
+        """Kill an interactive exec's process in the container and everything it started."""
+        pid = self._read_pid(prepared.pid_file)
+        if pid is None:
+            return
+        for victim in _descendants(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+
+
+@dataclass
+class PreparedExec:
+    argv: list[str]
+    env: dict[str, str]
+    process_file: Path
+    pid_file: Path
+    console_dir: Path | None = None
+    console_listener: Any = None  # socket.socket listening for the terminal master
+    runtime_copies_terminal: bool = False
+
+    def cleanup(self) -> None:
+        if self.console_listener is not None:
+            self.console_listener.close()
+        for path in (self.process_file, self.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        if self.console_dir is not None:
+            shutil.rmtree(self.console_dir, ignore_errors=True)

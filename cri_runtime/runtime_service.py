@@ -24,7 +24,8 @@ from cri_runtime.containers import ContainerManager
 from cri_runtime.oci import RuntimeInfo
 from cri_runtime.sandboxes import SandboxManager
 from cri_runtime.state import Container, Sandbox
-from imageservice.errors import InvalidArgument
+from cri_runtime.streaming.server import StreamingServer, check_streams
+from imageservice.errors import FailedPrecondition, InvalidArgument
 
 RUNTIME_NAME = "pycri"
 RUNTIME_API_VERSION = "v1"
@@ -111,6 +112,9 @@ def container_status(container: Container) -> pb.ContainerStatus:
 
 
 class RuntimeService(pb_grpc.RuntimeServiceServicer):
+    # Set by serve() once the streaming server listens; Exec, Attach and PortForward need it.
+    streaming: StreamingServer | None = None
+
     def __init__(
         self,
         config: Config,
@@ -452,6 +456,28 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         _, containers = self._managers()
         await _in_thread(containers.reopen_log, request.container_id)
         return pb.ReopenContainerLogResponse()
+
+    # --- streaming ------------------------------------------------------------------------
+
+    def _streaming(self) -> StreamingServer:
+        if self.streaming is None:
+            raise FailedPrecondition("pycri's streaming server is not running")
+        return self.streaming
+
+    async def Exec(self, request: pb.ExecRequest, context: grpc.aio.ServicerContext) -> pb.ExecResponse:
+        options = check_streams(request.stdin, request.stdout, request.stderr, request.tty)
+        url = self._streaming().exec_url(request.container_id, list(request.cmd), options)
+        return pb.ExecResponse(url=url)
+
+    async def Attach(self, request: pb.AttachRequest, context: grpc.aio.ServicerContext) -> pb.AttachResponse:
+        options = check_streams(request.stdin, request.stdout, request.stderr, request.tty)
+        return pb.AttachResponse(url=self._streaming().attach_url(request.container_id, options))
+
+    async def PortForward(
+        self, request: pb.PortForwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PortForwardResponse:
+        url = self._streaming().portforward_url(request.pod_sandbox_id, list(request.port))
+        return pb.PortForwardResponse(url=url)
 
 
 def _unimplemented(name: str, streaming: bool) -> Any:

@@ -27,6 +27,7 @@ from cri_runtime.executor import Executor
 from cri_runtime.runtime_service import RuntimeService
 from cri_runtime.sandboxes import SandboxManager, SandboxSettings
 from cri_runtime.state import StateDB
+from cri_runtime.streaming import StreamingServer
 from imageservice.errors import FailedPrecondition, InvalidArgument, PycriError
 from imageservice.importer import import_archive
 from imageservice.service import ImageService
@@ -210,10 +211,15 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
-    pb_grpc.add_RuntimeServiceServicer_to_server(
-        RuntimeService(config, runtimes, default, why, runtime.sandboxes, runtime.containers, runtime.cni),
-        server,
+    runtime_service = RuntimeService(
+        config, runtimes, default, why, runtime.sandboxes, runtime.containers, runtime.cni
     )
+    streaming = StreamingServer(
+        runtime.containers, runtime.sandboxes, config.streaming.address, config.streaming.port
+    )
+    await streaming.start()
+    runtime_service.streaming = streaming
+    pb_grpc.add_RuntimeServiceServicer_to_server(runtime_service, server)
     pb_grpc.add_ImageServiceServicer_to_server(image_service, server)
     server.add_generic_rpc_handlers((_admin_handler(store),))
     # The socket is born 0660 (umask) so there is no moment when others may connect.
@@ -236,6 +242,7 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
     finally:
         log.info("shutting down")
         await server.stop(grace=5)
+        await streaming.stop()
         runtime.containers.close()
         image_service.close()
         store.close()

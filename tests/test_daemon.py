@@ -7,6 +7,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -115,12 +116,18 @@ def test_every_rpc_is_logged_with_method_and_status(daemon: Daemon) -> None:
     with daemon.client() as client:
         client.version()
         with pytest.raises(grpc.RpcError):
-            client.runtime.Attach(pb.AttachRequest(container_id="abc"), timeout=5)
-    events = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.startswith("{")]
-    rpcs = [e for e in events if e.get("event") == "rpc"]
+            client.runtime.CheckpointContainer(pb.CheckpointContainerRequest(container_id="abc"), timeout=5)
+    # The event is written as the call completes, which may be just after the client has its answer.
+    deadline = time.monotonic() + 5
+    while True:
+        events = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.startswith("{")]
+        rpcs = [e for e in events if e.get("event") == "rpc"]
+        failed = [e for e in rpcs if e["method"].endswith("/CheckpointContainer")]
+        if failed or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert any(e["method"].endswith("/Version") and e["code"] == "OK" and "ms" in e for e in rpcs)
-    attach = [e for e in rpcs if e["method"].endswith("/Attach")]
-    assert attach and attach[0]["code"] == "UNIMPLEMENTED" and attach[0]["container_id"] == "abc"
+    assert failed and failed[0]["code"] == "UNIMPLEMENTED" and failed[0]["container_id"] == "abc"
 
 
 def test_config_command_layers_file_then_flags(tmp_path: Path) -> None:
