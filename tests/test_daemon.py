@@ -120,7 +120,9 @@ def test_every_rpc_is_logged_with_method_and_status(daemon: Daemon) -> None:
     # The event is written as the call completes, which may be just after the client has its answer.
     deadline = time.monotonic() + 5
     while True:
-        events = [json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.startswith("{")]
+        events = [
+            json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.startswith("{")
+        ]
         rpcs = [e for e in events if e.get("event") == "rpc"]
         failed = [e for e in rpcs if e["method"].endswith("/CheckpointContainer")]
         if failed or time.monotonic() > deadline:
