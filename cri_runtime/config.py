@@ -30,6 +30,9 @@ class StreamingConfig:
     # Where the exec, attach and port-forward URLs point; port 0 picks a free port.
     address: str = "127.0.0.1"
     port: int = 0
+    # Serve https with this certificate and key (PEM files); both empty: plain http.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ def validate(config: Config) -> None:
         raise InvalidArgument(f"network.pod_subnet {subnet} is too small for pods")
     if not 0 <= config.streaming.port <= 65535:
         raise InvalidArgument(f"streaming.port must be 0-65535, got {config.streaming.port}")
+    if bool(config.streaming.tls_cert_file) != bool(config.streaming.tls_key_file):
+        raise InvalidArgument("streaming.tls_cert_file and streaming.tls_key_file go together")
     if config.image.max_concurrent_downloads < 1:
         raise InvalidArgument("image.max_concurrent_downloads must be at least 1")
     if config.image.max_metadata_bytes < 1024:

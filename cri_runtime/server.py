@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -215,7 +216,11 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         config, runtimes, default, why, runtime.sandboxes, runtime.containers, runtime.cni
     )
     streaming = StreamingServer(
-        runtime.containers, runtime.sandboxes, config.streaming.address, config.streaming.port
+        runtime.containers,
+        runtime.sandboxes,
+        config.streaming.address,
+        config.streaming.port,
+        ssl_context=_streaming_tls(config),
     )
     await streaming.start()
     runtime_service.streaming = streaming
@@ -250,6 +255,18 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
         log.info("stopped")
+
+
+def _streaming_tls(config: Config) -> ssl.SSLContext | None:
+    cert, key = config.streaming.tls_cert_file, config.streaming.tls_key_file
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(f"streaming TLS: cannot load {cert} / {key}: {exc}") from exc
+    return context
 
 
 @dataclass

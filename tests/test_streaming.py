@@ -10,7 +10,9 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import struct
+import subprocess
 import time
 import urllib.parse
 import zlib
@@ -39,6 +41,12 @@ def _connect(
 ) -> tuple[socket.socket, int, dict]:
     parts = urllib.parse.urlsplit(url)
     sock = socket.create_connection((parts.hostname, parts.port), timeout=20)
+    if parts.scheme == "https":
+        # The test's own self-signed certificate: encryption is what is checked here.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        sock = context.wrap_socket(sock, server_hostname=parts.hostname)
     lines = [f"{method} {parts.path} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers)]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     head = b""
@@ -561,3 +569,50 @@ def test_streaming_config_is_checked() -> None:
     for bad in ({"port": 70000}, {"port": "10010"}, {"tls": True}):
         with pytest.raises(InvalidArgument):
             config_from_dict({"streaming": bad})
+
+
+def test_streaming_over_tls_when_configured(daemon_factory, pod_image: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    bridge = "pyttls0"
+    net_dir = tmp_path / "net.d"
+    net_dir.mkdir()
+    daemon = daemon_factory(
+        f'[network]\nconf_dir = "{net_dir}"\npod_subnet = "198.18.110.0/24"\nbridge = "{bridge}"\n'
+        f'[streaming]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n',
+        name="tls",
+    )
+    tls_env = test_pods.Env(daemon, daemon.client(), pod_image, tmp_path / "logs", "198.18.110.", [])
+    try:
+        tls_env.cri.pull(pod_image)
+        pod = tls_env.pod("tls")
+        cid = tls_env.run(pod, "c", ["sleep", "100"])
+        url = exec_url(tls_env, cid, ["echo", "over tls"], stdout=True, stderr=True)
+        assert url.startswith("https://127.0.0.1:")
+        stdout, stderr, _ = spdy_exec(tls_env, cid, ["echo", "over tls"])
+        assert (stdout, stderr) == (b"over tls\n", b"")
+        tls_env.cri.stop_pod(pod)
+        tls_env.cri.remove_pod(pod)
+    finally:
+        tls_env.cri.close()
+        daemon.stop()
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)

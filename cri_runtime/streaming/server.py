@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,9 @@ class StreamingServer:
         sandboxes: SandboxManager,
         address: str = "127.0.0.1",
         port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self.ssl_context = ssl_context
         self.containers = containers
         self.sandboxes = sandboxes
         self.address = address
@@ -135,7 +138,7 @@ class StreamingServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._accept, self.address, self.port, limit=MAX_HEADER_BYTES
+            self._accept, self.address, self.port, limit=MAX_HEADER_BYTES, ssl=self.ssl_context
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("streaming server", url=self.base_url)
@@ -154,7 +157,8 @@ class StreamingServer:
     @property
     def base_url(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     # --- the RPCs' side -------------------------------------------------------------------
 
