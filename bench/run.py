@@ -18,6 +18,10 @@
    d. ``--list-containers`` running containers: ListContainers / ListPodSandbox p50/p99.
    pycri runs ``--pycri-runtime`` (crun by default); with ``--compare-handler`` a and b
    are also measured with pycri's other OCI runtime (runc), as an aside.
+5. Streaming (``bench/streaming.py``, issue 4), on the same daemons, one SPDY/3.1 client:
+   a. Exec ``echo hi`` (no TTY): from the Exec RPC to the exit status, median of ``--exec-runs``;
+   b. PortForward: one connection downloading ``--forward-mb`` MB from busybox httpd in a pod,
+      MB/s (median of ``--forward-runs``).
 
 Prints a markdown table (pycri | containerd | ratio pycri/containerd | target | met?) and
 writes everything, raw samples included, to ``bench/results/latest.json``.
@@ -44,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import pods
+from bench import pods, streaming
 from bench.images import BigImages, build_and_push_big, build_and_push_many
 from bench.measure import RegistryLogWindow, RssSampler, blob_gets, median, percentile, read_status_kib
 from bench.runtimes import ContainerdRuntime, PodNetwork, PycriRuntime, Runtime
@@ -58,6 +62,8 @@ LIST_P99_TARGET_MS = 50.0
 POD_LATENCY_RATIO = 0.7
 POD_MEMORY_RATIO = 0.5
 POD_LIST_P99_TARGET_MS = 20.0
+EXEC_RATIO = 1.0
+FORWARD_TARGET_MB_S = 200.0
 POD_NETWORKS = {
     "containerd": PodNetwork("pycri-bench-containerd", "198.19.0.0/24", "pybcd0"),
     "pycri": PodNetwork("pycri", "198.19.1.0/24", "pybench0"),
@@ -110,7 +116,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="also time pod start/teardown with pycri's other OCI runtime (default on)",
     )
+    p.add_argument("--exec-runs", type=int, default=30, help="exec round trips timed (default 30)")
+    p.add_argument(
+        "--forward-mb", type=int, default=200, help="MB downloaded through port-forward (default 200)"
+    )
+    p.add_argument("--forward-runs", type=int, default=3, help="port-forward downloads (default 3)")
     p.add_argument("--skip-pods", action="store_true", help="skip test 4 (pods and containers)")
+    p.add_argument("--skip-streaming", action="store_true", help="skip test 5 (exec, port-forward)")
     p.add_argument("--skip-containerd", action="store_true", help="measure pycri only")
     p.add_argument("--skip-pull", action="store_true", help="skip tests 1 and 2")
     p.add_argument("--skip-list", action="store_true", help="skip test 3")
@@ -135,6 +147,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "--pods-runs, --memory-pods, --containers-per-pod, --pod-list-calls and --pod-threads "
             "must be positive"
         )
+    if min(args.exec_runs, args.forward_mb, args.forward_runs) < 1:
+        p.error("--exec-runs, --forward-mb and --forward-runs must be positive")
     if args.list_containers < args.containers_per_pod:
         p.error("--list-containers must be at least --containers-per-pod")
     return args
@@ -358,7 +372,7 @@ def pods_bench(
         live = [n for n in names if n in kubes]
 
         # a + b: interleaved rounds, order alternating, so drift hits both alike.
-        for run in range(args.pods_runs):
+        for run in range(0 if args.skip_pods else args.pods_runs):
             for name in live if run % 2 == 0 else live[::-1]:
                 if out[name].get("errors"):
                     continue
@@ -383,7 +397,7 @@ def pods_bench(
                     )
 
         # c: memory
-        for name in live:
+        for name in [] if args.skip_pods else live:
             try:
                 mem = pods.memory_phase(kubes[name], args.memory_pods, args.pod_threads)
             except Exception as exc:
@@ -399,7 +413,7 @@ def pods_bench(
         # d: List* with many containers
         per_pod = args.containers_per_pod
         list_pods = args.list_containers // per_pod
-        for name in live:
+        for name in [] if args.skip_pods else live:
             try:
                 res = pods.list_phase(kubes[name], list_pods, per_pod, args.pod_list_calls, args.pod_threads)
             except Exception as exc:
@@ -412,6 +426,23 @@ def pods_bench(
                 f"{res['setup_seconds']:.1f}s; "
                 f"ListContainers p50 {lc['p50_ms']:.2f} p99 {lc['p99_ms']:.2f} ms; "
                 f"ListPodSandbox p50 {lp['p50_ms']:.2f} p99 {lp['p99_ms']:.2f} ms"
+            )
+
+        # 5: streaming (exec, port-forward), same client for both
+        for name in [] if args.skip_streaming else live:
+            try:
+                res = streaming.streaming_phase(
+                    kubes[name], args.exec_runs, args.forward_mb, args.forward_runs
+                )
+            except Exception as exc:
+                fail(name, "streaming", exc)
+                continue
+            results[name]["streaming"] = res
+            log(
+                f"{name}: exec echo hi median {res['exec_median_ms']:.1f} ms "
+                f"(min {res['exec_min_ms']:.1f}, max {res['exec_max_ms']:.1f}); port-forward "
+                f"{args.forward_mb} MB at {res['forward_mb_per_s']:.0f} MB/s "
+                f"(best {res['forward_best_mb_per_s']:.0f})"
             )
     # Only what can be ours: another runtime on this host may change its own rules meanwhile.
     marks = ("CNI-", "198.19.0.", "198.19.1.", *(n.bridge for n in POD_NETWORKS.values()))
@@ -605,6 +636,8 @@ def build_rows(
         )
     if not args.skip_pods:
         rows += build_pod_rows(args, results)
+    if not args.skip_streaming:
+        rows += build_streaming_rows(args, results)
     return rows
 
 
@@ -784,6 +817,48 @@ def build_pod_rows(args: argparse.Namespace, results: dict[str, dict[str, Any]])
     return rows
 
 
+def build_streaming_rows(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[Row]:
+    py, cd = results.get("pycri", {}).get("streaming"), results.get("containerd", {}).get("streaming")
+
+    def val(res: dict[str, Any] | None, key: str) -> float | None:
+        return None if not res else float(res[key])
+
+    exec_py, exec_cd = val(py, "exec_median_ms"), val(cd, "exec_median_ms")
+    fwd_py = val(py, "forward_mb_per_s")
+    return [
+        Row(
+            f"exec `echo hi` over SPDY, Exec RPC to exit status, median of {args.exec_runs} (ms)",
+            exec_py,
+            exec_cd,
+            target="≤ containerd",
+            met=_ratio_met(exec_py, exec_cd, EXEC_RATIO),
+            digits=1,
+        ),
+        Row("  … exec, min (ms)", val(py, "exec_min_ms"), val(cd, "exec_min_ms"), digits=1),
+        Row(
+            f"port-forward over SPDY, 1 connection, {args.forward_mb} MB from httpd in the pod, "
+            f"median of {args.forward_runs} (MB/s)",
+            fwd_py,
+            val(cd, "forward_mb_per_s"),
+            target=f"≥ {FORWARD_TARGET_MB_S:.0f}",
+            met=None if fwd_py is None else fwd_py >= FORWARD_TARGET_MB_S,
+            digits=0,
+        ),
+        Row(
+            "  … port-forward, best run (MB/s)",
+            val(py, "forward_best_mb_per_s"),
+            val(cd, "forward_best_mb_per_s"),
+            digits=0,
+        ),
+        Row(
+            "  … port-forward: CPU of daemon + per-pod processes meanwhile (% of a core)",
+            val(py, "forward_cpu_percent"),
+            val(cd, "forward_cpu_percent"),
+            digits=0,
+        ),
+    ]
+
+
 # --- main --------------------------------------------------------------------------------------------------
 
 
@@ -872,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{name}: pulled {len(refs)} images in {res['pull_seconds']:.1f}s; ListImages "
                         f"p50 {res['p50_ms']:.2f} ms p99 {res['p99_ms']:.2f} ms"
                     )
-            if not args.skip_pods:
+            if not (args.skip_pods and args.skip_streaming):
                 pods_bench(args, base, reg, names, results, errors)
         except KeyboardInterrupt:
             errors.append("interrupted")
