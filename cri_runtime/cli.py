@@ -72,10 +72,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # Type=notify: systemd counts pycri as started once the socket serves.
         sdnotify.notify("READY=1")
 
-    try:
-        asyncio.run(server.serve(config, ready=ready))
-    finally:
+    stopping_sent = False
+
+    def stopping() -> None:
+        # Said as shutdown begins, so systemd does not take the drain for a hang.
+        nonlocal stopping_sent
+        stopping_sent = True
         sdnotify.notify("STOPPING=1")
+
+    try:
+        asyncio.run(server.serve(config, ready=ready, stopping=stopping))
+    finally:
+        if not stopping_sent:
+            stopping()
     return 0
 
 

@@ -187,7 +187,11 @@ def _admin_handler(store: ImageStore) -> grpc.GenericRpcHandler:
     )
 
 
-async def serve(config: Config, ready: Callable[[], None] | None = None) -> None:
+async def serve(
+    config: Config,
+    ready: Callable[[], None] | None = None,
+    stopping: Callable[[], None] | None = None,
+) -> None:
     socket_path = config.socket_path
     if config.cgroup_driver == "systemd":
         # Pods would be systemd slices and containers scopes, made over systemd's D-Bus API;
@@ -244,6 +248,8 @@ async def serve(config: Config, ready: Callable[[], None] | None = None) -> None
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
+        if stopping:
+            stopping()
     finally:
         log.info("shutting down")
         await server.stop(grace=5)
