@@ -48,6 +48,25 @@ def _labels_match(labels: dict[str, str], selector: Any) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _container_matches(
+    container: Container, wanted: pb.ContainerFilter | pb.ContainerStatsFilter | None
+) -> bool:
+    """The filters ListContainers and ListContainerStats share (id and pod prefixes, labels, state)."""
+    if wanted is None:
+        return True
+    if wanted.id and not container.id.startswith(wanted.id):
+        return False
+    if wanted.pod_sandbox_id and not container.pod_id.startswith(wanted.pod_sandbox_id):
+        return False
+    if (
+        isinstance(wanted, pb.ContainerFilter)
+        and wanted.HasField("state")
+        and _CONTAINER_STATES[container.state] != wanted.state.state
+    ):
+        return False
+    return _labels_match(container.labels, wanted.label_selector)
+
+
 def sandbox_metadata(sandbox: Sandbox) -> pb.PodSandboxMetadata:
     return pb.PodSandboxMetadata(
         name=sandbox.name, uid=sandbox.uid, namespace=sandbox.namespace, attempt=sandbox.attempt
@@ -324,18 +343,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     ) -> pb.ListContainersResponse:
         _, containers = self._managers()
         wanted = request.filter if request.HasField("filter") else None
-        items = []
-        for container in containers.all():
-            if wanted is not None:
-                if wanted.id and not container.id.startswith(wanted.id):
-                    continue
-                if wanted.pod_sandbox_id and not container.pod_id.startswith(wanted.pod_sandbox_id):
-                    continue
-                if wanted.HasField("state") and _CONTAINER_STATES[container.state] != wanted.state.state:
-                    continue
-                if not _labels_match(container.labels, wanted.label_selector):
-                    continue
-            items.append(container_to_proto(container))
+        items = [container_to_proto(c) for c in containers.all() if _container_matches(c, wanted)]
         return pb.ListContainersResponse(containers=items)
 
     async def ContainerStatus(
@@ -434,16 +442,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     ) -> pb.ListContainerStatsResponse:
         _, containers = self._managers()
         wanted = request.filter if request.HasField("filter") else None
-        chosen = []
-        for container in containers.all():
-            if wanted is not None:
-                if wanted.id and not container.id.startswith(wanted.id):
-                    continue
-                if wanted.pod_sandbox_id and not container.pod_id.startswith(wanted.pod_sandbox_id):
-                    continue
-                if not _labels_match(container.labels, wanted.label_selector):
-                    continue
-            chosen.append(container)
+        chosen = [c for c in containers.all() if _container_matches(c, wanted)]
 
         def collect() -> list[pb.ContainerStats]:
             return [self._container_stats(c) for c in chosen]
