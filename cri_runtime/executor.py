@@ -150,6 +150,27 @@ def _descendants(root_pid: int) -> list[int]:
     return found
 
 
+def _kill_tree(root_pid: int) -> None:
+    """SIGKILL ``root_pid`` and everything below it, without losing a child forked meanwhile.
+
+    Killing from a list races with fork: a child born after the list was read outlives its
+    killed parent (re-parented to the container's init). So the tree is stopped first, until
+    no new process appears, and only then killed.
+    """
+    stopped: set[int] = set()
+    while True:
+        fresh = [pid for pid in _descendants(root_pid) if pid not in stopped]
+        if not fresh:
+            break
+        for pid in fresh:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped.update(fresh)
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _clean_runtime_error(text: str) -> str:
     """runc logs through logrus (``time=... level=error msg="..."``); keep just the message."""
     messages = re.findall(r'level=(?:error|fatal) msg="((?:[^"\\]|\\.)*)"', text)
@@ -844,15 +865,17 @@ class Executor:
     def _kill_exec(self, proc: subprocess.Popen[bytes], pid_file: Path) -> None:
         """Kill a timed-out exec: the process in the container and its descendants, then the runtime."""
         pid = None
-        give_up = time.monotonic() + 0.5
-        while pid is None and proc.poll() is None and time.monotonic() < give_up:
+        # The runtime writes the pid file once the process exists; on a loaded machine that can
+        # take a while, and killing the runtime before then could orphan the process.
+        give_up = time.monotonic() + 5.0
+        while pid is None and time.monotonic() < give_up:
             pid = self._read_pid(pid_file)
             if pid is None:
+                if proc.poll() is not None and time.monotonic() > give_up - 4.8:
+                    break  # the runtime is gone and never wrote the pid: nothing was started
                 time.sleep(0.01)
         if pid is not None:
-            for victim in _descendants(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(victim, signal.SIGKILL)
+            _kill_tree(pid)
         else:
             # Still starting: killing the runtime stops it before the process exists.
             with contextlib.suppress(ProcessLookupError):
@@ -937,9 +960,7 @@ class Executor:
         pid = self._read_pid(prepared.pid_file)
         if pid is None:
             return
-        for victim in _descendants(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(victim, signal.SIGKILL)
+        _kill_tree(pid)
 
 
 @dataclass
