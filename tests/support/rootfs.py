@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cri_runtime import spec
+
 BUSYBOX = Path("/bin/busybox")
 
 # The applets tests call; hardlinks to one static binary keep the rootfs at ~2 MB.
@@ -35,22 +37,7 @@ APPLETS = (
     "wc",
 )
 
-DEFAULT_CAPABILITIES = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-]
+DEFAULT_CAPABILITIES = list(spec.DEFAULT_CAPABILITIES)
 
 
 def busybox_rootfs(path: Path) -> Path:
