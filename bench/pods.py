@@ -37,7 +37,7 @@ from typing import Any
 
 from bench.measure import percentile, read_cpu_ticks, read_pss_kib, read_status_kib
 from bench.runtimes import Runtime
-from cri_runtime import cgroups
+from cri_runtime import cgroups, spec
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.client import CRIClient
 from tests.support.images import BUSYBOX_PATH, File, Image, busybox_image, layer_from_files, push_image
@@ -58,21 +58,6 @@ SLEEP = ["sleep", "3600"]
 # says the trap is installed, so a stop never races the shell's start-up.
 TRAP = ["sh", "-c", "trap 'exit 0' TERM; echo ready; sleep 3600 & wait"]
 
-# What kubelet sends for procMount: Default (k8s.io/kubernetes pkg/securitycontext).
-MASKED_PATHS = (
-    "/proc/asound",
-    "/proc/acpi",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
-)
-READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
 def log(msg: str) -> None:
@@ -214,8 +199,9 @@ class Kubelet:
         resources.oom_score_adj = 1000  # BestEffort
         security = config.linux.security_context
         security.namespace_options.pid = pb.NamespaceMode.CONTAINER
-        security.masked_paths.extend(MASKED_PATHS)
-        security.readonly_paths.extend(READONLY_PATHS)
+        # What kubelet sends for procMount: Default, the same lists as the runtime defaults.
+        security.masked_paths.extend(spec.DEFAULT_MASKED_PATHS)
+        security.readonly_paths.extend(spec.DEFAULT_READONLY_PATHS)
         security.seccomp.profile_type = pb.SecurityProfile.ProfileType.Unconfined
         return config
 
