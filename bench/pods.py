@@ -59,7 +59,6 @@ SLEEP = ["sleep", "3600"]
 TRAP = ["sh", "-c", "trap 'exit 0' TERM; echo ready; sleep 3600 & wait"]
 
 
-
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
