@@ -77,6 +77,19 @@ def create(path: str, root: Path = CGROUP_ROOT) -> list[Path]:
     return created
 
 
+def missing(path: str, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The directories ``create(path)`` would make now."""
+    relative = normalize(path).lstrip("/")
+    absent: list[Path] = []
+    for hierarchy in hierarchies(root):
+        current = hierarchy
+        for part in relative.split("/"):
+            current = current / part
+            if not current.exists():
+                absent.append(current)
+    return absent
+
+
 def remove_dirs(directories: list[Path], timeout: float = 5.0) -> None:
     """rmdir deepest first; a cgroup whose last task is still exiting is retried briefly."""
     for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
@@ -122,6 +135,22 @@ def memory_hierarchy(root: Path = CGROUP_ROOT) -> Path | None:
         if "memory" in hierarchy.name.split(","):
             return hierarchy
     return None
+
+
+def controllers(root: Path = CGROUP_ROOT) -> dict[str, Path]:
+    """Each controller's hierarchy: ``{"memory": /sys/fs/cgroup/memory, ...}``.
+
+    A hybrid host's cgroup2 mount is under "unified"; on a cgroup2-only host every enabled
+    controller (and "unified") maps to the root.
+    """
+    if is_cgroup2_only(root):
+        names = (root / "cgroup.controllers").read_text().split()
+        return {name: root for name in (*names, "unified")}
+    found: dict[str, Path] = {}
+    for hierarchy in hierarchies(root):
+        for name in hierarchy.name.split(","):
+            found.setdefault(name.removeprefix("name="), hierarchy)
+    return found
 
 
 @dataclass(frozen=True)

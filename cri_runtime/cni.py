@@ -277,6 +277,14 @@ class CNI:
 
     # --- the cache of what ADD did ----------------------------------------------------
 
+    def recorded_pods(self) -> list[str]:
+        """The pods with an attachment on record (an ADD begun and no DEL finished)."""
+        try:
+            names = os.listdir(self.cache_dir)
+        except FileNotFoundError:
+            return []
+        return [n.removesuffix(".json") for n in names if n.endswith(".json") and not n.startswith(".")]
+
     def _cache_path(self, pod_id: str) -> Path:
         if not _CONTAINER_ID.fullmatch(pod_id):
             raise InvalidArgument(f"pod id {pod_id!r} is not a valid CNI container ID")

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import structlog
 
-from cri_runtime import mounts, spec
+from cri_runtime import cgroups, mounts, spec
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.executor import ExecResult, Executor
 from cri_runtime.locks import KeyedLocks
 from cri_runtime.names import NameIndex
 from cri_runtime.sandboxes import SandboxManager
 from cri_runtime.state import Container, Sandbox, StateDB
+from imageservice import failpoints
 from imageservice.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -85,6 +86,20 @@ def _host_cpus() -> str:
         return f"0-{(os.cpu_count() or 1) - 1}"
 
 
+def _process_start_ns(pid: int) -> int:
+    """When ``pid`` started, as wall-clock nanoseconds (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+    except (OSError, IndexError, StopIteration, ValueError):
+        return 0
+    ticks = os.sysconf("SC_CLK_TCK")
+    # Field 22 of stat, the 20th after the command name: start time in clock ticks since boot.
+    return (boot * ticks + int(fields[19])) * (1_000_000_000 // ticks)
+
+
 def _signal_number(name: str) -> int:
     if not name:
         return signal.SIGTERM
@@ -131,6 +146,69 @@ class ContainerManager:
             self.names.reserve(self._name_key(container), container.id, "container")
             with contextlib.suppress(Exception):
                 self.images.hold_chains(container.layers)
+
+    def recover(self) -> None:
+        """Reconcile the restored records with what the host has, before pycri serves.
+
+        A create that a crash interrupted is undone; a removal is finished; a container
+        recorded as created that the runtime reports running (the crash fell between the
+        runtime's start and the record) is running; a running one whose exit conmon wrote
+        while pycri was down is exited, with conmon's code and time.
+        """
+        for container in self.all():
+            try:
+                if container.pending == "creating":
+                    self._discard(container)
+                elif container.pending == "removing":
+                    self._remove(container)
+                    log.info("finished removing a container after a crash", id=container.id)
+                elif container.state == "created":
+                    self._reconcile_created(container)
+                elif container.state == "running":
+                    info = self.executor(container).exit_info(container.id)
+                    if info is not None:
+                        self._record_exit(container, info)
+            except Exception as exc:
+                log.error("cannot reconcile a container", id=container.id, error=str(exc))
+
+    def _discard(self, container: Container) -> None:
+        """A container whose CreateContainer never returned: nothing of it stays."""
+        self.executor(container).delete(container.id)
+        sandbox = self.sandboxes.find(container.pod_id)
+        if sandbox is not None:
+            with contextlib.suppress(OSError, ValueError):
+                cgroups.remove(f"{sandbox.cgroup_path}/{container.id}", timeout=1.0)
+        if container.bundle:
+            mounts.unmount_all_under(Path(container.bundle))
+            shutil.rmtree(container.bundle, ignore_errors=True)
+        if container.dir:
+            shutil.rmtree(container.dir, ignore_errors=True)
+        if container.log_path:
+            with contextlib.suppress(OSError):
+                Path(container.log_path).unlink()
+        self.db.delete(container)
+        with self._guard:
+            self.containers.pop(container.id, None)
+        self.names.release(self._name_key(container), container.id)
+        self.images.release_layers(container.layers)
+        log.info("took away a container whose creation a crash interrupted", id=container.id)
+
+    def _reconcile_created(self, container: Container) -> None:
+        executor = self.executor(container)
+        current = executor.state(container.id)
+        status = current.get("status") if current else None
+        if status == "created":
+            return
+        if status == "running":
+            pid = int((current or {}).get("pid") or 0)
+            container.state = "running"
+            container.pid = pid
+            container.started_at_ns = _process_start_ns(pid) or time.time_ns()
+            self.db.save(container)
+            log.info("container was started before a crash", id=container.id)
+            return
+        info = executor.exit_info(container.id)
+        self._record_exit(container, info)
 
     def start_watcher(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="exit-watcher", daemon=True)
@@ -242,18 +320,25 @@ class ContainerManager:
         undo.callback(self.images.release_layers, chains)
         container.layers = chains
         persistent = self.settings.root_dir / container.id
+        volatile = self.settings.state_dir / container.id
+        rootfs = volatile / "rootfs"
+        container.dir, container.rootfs, container.bundle = str(persistent), str(rootfs), str(volatile)
+        container.pending = "creating"
+        # On record before the first step: after a crash from here on, start-up finds the
+        # pending record and takes away whatever of the container exists.
+        self.db.save(container)
+        undo.callback(self.db.delete, container)
+        failpoints.hit("container.recorded")
         (persistent / "upper").mkdir(parents=True, mode=0o755)
         (persistent / "work").mkdir(mode=0o700)
         undo.callback(shutil.rmtree, persistent, True)
-        volatile = self.settings.state_dir / container.id
-        rootfs = volatile / "rootfs"
         rootfs.mkdir(parents=True, mode=0o755)
         undo.callback(shutil.rmtree, volatile, True)
-        container.dir, container.rootfs, container.bundle = str(persistent), str(rootfs), str(volatile)
         mounts.mount_overlay(
             self.images.layer_dirs(container.image_id), persistent / "upper", persistent / "work", rootfs
         )
         undo.callback(mounts.unmount, rootfs)
+        failpoints.hit("container.after_mount")
         context = spec.SandboxContext(
             pod_id=sandbox.id,
             hostname=sandbox.hostname,
@@ -310,8 +395,9 @@ class ContainerManager:
             stdin_once=config.stdin_once,
         )
         undo.callback(executor.delete, container.id)
+        failpoints.hit("container.after_conmon")
+        container.pending = ""
         self.db.save(container)
-        undo.callback(self.db.delete, container)
         with self._guard:
             self.containers[container.id] = container
 
@@ -349,6 +435,7 @@ class ContainerManager:
                 raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
             started = time.time_ns()  # before: a quick process may exit before start returns
             self.executor(container).start(container.id)
+            failpoints.hit("container.after_start")
             container.started_at_ns = started
             container.state = "running"
             self.db.save(container)
@@ -371,6 +458,7 @@ class ContainerManager:
             else:
                 if timeout > 0:
                     executor.kill(container.id, _signal_number(container.stop_signal))
+                    failpoints.hit("container.stop_after_kill")
                     if executor.wait_exit(container.id, timeout) is None:
                         executor.kill(container.id, signal.SIGKILL, all_processes=True)
                 else:
@@ -405,7 +493,13 @@ class ContainerManager:
         if container.state in ("running", "created"):
             self._stop(container, 0)
         with self.locks.hold(container.id):
+            if container.pending != "removing":
+                # Recorded first: a crash half-way is finished at start-up.
+                container.pending = "removing"
+                self.db.save(container)
+                failpoints.hit("container.remove_recorded")
             self.executor(container).delete(container.id)
+            failpoints.hit("container.remove_after_delete")
             mounts.unmount_all_under(Path(container.bundle))
             shutil.rmtree(container.bundle, ignore_errors=True)
             shutil.rmtree(container.dir, ignore_errors=True)

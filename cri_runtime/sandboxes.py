@@ -27,6 +27,7 @@ from cri_runtime.cni import CNI, PortMapping
 from cri_runtime.locks import KeyedLocks
 from cri_runtime.names import NameIndex
 from cri_runtime.state import Sandbox, StateDB
+from imageservice import failpoints
 from imageservice.errors import InvalidArgument, NotFound, PycriError, Unavailable
 
 if TYPE_CHECKING:
@@ -130,9 +131,11 @@ class SandboxManager:
         for key in linux.sysctls:
             if host_network and key.startswith("net."):
                 raise InvalidArgument(f"sysctl {key} cannot be set on a pod in the host network namespace")
+        try:
+            cgroup_path = cgroups.normalize(linux.cgroup_parent or f"{DEFAULT_CGROUP_PARENT}/{sandbox_id}")
+        except ValueError as exc:
+            raise InvalidArgument(f"pod linux.cgroup_parent: {exc}") from exc
         directory = self.settings.state_dir / sandbox_id
-        directory.mkdir(mode=0o711)
-        undo.callback(shutil.rmtree, directory, True)
         sandbox = Sandbox(
             id=sandbox_id,
             name=meta.name,
@@ -152,7 +155,18 @@ class SandboxManager:
             pid_mode=options.pid,
             ipc_mode=options.ipc,
             dir=str(directory),
+            cgroup_path=cgroup_path,
+            # The directories the cgroup step will make, known before it makes them.
+            cgroup_created=[str(p) for p in cgroups.missing(cgroup_path)],
+            pending="creating",
         )
+        # On record before the first step: after a crash from here on, start-up finds the
+        # pending record and takes away whatever of the pod exists.
+        self.db.save(sandbox)
+        undo.callback(self.db.delete, sandbox)
+        failpoints.hit("sandbox.recorded")
+        directory.mkdir(mode=0o711)
+        undo.callback(shutil.rmtree, directory, True)
         # Namespaces: the pod's own net, IPC and UTS, pinned so they outlive any process.
         pinned = netns.create_pod_namespaces(
             directory / "ns",
@@ -165,17 +179,16 @@ class SandboxManager:
         sandbox.netns_path = str(pinned.net or "")
         sandbox.ipcns_path = str(pinned.ipc or "")
         sandbox.utsns_path = str(pinned.uts or "")
+        failpoints.hit("sandbox.after_netns")
         # The pod cgroup: kubelet names it; crictl users often don't.
-        sandbox.cgroup_path = cgroups.normalize(
-            linux.cgroup_parent or f"{DEFAULT_CGROUP_PARENT}/{sandbox_id}"
-        )
         created = cgroups.create(sandbox.cgroup_path)
-        sandbox.cgroup_created = [str(p) for p in created]
-        undo.callback(cgroups.remove_dirs, created)
+        undo.callback(_remove_pod_cgroup, sandbox.cgroup_path, [str(p) for p in created])
         self._apply_pod_limits(sandbox.cgroup_path, linux)
+        failpoints.hit("sandbox.after_cgroup")
         if options.pid == pb.NamespaceMode.POD:
             sandbox.init_pid = self._start_pod_init(pinned, directory)
             undo.callback(_kill_init, sandbox.init_pid)
+            failpoints.hit("sandbox.after_init")
         # Network: CNI ADD in the pinned netns.
         if not host_network:
             ports = [
@@ -196,6 +209,7 @@ class SandboxManager:
             if result.ips:
                 sandbox.ip = result.ips[0]
                 sandbox.additional_ips = list(result.ips[1:])
+            failpoints.hit("sandbox.after_cni")
         # Files every container binds in.
         self._write_pod_files(sandbox, config, directory, host_network)
         shm = directory / "shm"
@@ -206,8 +220,9 @@ class SandboxManager:
             mounts.mount_tmpfs(shm, size=SHM_SIZE)
             undo.callback(mounts.unmount, shm)
             sandbox.shm_path = str(shm)
+        failpoints.hit("sandbox.after_shm")
+        sandbox.pending = ""
         self.db.save(sandbox)
-        undo.callback(self.db.delete, sandbox)
         with self._guard:
             self.sandboxes[sandbox_id] = sandbox
         return sandbox
@@ -295,13 +310,25 @@ class SandboxManager:
         sandbox = self.find(sandbox_id)
         if sandbox is None:
             return  # CRI: stopping a pod that is gone is not an error
+        with self.locks.hold(sandbox.id):
+            if sandbox.state == "ready" and not sandbox.pending:
+                # Recorded first: a crash half-way leaves a pod that start-up stops again,
+                # never one that says ready with its network gone.
+                sandbox.pending = "stopping"
+                sandbox.state = "notready"
+                self.db.save(sandbox)
+                failpoints.hit("sandbox.stop_recorded")
+        self._finish_stop(sandbox)
+        log.info("pod sandbox stopped", id=sandbox.id)
+
+    def _finish_stop(self, sandbox: Sandbox) -> None:
         if self.containers is not None:
             self.containers.stop_all_in_pod(sandbox.id)
         with self.locks.hold(sandbox.id):
             self._teardown(sandbox)
-            sandbox.state = "notready"
+            if sandbox.pending == "stopping":
+                sandbox.pending = ""
             self.db.save(sandbox)
-        log.info("pod sandbox stopped", id=sandbox.id)
 
     def _teardown(self, sandbox: Sandbox) -> None:
         """Release what a stopped pod no longer needs; every step tolerates being repeated."""
@@ -309,6 +336,7 @@ class SandboxManager:
         if sandbox.network_ready:
             try:
                 self._cni_delete(sandbox)
+                failpoints.hit("sandbox.stop_after_cni")
                 sandbox.network_ready = False
                 self.db.save(sandbox)
             except PycriError as exc:
@@ -333,14 +361,23 @@ class SandboxManager:
         sandbox = self.find(sandbox_id)
         if sandbox is None:
             return
+        with self.locks.hold(sandbox.id):
+            if sandbox.pending != "removing":
+                sandbox.pending = "removing"
+                sandbox.state = "notready"
+                self.db.save(sandbox)
+                failpoints.hit("sandbox.remove_recorded")
+        self._finish_remove(sandbox)
+        log.info("pod sandbox removed", id=sandbox.id)
+
+    def _finish_remove(self, sandbox: Sandbox) -> None:
+        """Everything of the pod goes; each step tolerates having been done before a crash."""
         if self.containers is not None:
             self.containers.remove_all_in_pod(sandbox.id)
         with self.locks.hold(sandbox.id):
             self._teardown(sandbox)
-            if sandbox.cgroup_created:
-                # Ours: remove it with whatever the runtime left below it, then the parents we made.
-                cgroups.remove(sandbox.cgroup_path)
-                cgroups.remove_dirs([Path(p) for p in sandbox.cgroup_created])
+            failpoints.hit("sandbox.remove_after_teardown")
+            _remove_pod_cgroup(sandbox.cgroup_path, sandbox.cgroup_created)
             directory = Path(sandbox.dir)
             mounts.unmount_all_under(directory)
             shutil.rmtree(directory, ignore_errors=True)
@@ -348,11 +385,82 @@ class SandboxManager:
             with self._guard:
                 self.sandboxes.pop(sandbox.id, None)
             self.names.release(sandbox_name(sandbox), sandbox.id)
-        log.info("pod sandbox removed", id=sandbox.id)
+
+    # --- start-up -------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish what a crash interrupted: pods being created are taken away, pods being
+        stopped or removed are stopped or removed. Runs before pycri serves, after the
+        containers were restored (a pod's stop or removal takes its containers along)."""
+        for sandbox in self.all():
+            try:
+                if sandbox.state == "ready" and not sandbox.pending and not _intact(sandbox):
+                    # Its namespaces or its init are gone (a reboot, someone's umount): the pod
+                    # cannot run containers any more. Say so, and free what it held.
+                    log.warning("pod lost its namespaces or init; marking it not ready", id=sandbox.id)
+                    sandbox.state = "notready"
+                    sandbox.pending = "stopping"
+                    self.db.save(sandbox)
+                if sandbox.pending == "creating":
+                    self._discard(sandbox)
+                elif sandbox.pending == "stopping":
+                    self._finish_stop(sandbox)
+                    log.info("finished stopping a pod after a crash", id=sandbox.id)
+                elif sandbox.pending == "removing":
+                    self._finish_remove(sandbox)
+                    log.info("finished removing a pod after a crash", id=sandbox.id)
+            except Exception as exc:
+                log.error("cannot finish a pod's interrupted operation", id=sandbox.id, error=str(exc))
+
+    def _discard(self, sandbox: Sandbox) -> None:
+        """A pod whose RunPodSandbox never returned: CNI DEL if the ADD began, then what only
+        the record knows (the cgroup directories it made). The start-up sweep takes the rest:
+        the pod init, mounts, netns pins and the directory, all found by the pod's ID."""
+        with contextlib.suppress(PycriError):
+            netns_path = Path(sandbox.dir) / "ns" / "net"
+            self.cni.delete(sandbox.id, netns_path if netns_path.exists() else None)
+        _remove_pod_cgroup(sandbox.cgroup_path, sandbox.cgroup_created)
+        self.db.delete(sandbox)
+        with self._guard:
+            self.sandboxes.pop(sandbox.id, None)
+        self.names.release(sandbox_name(sandbox), sandbox.id)
+        log.info("took away a pod whose creation a crash interrupted", id=sandbox.id)
 
 
 def sandbox_name(sandbox: Sandbox) -> str:
     return f"{sandbox.name}_{sandbox.namespace}_{sandbox.uid}_{sandbox.attempt}"
+
+
+def _intact(sandbox: Sandbox) -> bool:
+    for path in (sandbox.netns_path, sandbox.ipcns_path, sandbox.utsns_path):
+        # A pinned namespace is a bind mount of an nsfs inode: another device than its directory.
+        try:
+            if path and os.stat(path).st_dev == os.stat(os.path.dirname(path)).st_dev:
+                return False
+        except OSError:
+            return False
+    if sandbox.init_pid:
+        try:
+            with open(f"/proc/{sandbox.init_pid}/cmdline", "rb") as fh:
+                return b"catatonit" in fh.read()
+        except OSError:
+            return False
+    return True
+
+
+def _remove_pod_cgroup(path: str, created: list[str]) -> None:
+    """Remove the pod cgroup if pycri made it (with whatever the runtime left below it), then
+    the parents pycri made that no other pod uses now."""
+    if not created:
+        return
+    mine = {str(h / path.lstrip("/")) for h in cgroups.hierarchies()}
+    if any(p in mine for p in created):
+        cgroups.remove(path)
+    for parent in sorted(
+        (Path(p) for p in created if p not in mine), key=lambda p: len(p.parts), reverse=True
+    ):
+        with contextlib.suppress(OSError):  # busy: another pod lives there
+            parent.rmdir()
 
 
 def _kill_init(pid: int) -> None:

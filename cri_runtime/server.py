@@ -19,14 +19,14 @@ from typing import Any
 import grpc
 import structlog
 
-from cri_runtime import oci
+from cri_runtime import oci, recovery
 from cri_runtime.api import api_pb2_grpc as pb_grpc
 from cri_runtime.cni import CNI
 from cri_runtime.config import Config
 from cri_runtime.containers import ContainerManager, ContainerSettings
 from cri_runtime.executor import Executor
 from cri_runtime.runtime_service import RuntimeService
-from cri_runtime.sandboxes import SandboxManager, SandboxSettings
+from cri_runtime.sandboxes import DEFAULT_CGROUP_PARENT, SandboxManager, SandboxSettings
 from cri_runtime.state import StateDB
 from cri_runtime.streaming import StreamingServer
 from imageservice.errors import FailedPrecondition, InvalidArgument, PycriError
@@ -322,12 +322,51 @@ def build_runtime(
         executors,
         default.name if default else "",
     )
-    saved_sandboxes, saved_containers = db.load()
-    sandboxes.restore(saved_sandboxes)
-    containers.restore([c for c in saved_containers if c.runtime in executors])
+    recover(db, root, state, sandboxes, containers, executors, cni)
     store.collect_unused()
     containers.start_watcher()
     return Runtime(db, cni, sandboxes, containers)
+
+
+def recover(
+    db: StateDB,
+    root: Path,
+    state: Path,
+    sandboxes: SandboxManager,
+    containers: ContainerManager,
+    executors: dict[str, Executor],
+    cni: CNI,
+) -> None:
+    """Bring the host and the records into agreement after a restart or a crash."""
+    started = time.perf_counter()
+    saved_sandboxes, saved_containers = db.load()
+    sandboxes.restore(saved_sandboxes)
+    usable = [c for c in saved_containers if c.runtime in executors]
+    for container in saved_containers:
+        if container.runtime not in executors:
+            # Kept on record and on disk (the sweep spares them) but not served: its runtime
+            # is not usable now; it comes back when the runtime does.
+            log.warning(
+                "container's runtime is not usable; not restoring it",
+                id=container.id,
+                runtime=container.runtime,
+            )
+    containers.restore(usable)
+    containers.recover()
+    sandboxes.recover()
+    known = recovery.Known(
+        sandboxes={s.id for s in sandboxes.all()},
+        containers={c.id for c in saved_containers if c.runtime not in executors}
+        | {c.id for c in containers.all()},
+        pod_cgroups=[s.cgroup_path for s in sandboxes.all() if s.cgroup_path],
+    )
+    recovery.sweep(state, root, executors, cni, known, DEFAULT_CGROUP_PARENT)
+    log.info(
+        "state restored",
+        pods=len(known.sandboxes),
+        containers=len(known.containers),
+        ms=round((time.perf_counter() - started) * 1000, 1),
+    )
 
 
 def validate_paths(config: Config) -> None:

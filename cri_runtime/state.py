@@ -17,6 +17,10 @@ from typing import Any, Literal
 
 SandboxState = Literal["ready", "notready"]
 ContainerState = Literal["created", "running", "exited", "unknown"]
+# An operation that changes the host in several steps is recorded before its first step and
+# cleared after its last: a record still pending at start-up was cut short by a crash, and is
+# finished ("stopping", "removing") or undone ("creating") before pycri serves.
+Pending = Literal["", "creating", "stopping", "removing"]
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Sandbox:
     network_ready: bool = False  # CNI ADD done and not yet deleted
     shm_path: str = ""
     dir: str = ""
+    pending: Pending = ""
 
 
 @dataclass
@@ -79,6 +84,7 @@ class Container:
     stop_signal: str = ""
     user: list[int] = field(default_factory=list)  # uid, gid, *supplemental
     mounts: list[dict[str, Any]] = field(default_factory=list)
+    pending: Pending = ""
 
 
 def _encode(obj: Sandbox | Container) -> str:

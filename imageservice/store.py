@@ -32,6 +32,7 @@ from pathlib import Path
 
 import structlog
 
+from imageservice import failpoints
 from imageservice.cancel import Cancellation
 from imageservice.config import ImageConfig
 from imageservice.db import ImageDB, ImageRecord, LayerRecord, LayerRef
@@ -273,6 +274,7 @@ class ImageStore:
             for name in (*record.repo_tags, *record.repo_digests):
                 if self._names.get(name) == record.id:
                     del self._names[name]
+        failpoints.hit("image.remove_after_record")
         log.info("image removed", image=record.id, tags=record.repo_tags)
         self._collect_layers([layer.chain_id for layer in record.layers])
         return record.id
@@ -484,6 +486,7 @@ class ImageStore:
                 )
             blob.unlink()
             _syncfs(unpacked)
+            failpoints.hit("image.after_download")
             layer = LayerRecord(chain_id, diff_id, result.size, result.inodes)
             with self._lock:
                 if session.cancel.is_set():
@@ -492,6 +495,7 @@ class ImageStore:
                 _fsync_dir(self.layers_dir)
                 self.db.add_layer(layer)
                 self._layers[chain_id] = layer
+                failpoints.hit("image.after_layer")
             return layer
         finally:
             _remove_tree(work)

@@ -19,6 +19,7 @@ class Daemon:
     workdir: Path
     config_text: str = ""
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to pycri's environment
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,7 +65,9 @@ class Daemon:
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=log, start_new_session=True, env={**os.environ, **self.env}
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -90,6 +93,13 @@ class Daemon:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
             raise RuntimeError(f"pycri did not stop on SIGTERM in {timeout}s:\n{self.log_tail()}") from None
+
+    def wait_killed(self, timeout: float = 30.0) -> None:
+        """Wait for a daemon that kills itself (an armed failpoint) to be gone."""
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        if code != -9:
+            raise RuntimeError(f"pycri exited with {code}, not by SIGKILL:\n{self.log_tail()}")
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
