@@ -22,6 +22,7 @@ import structlog
 
 from cri_runtime import cgroups, mounts, spec
 from cri_runtime.api import api_pb2 as pb
+from cri_runtime.events import EventHub
 from cri_runtime.executor import ExecResult, Executor
 from cri_runtime.locks import KeyedLocks
 from cri_runtime.names import NameIndex
@@ -136,6 +137,7 @@ class ContainerManager:
         self._guard = threading.Lock()
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.events = EventHub()
         sandboxes.containers = self
         for directory in (settings.root_dir, settings.state_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -306,6 +308,7 @@ class ContainerManager:
             self.names.release(key, container_id)
             raise
         log.info("container created", id=container_id, pod=sandbox.id, name=container.name, runtime=runtime)
+        self.events.publish("created", container)
         return container
 
     def _create(
@@ -440,6 +443,7 @@ class ContainerManager:
             container.state = "running"
             self.db.save(container)
         log.info("container started", id=container.id)
+        self.events.publish("started", container)
 
     def stop(self, container_id: str, timeout: float) -> None:
         container = self.find(container_id)
@@ -470,12 +474,15 @@ class ContainerManager:
         exit_code = getattr(info, "exit_code", 137)
         finished = getattr(info, "finished_at_ns", 0) or time.time_ns()
         oom = bool(getattr(info, "oom_killed", False))
+        was_exited = container.state == "exited"
         container.state = "exited"
         container.exit_code = exit_code
         container.finished_at_ns = finished
         container.reason = "OOMKilled" if oom else ("Completed" if exit_code == 0 else "Error")
         container.pid = 0
         self.db.save(container)
+        if not was_exited:
+            self.events.publish("stopped", container)
 
     def stop_all_in_pod(self, pod_id: str) -> None:
         for container in self.in_pod(pod_id):
@@ -509,6 +516,7 @@ class ContainerManager:
             self.names.release(self._name_key(container), container.id)
             self.images.release_layers(container.layers)
         log.info("container removed", id=container.id)
+        self.events.publish("deleted", container)
 
     def remove_all_in_pod(self, pod_id: str) -> None:
         for container in self.in_pod(pod_id):

@@ -9,7 +9,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from cri_runtime.api import api_pb2_grpc as pb_grpc
 from cri_runtime.cni import CNI
 from cri_runtime.config import Config
 from cri_runtime.containers import ContainerManager
+from cri_runtime.events import ContainerEvent
 from cri_runtime.oci import RuntimeInfo
 from cri_runtime.sandboxes import SandboxManager
 from cri_runtime.state import Container, Sandbox
@@ -128,6 +129,32 @@ def container_status(container: Container) -> pb.ContainerStatus:
         linux_user.gid = container.user[1]
         linux_user.supplemental_groups.extend(container.user[2:])
     return status
+
+
+def sandbox_status(sandbox: Sandbox) -> pb.PodSandboxStatus:
+    config = pb.PodSandboxConfig.FromString(sandbox.config)
+    options = config.linux.security_context.namespace_options
+    return pb.PodSandboxStatus(
+        id=sandbox.id,
+        metadata=sandbox_metadata(sandbox),
+        state=_SANDBOX_STATES[sandbox.state],
+        created_at=sandbox.created_at_ns,
+        network=pb.PodSandboxNetworkStatus(
+            ip=sandbox.ip, additional_ips=[pb.PodIP(ip=ip) for ip in sandbox.additional_ips]
+        ),
+        linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=options)),
+        labels=sandbox.labels,
+        annotations=sandbox.annotations,
+        runtime_handler=sandbox.runtime_handler,
+    )
+
+
+_EVENT_TYPES = {
+    "created": pb.ContainerEventType.CONTAINER_CREATED_EVENT,
+    "started": pb.ContainerEventType.CONTAINER_STARTED_EVENT,
+    "stopped": pb.ContainerEventType.CONTAINER_STOPPED_EVENT,
+    "deleted": pb.ContainerEventType.CONTAINER_DELETED_EVENT,
+}
 
 
 class RuntimeService(pb_grpc.RuntimeServiceServicer):
@@ -260,22 +287,12 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     ) -> pb.PodSandboxStatusResponse:
         sandboxes, containers = self._managers()
         sandbox = sandboxes.get(request.pod_sandbox_id)
-        config = pb.PodSandboxConfig.FromString(sandbox.config)
-        options = config.linux.security_context.namespace_options
-        status = pb.PodSandboxStatus(
-            id=sandbox.id,
-            metadata=sandbox_metadata(sandbox),
-            state=_SANDBOX_STATES[sandbox.state],
-            created_at=sandbox.created_at_ns,
-            network=pb.PodSandboxNetworkStatus(
-                ip=sandbox.ip, additional_ips=[pb.PodIP(ip=ip) for ip in sandbox.additional_ips]
-            ),
-            linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=options)),
-            labels=sandbox.labels,
-            annotations=sandbox.annotations,
-            runtime_handler=sandbox.runtime_handler,
+        # With the pod's containers and a timestamp, as kubelet's evented PLEG reads them.
+        response = pb.PodSandboxStatusResponse(
+            status=sandbox_status(sandbox),
+            containers_statuses=[container_status(c) for c in containers.in_pod(sandbox.id)],
+            timestamp=time.time_ns(),
         )
-        response = pb.PodSandboxStatusResponse(status=status)
         if request.verbose:
             response.info["info"] = json.dumps(
                 {
@@ -455,6 +472,41 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         _, containers = self._managers()
         await _in_thread(containers.reopen_log, request.container_id)
         return pb.ReopenContainerLogResponse()
+
+    # --- events ---------------------------------------------------------------------------
+
+    async def GetContainerEvents(
+        self, request: pb.GetEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ContainerEventResponse]:
+        sandboxes, containers = self._managers()
+        subscription = containers.events.subscribe(asyncio.get_running_loop())
+        try:
+            while True:
+                event = await subscription.next()
+                yield self._event_response(sandboxes, containers, event)
+        finally:
+            containers.events.unsubscribe(subscription)
+
+    @staticmethod
+    def _event_response(
+        sandboxes: SandboxManager, containers: ContainerManager, event: ContainerEvent
+    ) -> pb.ContainerEventResponse:
+        """The event with its pod's status and its containers' statuses: the container as it
+        was at the event, its siblings as they are now."""
+        container = event.container
+        response = pb.ContainerEventResponse(
+            container_id=container.id,
+            container_event_type=_EVENT_TYPES[event.kind],  # type: ignore[arg-type]
+            created_at=event.at_ns,
+        )
+        sandbox = sandboxes.find(container.pod_id)
+        if sandbox is not None:
+            response.pod_sandbox_status.CopyFrom(sandbox_status(sandbox))
+        siblings = [c for c in containers.in_pod(container.pod_id) if c.id != container.id]
+        if event.kind != "deleted":
+            siblings.append(container)
+        response.containers_statuses.extend(container_status(c) for c in siblings)
+        return response
 
     # --- streaming ------------------------------------------------------------------------
 
