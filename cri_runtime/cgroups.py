@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imageservice.diskusage import disk_usage
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -232,16 +234,7 @@ def usage(path: str, root: Path = CGROUP_ROOT) -> Usage:
 
 def tree_usage(directory: Path) -> tuple[int, int]:
     """Bytes (allocated blocks) and inodes below ``directory``, not following links."""
-    used = inodes = 0
-    for dirpath, dirnames, filenames in os.walk(directory):
-        for name in (*dirnames, *filenames):
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            used += st.st_blocks * 512
-            inodes += 1
-    return used, inodes
+    return disk_usage(directory)
 
 
 def apply_limits(

@@ -36,6 +36,7 @@ from imageservice import failpoints
 from imageservice.cancel import Cancellation
 from imageservice.config import ImageConfig
 from imageservice.db import ImageDB, ImageRecord, LayerRecord, LayerRef
+from imageservice.diskusage import disk_usage, disk_usage_of_dir
 from imageservice.errors import (
     DataLoss,
     DeadlineExceeded,
@@ -257,6 +258,9 @@ class ImageStore:
         with self._lock:
             used = sum(layer.size for layer in self._layers.values())
             inodes = sum(layer.inodes for layer in self._layers.values())
+        own, _ = disk_usage_of_dir(self.layers_dir)
+        used += own
+        inodes += 1
         return FsUsage(str(self.layers_dir), used, inodes, time.time_ns())
 
     # --- removal ---------------------------------------------------------------
@@ -487,7 +491,8 @@ class ImageStore:
             blob.unlink()
             _syncfs(unpacked)
             failpoints.hit("image.after_download")
-            layer = LayerRecord(chain_id, diff_id, result.size, result.inodes)
+            # What the layer costs on disk, as du counts it (ImageFsInfo adds these up).
+            layer = LayerRecord(chain_id, diff_id, *disk_usage(unpacked))
             with self._lock:
                 if session.cancel.is_set():
                     raise DeadlineExceeded(f"download of layer {desc.digest} cancelled")
@@ -604,7 +609,7 @@ class ImageStore:
                     f"but the image config says {diff_id}"
                 )
             _syncfs(work)
-            layer = LayerRecord(chain_id, diff_id, result.size, result.inodes)
+            layer = LayerRecord(chain_id, diff_id, *disk_usage(work / "layer"))
             with self._lock:
                 if chain_id in self._layers:
                     return

@@ -352,6 +352,32 @@ def test_image_fs_info_counts_the_store(registry: Registry, daemon: Daemon, cri:
     assert usage.timestamp > 0
 
 
+def test_image_fs_info_matches_du_of_the_store(registry: Registry, daemon: Daemon, cri: CRIClient) -> None:
+    push_image(registry, "test/fsinfo-du", "1", multilayer_image())
+    push_image(registry, "test/fsinfo-du", "2", Image.build([busybox_layer()], cmd=["sh"]))
+    cri.pull(f"{registry.host}/test/fsinfo-du:1")
+    cri.pull(f"{registry.host}/test/fsinfo-du:2")
+    usage = cri.image_fs_info().image_filesystems[0]
+    layers = daemon.root / "layers"
+    assert usage.fs_id.mountpoint == str(layers)
+    du_bytes = int(
+        subprocess.run(["du", "-s", "-B1", str(layers)], capture_output=True, text=True).stdout.split()[0]
+    )
+    du_inodes = int(
+        subprocess.run(["du", "-s", "--inodes", str(layers)], capture_output=True, text=True).stdout.split()[
+            0
+        ]
+    )
+    assert abs(usage.used_bytes.value - du_bytes) <= du_bytes * 0.01, (usage.used_bytes.value, du_bytes)
+    assert usage.inodes_used.value == du_inodes
+    cri.remove_image(f"{registry.host}/test/fsinfo-du:1")
+    cri.remove_image(f"{registry.host}/test/fsinfo-du:2")
+    du_empty = int(
+        subprocess.run(["du", "-s", "-B1", str(layers)], capture_output=True, text=True).stdout.split()[0]
+    )
+    assert cri.image_fs_info().image_filesystems[0].used_bytes.value == du_empty
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
