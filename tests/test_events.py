@@ -183,4 +183,3 @@ def test_a_watcher_that_falls_behind_is_cut_off_and_others_are_not() -> None:
     assert got == [f"c{i}" for i in range(20)]
     assert seen == 5
     assert "reconnect and relist" in message
-
