@@ -368,3 +368,26 @@ def test_start_collects_what_no_record_owns(node: Node) -> None:
     assert node.cri.list_pods() == []
     assert leftovers(node) == CLEAN
     assert "collected leftovers of a crashed run" in node.daemon.log_path.read_text()
+
+
+def test_after_a_reboot_pods_are_not_ready_and_containers_exited(node: Node) -> None:
+    """A reboot wipes the state directory (tmpfs), every process and every cgroup; the records
+    in the root survive. Pods come back not ready, containers exited, and both can be removed."""
+    pod = node.pod("rebooted", pid_mode=pb.NamespaceMode.POD)
+    ip = node.cri.pod_status(pod).status.network.ip
+    cid = node.container(pod, "c", ["sleep", "100"])
+    node.cri.close()
+    node.daemon.kill()
+    force_cleanup(node.daemon)  # what the reboot takes: processes, mounts, /run, cgroups
+    # The bridge lost its port with the netns; host-local's allocations went with /run.
+    node.daemon.start()
+    node.cri = node.daemon.client()
+    status = node.cri.pod_status(pod).status
+    assert status.state == pb.PodSandboxState.SANDBOX_NOTREADY
+    assert status.network.ip == ip  # as recorded, for kubelet's bookkeeping
+    container = node.cri.container_status(cid).status
+    assert container.state == pb.ContainerState.CONTAINER_EXITED
+    assert container.exit_code == 255 and container.finished_at > 0
+    node.cri.remove_pod(pod)
+    assert node.cri.list_pods() == [] and node.cri.list_containers() == []
+    assert leftovers(node) == CLEAN
