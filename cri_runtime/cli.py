@@ -45,6 +45,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", help="runtime state directory (default /run/pycri)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", choices=("console", "json"))
+    parser.add_argument(
+        "--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics (default: off)"
+    )
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -57,6 +60,7 @@ def _config(args: argparse.Namespace) -> Config:
             "state": args.state,
             "log_level": args.log_level,
             "log_format": args.log_format,
+            "metrics_address": args.metrics_address,
         },
     )
 

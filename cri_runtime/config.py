@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cri_runtime.metrics import parse_address
 from imageservice.config import ImageConfig, RegistryHost
 from imageservice.errors import InvalidArgument
 
@@ -45,6 +46,8 @@ class Config:
     cgroup_driver: str = "cgroupfs"
     # "crun" or "runc"; pycri falls back to runc when crun cannot run on this host.
     default_runtime: str = "crun"
+    # HOST:PORT of the Prometheus /metrics endpoint; empty: no endpoint.
+    metrics_address: str = ""
     image: ImageConfig = field(default_factory=ImageConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
@@ -155,6 +158,8 @@ def validate(config: Config) -> None:
         raise InvalidArgument(f"cgroup_driver must be cgroupfs or systemd, got {config.cgroup_driver!r}")
     if config.default_runtime not in ("crun", "runc"):
         raise InvalidArgument(f"default_runtime must be crun or runc, got {config.default_runtime!r}")
+    if config.metrics_address:
+        parse_address(config.metrics_address, "metrics_address")
     try:
         subnet = ipaddress.ip_network(config.network.pod_subnet)
     except ValueError:

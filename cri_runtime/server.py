@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import structlog
 
-from cri_runtime import oci, recovery
+from cri_runtime import metrics, oci, recovery
 from cri_runtime.api import api_pb2_grpc as pb_grpc
 from cri_runtime.cni import CNI
 from cri_runtime.config import Config
@@ -125,10 +125,12 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
 
 def _log_rpc(method: str, request: Any, code: grpc.StatusCode, message: str, started: float) -> None:
+    seconds = time.perf_counter() - started
+    metrics.METRICS.observe_rpc(method, code.name, seconds)
     fields = {
         "method": method,
         "code": code.name,
-        "ms": round((time.perf_counter() - started) * 1000, 2),
+        "ms": round(seconds * 1000, 2),
         **_ids(request),
     }
     if code == grpc.StatusCode.OK:
@@ -207,8 +209,10 @@ async def serve(
     default, why = oci.choose_default(config.default_runtime, runtimes)
     (log.info if default else log.warning)("oci runtime", decision=why)
     store = ImageStore(Path(config.root), config.image)
+    store.pull_observer = metrics.METRICS
     image_service = ImageService(store)
     runtime = build_runtime(config, store, runtimes, default)
+    metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)
     server = grpc.aio.server(
         interceptors=[_Interceptor()],
         options=[
@@ -227,6 +231,7 @@ async def serve(
         ssl_context=_streaming_tls(config),
     )
     await streaming.start()
+    metrics_server = await metrics.start_server(config.metrics_address)
     runtime_service.streaming = streaming
     pb_grpc.add_RuntimeServiceServicer_to_server(runtime_service, server)
     pb_grpc.add_ImageServiceServicer_to_server(image_service, server)
@@ -254,6 +259,8 @@ async def serve(
         log.info("shutting down")
         await server.stop(grace=5)
         await streaming.stop()
+        if metrics_server is not None:
+            await metrics_server.stop()
         runtime.containers.close()
         image_service.close()
         store.close()

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -106,6 +107,14 @@ class _LayerJob:
     waiters: int = 0
 
 
+class PullObserver(Protocol):
+    """Told of pull progress (pycri's metrics); called from pull and download threads."""
+
+    def pull_bytes_received(self, count: int) -> None: ...
+
+    def pull_finished(self, result: str, seconds: float) -> None: ...
+
+
 @dataclass(frozen=True)
 class FsUsage:
     mountpoint: str
@@ -134,6 +143,7 @@ class ImageStore:
         self._pins: Counter[str] = Counter()  # chain id -> pulls and containers using it
         self._jobs: dict[str, _LayerJob] = {}
         self._workers = ThreadPoolExecutor(config.max_concurrent_downloads, thread_name_prefix="layer")
+        self.pull_observer: PullObserver | None = None
         self._load()
 
     # --- start-up ------------------------------------------------------------
@@ -307,18 +317,38 @@ class ImageStore:
 
     def pull(self, text: str, credentials: Credentials, cancel: threading.Event) -> ImageRecord:
         """Pull ``text`` into the store; return its record. Runs in a worker thread."""
+        started = time.monotonic()
+        result = "failure"
+        try:
+            record = self._pull(text, credentials, cancel)
+            result = "success"
+            return record
+        finally:
+            if self.pull_observer is not None:
+                if result != "success" and cancel.is_set():
+                    result = "cancelled"
+                self.pull_observer.pull_finished(result, time.monotonic() - started)
+
+    def _received(self, count: int) -> None:
+        if self.pull_observer is not None:
+            self.pull_observer.pull_bytes_received(count)
+
+    def _pull(self, text: str, credentials: Credentials, cancel: threading.Event) -> ImageRecord:
         ref = parse_reference(text)
         started = time.monotonic()
         session = RegistrySession(ref, self.config, credentials, cancel)
         top = session.fetch_manifest(ref.pull_reference, expect_digest=ref.digest)
+        self._received(len(top.body))
         manifest = top
         if top.media_type in INDEX_TYPES:
             child = self._pick_platform(ref, top)
             manifest = session.fetch_manifest(child.digest, expect_digest=child.digest)
+            self._received(len(manifest.body))
             if manifest.media_type in INDEX_TYPES:
                 raise InvalidArgument(f"image {ref}: index {child.digest} points at another index")
         config_desc, layer_descs = self._parse_image_manifest(ref, manifest)
         config_bytes = session.fetch_config(config_desc.digest, config_desc.size)
+        self._received(len(config_bytes))
         diff_ids = self._parse_config(ref, config_bytes, len(layer_descs))
         self._check_platform(ref, config_bytes)
         chains = chain_ids(diff_ids)
@@ -479,7 +509,7 @@ class ImageStore:
         work.mkdir(mode=0o700)
         try:
             blob = work / "blob"
-            session.download_blob(desc.digest, desc.size, blob)
+            session.download_blob(desc.digest, desc.size, blob, progress=self._received)
             unpacked = work / "layer"
             (unpacked / "diff").mkdir(parents=True, mode=0o755)
             result = unpack_layer(blob, unpacked / "diff", blob_digest=desc.digest, cancel=session.cancel)
