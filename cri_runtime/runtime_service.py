@@ -10,12 +10,11 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from cri_runtime import __version__, cgroups
+from cri_runtime import __version__, stats
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
 from cri_runtime.cni import CNI
@@ -179,7 +178,6 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.containers = containers
         self.cni = cni
         # Last CPU sample per container: usage_nano_cores is a rate between two calls.
-        self._cpu_samples: dict[str, tuple[int, int]] = {}
 
     def _managers(self) -> tuple[SandboxManager, ContainerManager]:
         assert self.sandboxes is not None and self.containers is not None
@@ -403,10 +401,40 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
     # --- stats --------------------------------------------------------------------------
 
-    def _container_stats(self, container: Container) -> pb.ContainerStats:
-        sandboxes, _ = self._managers()
-        now = time.time_ns()
-        stats = pb.ContainerStats(
+    _METRIC_TYPES = {"counter": pb.MetricType.COUNTER, "gauge": pb.MetricType.GAUGE}
+
+    @functools.cached_property
+    def _stats(self) -> stats.StatsCollector:
+        # Holds the previous CPU sample of each pod and container: usage_nano_cores is a rate.
+        return stats.StatsCollector()
+
+    def _forget_gone(self) -> None:
+        sandboxes, containers = self._managers()
+        self._stats.forget_except([s.id for s in sandboxes.all()] + [c.id for c in containers.all()])
+
+    @staticmethod
+    def _fill_cpu(target: pb.CpuUsage, cpu: stats.Cpu) -> None:
+        if cpu.usage_ns is not None:
+            target.usage_core_nano_seconds.value = cpu.usage_ns
+        if cpu.nano_cores is not None:
+            target.usage_nano_cores.value = cpu.nano_cores
+
+    @staticmethod
+    def _fill_memory(target: pb.MemoryUsage, memory: stats.Memory) -> None:
+        for field_name, value in (
+            ("working_set_bytes", memory.working_set),
+            ("available_bytes", memory.available),
+            ("usage_bytes", memory.usage),
+            ("rss_bytes", memory.rss),
+            ("page_faults", memory.page_faults),
+            ("major_page_faults", memory.major_page_faults),
+        ):
+            if value is not None:
+                getattr(target, field_name).value = value
+
+    def _container_stats(self, usage: stats.ContainerUsage) -> pb.ContainerStats:
+        container, now = usage.container, usage.timestamp_ns
+        out = pb.ContainerStats(
             attributes=pb.ContainerAttributes(
                 id=container.id,
                 metadata=pb.ContainerMetadata(name=container.name, attempt=container.attempt),
@@ -414,57 +442,141 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 annotations=container.annotations,
             )
         )
-        stats.cpu.timestamp = now
-        stats.memory.timestamp = now
-        sandbox = sandboxes.find(container.pod_id)
-        if sandbox is not None and container.state == "running":
-            use = cgroups.usage(f"{sandbox.cgroup_path}/{container.id}")
-            if use.cpu_ns is not None:
-                stats.cpu.usage_core_nano_seconds.value = use.cpu_ns
-                previous = self._cpu_samples.get(container.id)
-                if previous is not None and now > previous[0] and use.cpu_ns >= previous[1]:
-                    rate = (use.cpu_ns - previous[1]) * 1_000_000_000 // (now - previous[0])
-                    stats.cpu.usage_nano_cores.value = rate
-                self._cpu_samples[container.id] = (now, use.cpu_ns)
-            for field_name, value in (
-                ("usage_bytes", use.memory_usage),
-                ("working_set_bytes", use.working_set),
-                ("rss_bytes", use.rss),
-                ("page_faults", use.page_faults),
-                ("major_page_faults", use.major_page_faults),
-            ):
-                if value is not None:
-                    getattr(stats.memory, field_name).value = value
-            if use.memory_limit is not None and use.working_set is not None:
-                stats.memory.available_bytes.value = max(use.memory_limit - use.working_set, 0)
-        upper = Path(container.dir) / "upper"
-        if upper.is_dir():
-            used, inodes = cgroups.tree_usage(upper)
-            stats.writable_layer.timestamp = now
-            stats.writable_layer.fs_id.mountpoint = str(upper)
-            stats.writable_layer.used_bytes.value = used
-            stats.writable_layer.inodes_used.value = inodes
-        return stats
+        out.cpu.timestamp = now
+        out.memory.timestamp = now
+        if usage.cgroup is not None:
+            self._fill_cpu(out.cpu, usage.cgroup.cpu)
+            self._fill_memory(out.memory, usage.cgroup.memory)
+            swap = usage.cgroup.swap
+            if swap is not None:
+                out.swap.timestamp = now
+                out.swap.swap_usage_bytes.value = swap.usage
+                if swap.available is not None:
+                    out.swap.swap_available_bytes.value = swap.available
+        layer = usage.writable_layer
+        if layer is not None:
+            out.writable_layer.timestamp = now
+            out.writable_layer.fs_id.mountpoint = layer.mountpoint
+            out.writable_layer.used_bytes.value = layer.used_bytes
+            out.writable_layer.inodes_used.value = layer.inodes_used
+        return out
+
+    def _pod_stats(self, usage: stats.PodUsage) -> pb.PodSandboxStats:
+        sandbox, now = usage.sandbox, usage.timestamp_ns
+        out = pb.PodSandboxStats(
+            attributes=pb.PodSandboxAttributes(
+                id=sandbox.id,
+                metadata=sandbox_metadata(sandbox),
+                labels=sandbox.labels,
+                annotations=sandbox.annotations,
+            )
+        )
+        linux = out.linux
+        if usage.cgroup is not None:
+            linux.cpu.timestamp = now
+            self._fill_cpu(linux.cpu, usage.cgroup.cpu)
+            linux.memory.timestamp = now
+            self._fill_memory(linux.memory, usage.cgroup.memory)
+            linux.process.timestamp = now
+            linux.process.process_count.value = usage.cgroup.processes.processes
+        if usage.network is not None:
+            linux.network.timestamp = now
+
+            def interface(counters: stats.Interface) -> pb.NetworkInterfaceUsage:
+                found = pb.NetworkInterfaceUsage(name=counters.name)
+                found.rx_bytes.value = counters.rx_bytes
+                found.rx_errors.value = counters.rx_errors
+                found.tx_bytes.value = counters.tx_bytes
+                found.tx_errors.value = counters.tx_errors
+                return found
+
+            if usage.network.default is not None:
+                linux.network.default_interface.CopyFrom(interface(usage.network.default))
+            linux.network.interfaces.extend(interface(i) for i in usage.network.interfaces)
+        linux.containers.extend(self._container_stats(c) for c in usage.containers)
+        return out
 
     async def ContainerStats(
         self, request: pb.ContainerStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ContainerStatsResponse:
-        _, containers = self._managers()
+        sandboxes, containers = self._managers()
         container = containers.get(request.container_id)
-        stats = await _in_thread(self._container_stats, container)
-        return pb.ContainerStatsResponse(stats=stats)
+        pair = (sandboxes.find(container.pod_id), container)
+        [usage] = await _in_thread(self._stats.containers, [pair])
+        return pb.ContainerStatsResponse(stats=self._container_stats(usage))
 
     async def ListContainerStats(
         self, request: pb.ListContainerStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListContainerStatsResponse:
-        _, containers = self._managers()
+        sandboxes, containers = self._managers()
         wanted = request.filter if request.HasField("filter") else None
-        chosen = [c for c in containers.all() if _container_matches(c, wanted)]
+        chosen = [(sandboxes.find(c.pod_id), c) for c in containers.all() if _container_matches(c, wanted)]
+        usages = await _in_thread(self._stats.containers, chosen)
+        self._forget_gone()
+        return pb.ListContainerStatsResponse(stats=[self._container_stats(u) for u in usages])
 
-        def collect() -> list[pb.ContainerStats]:
-            return [self._container_stats(c) for c in chosen]
+    async def PodSandboxStats(
+        self, request: pb.PodSandboxStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PodSandboxStatsResponse:
+        sandboxes, containers = self._managers()
+        sandbox = sandboxes.get(request.pod_sandbox_id)
+        [usage] = await _in_thread(self._stats.pods, [(sandbox, containers.in_pod(sandbox.id))])
+        return pb.PodSandboxStatsResponse(stats=self._pod_stats(usage))
 
-        return pb.ListContainerStatsResponse(stats=await _in_thread(collect))
+    async def ListPodSandboxStats(
+        self, request: pb.ListPodSandboxStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPodSandboxStatsResponse:
+        sandboxes, containers = self._managers()
+        wanted = request.filter if request.HasField("filter") else None
+        chosen = [
+            (s, containers.in_pod(s.id))
+            for s in sandboxes.all()
+            if wanted is None
+            or (s.id.startswith(wanted.id) and _labels_match(s.labels, wanted.label_selector))
+        ]
+        usages = await _in_thread(self._stats.pods, chosen)
+        self._forget_gone()
+        return pb.ListPodSandboxStatsResponse(stats=[self._pod_stats(u) for u in usages])
+
+    async def ListMetricDescriptors(
+        self, request: pb.ListMetricDescriptorsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListMetricDescriptorsResponse:
+        descriptors = [
+            pb.MetricDescriptor(name=d.name, help=d.help, label_keys=d.label_keys) for d in stats.DESCRIPTORS
+        ]
+        return pb.ListMetricDescriptorsResponse(descriptors=descriptors)
+
+    async def ListPodSandboxMetrics(
+        self, request: pb.ListPodSandboxMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPodSandboxMetricsResponse:
+        sandboxes, containers = self._managers()
+        ready = [(s, containers.in_pod(s.id)) for s in sandboxes.all() if s.state == "ready"]
+        usages = await _in_thread(self._stats.pods, ready)
+        self._forget_gone()
+
+        def metric(value: stats.MetricValue) -> pb.Metric:
+            return pb.Metric(
+                name=value.name,
+                timestamp=value.timestamp_ns,
+                metric_type=self._METRIC_TYPES[value.kind],
+                label_values=value.label_values,
+                value=pb.UInt64Value(value=value.value),
+            )
+
+        pods = []
+        for usage in usages:
+            found = stats.pod_metrics(usage)
+            pods.append(
+                pb.PodSandboxMetrics(
+                    pod_sandbox_id=found.pod_id,
+                    metrics=[metric(m) for m in found.metrics],
+                    container_metrics=[
+                        pb.ContainerMetrics(container_id=cid, metrics=[metric(m) for m in values])
+                        for cid, values in found.containers
+                    ],
+                )
+            )
+        return pb.ListPodSandboxMetricsResponse(pod_metrics=pods)
 
     async def ReopenContainerLog(
         self, request: pb.ReopenContainerLogRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,753 @@
+"""What pods and containers use, as kubelet asks for it: CRI stats and cAdvisor-style metrics.
+
+Everything is read when asked, from the cgroups (v1 hierarchies, a hybrid host's cgroup2
+mount, or a cgroup2-only host) and, for a pod's network, from ``/proc/thread-self/net/dev``
+read by a short-lived thread that entered the pod's pinned network namespace. No
+subprocess, no protobuf: ``StatsCollector`` takes the domain objects of ``state.py`` and
+returns dataclasses; the servicer turns them into CRI messages.
+
+Two numbers depend on the past: ``usage_nano_cores`` is the CPU rate between this sample
+and the previous one of the same pod or container, so the collector keeps the last sample
+of each (and forgets those of pods and containers that are gone).
+
+Metric names, help texts and label keys follow cAdvisor, as containerd and CRI-O report
+them through ListMetricDescriptors: labels ``id``, ``name``, ``image`` (kubelet adds the
+pod's namespace, name and the container name itself), plus ``cpu``, ``interface``,
+``device``, ``failure_type`` and ``scope`` where cAdvisor has them. CRI carries metric
+values as unsigned integers, so seconds are whole seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from cri_runtime import cgroups, netns
+from cri_runtime.state import Container, Sandbox
+from imageservice.errors import PycriError
+
+# The pod's interface, as pycri asks CNI to name it (and as kubelet calls the default one).
+DEFAULT_INTERFACE = "eth0"
+# v1 writes "no limit" as the largest page-aligned signed 64-bit number.
+_UNLIMITED = 1 << 62
+_NS_PER_SECOND = 1_000_000_000
+
+MetricKind = Literal["counter", "gauge"]
+
+
+# --- what one sample holds ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cpu:
+    usage_ns: int | None
+    nano_cores: int | None  # rate since the previous sample; None for the first one
+    user_ns: int | None
+    system_ns: int | None
+    periods: int | None  # CFS enforcement periods, throttled ones, time throttled
+    throttled_periods: int | None
+    throttled_ns: int | None
+
+
+@dataclass(frozen=True)
+class Memory:
+    usage: int | None
+    working_set: int | None
+    available: int | None  # the effective limit (own or an ancestor's) minus the working set
+    rss: int | None
+    cache: int | None
+    mapped_file: int | None
+    page_faults: int | None  # this cgroup and its descendants
+    major_page_faults: int | None
+    own_page_faults: int | None  # v1 only: this cgroup alone
+    own_major_page_faults: int | None
+    failcnt: int | None
+    max_usage: int | None
+    oom_kills: int | None
+
+
+@dataclass(frozen=True)
+class Swap:
+    usage: int
+    available: int | None  # None when no swap limit applies
+
+
+@dataclass(frozen=True)
+class Processes:
+    processes: int
+    threads: int | None
+    threads_max: int | None  # None: no pids limit
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The cgroup's own settings, as cAdvisor reports them in container_spec_*."""
+
+    cpu_shares: int | None
+    cpu_quota: int | None  # microseconds per period; None when unlimited
+    cpu_period: int | None
+    memory: int | None  # None when unlimited
+
+
+@dataclass(frozen=True)
+class CgroupUsage:
+    cpu: Cpu
+    memory: Memory
+    swap: Swap | None
+    processes: Processes
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    mountpoint: str
+    device: str
+    used_bytes: int
+    inodes_used: int
+    capacity_bytes: int
+    inodes_total: int
+    inodes_free: int
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    rx_bytes: int
+    rx_packets: int
+    rx_errors: int
+    rx_dropped: int
+    tx_bytes: int
+    tx_packets: int
+    tx_errors: int
+    tx_dropped: int
+
+
+@dataclass(frozen=True)
+class Network:
+    default: Interface | None
+    interfaces: tuple[Interface, ...]  # without loopback, as cAdvisor
+
+
+@dataclass(frozen=True)
+class ContainerUsage:
+    container: Container
+    timestamp_ns: int
+    cgroup: CgroupUsage | None  # None unless the container runs
+    writable_layer: Filesystem | None
+
+
+@dataclass(frozen=True)
+class PodUsage:
+    sandbox: Sandbox
+    timestamp_ns: int
+    cgroup: CgroupUsage | None  # None for a stopped pod
+    network: Network | None  # None for a stopped pod or one in the host's network
+    containers: tuple[ContainerUsage, ...]
+
+
+# --- small readers ------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    """The first number in ``path``; None if absent or "max"."""
+    text = _read_text(path)
+    if text is None:
+        return None
+    try:
+        return int(text.split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in (_read_text(path) or "").splitlines():
+        key, _, value = line.partition(" ")
+        value = value.strip()
+        if value.lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+def _limited(value: int | None) -> int | None:
+    return value if value is not None and 0 <= value < _UNLIMITED else None
+
+
+def container_cgroup_path(sandbox: Sandbox, container: Container) -> str:
+    # The cgroupsPath pycri's spec builder gives every container (containers.py).
+    return f"{sandbox.cgroup_path}/{container.id}"
+
+
+# --- cgroup readers -------------------------------------------------------------------------------
+
+
+class _Hierarchies:
+    """The controller -> hierarchy map, read once per collection (a mountinfo parse)."""
+
+    def __init__(self, root: Path) -> None:
+        self.v2 = cgroups.is_cgroup2_only(root)
+        self.by_controller = cgroups.controllers(root)
+
+    def dir(self, controller: str, path: str) -> Path | None:
+        hierarchy = self.by_controller.get(controller)
+        if hierarchy is None:
+            return None
+        return hierarchy / cgroups.normalize(path).lstrip("/")
+
+
+def _cpu_details(h: _Hierarchies, path: str) -> tuple[int | None, ...]:
+    """User and system time, CFS periods, throttled periods and throttled time (ns)."""
+    if h.v2:
+        directory = h.dir("cpu", path) or h.dir("unified", path)
+        stat = _read_keyed(directory / "cpu.stat") if directory else {}
+
+        def us(key: str) -> int | None:
+            return stat[key] * 1000 if key in stat else None
+
+        return (
+            us("user_usec"),
+            us("system_usec"),
+            stat.get("nr_periods"),
+            stat.get("nr_throttled"),
+            us("throttled_usec"),
+        )
+    cpuacct = h.dir("cpuacct", path)
+    user = _read_int(cpuacct / "cpuacct.usage_user") if cpuacct else None
+    system = _read_int(cpuacct / "cpuacct.usage_sys") if cpuacct else None
+    cpu = h.dir("cpu", path)
+    stat = _read_keyed(cpu / "cpu.stat") if cpu else {}
+    return user, system, stat.get("nr_periods"), stat.get("nr_throttled"), stat.get("throttled_time")
+
+
+def _memory_details(h: _Hierarchies, path: str, base: cgroups.Usage) -> tuple[Memory, Swap | None]:
+    directory = h.dir("memory", path)
+    if directory is None:
+        empty = Memory(*(None,) * 13)
+        return empty, None
+    stat = _read_keyed(directory / "memory.stat")
+    if h.v2:
+        # The effective limit is the smallest memory.max on the way up to the root.
+        limit: int | None = None
+        top = h.by_controller["memory"]
+        walk = directory
+        while True:
+            own = _limited(_read_int(walk / "memory.max"))
+            if own is not None:
+                limit = own if limit is None else min(limit, own)
+            if walk == top or walk.parent == walk:
+                break
+            walk = walk.parent
+        events = _read_keyed(directory / "memory.events")
+        swap_usage = _read_int(directory / "memory.swap.current")
+        swap_limit = _limited(_read_int(directory / "memory.swap.max"))
+        memory = Memory(
+            base.memory_usage,
+            base.working_set,
+            None,
+            base.rss,
+            stat.get("file"),
+            stat.get("file_mapped"),
+            base.page_faults,
+            base.major_page_faults,
+            None,
+            None,
+            None,
+            _read_int(directory / "memory.peak"),
+            events.get("oom_kill"),
+        )
+    else:
+        limit = _limited(stat.get("hierarchical_memory_limit", base.memory_limit))
+        memsw_limit = _limited(stat.get("hierarchical_memsw_limit"))
+        swap_usage = stat.get("total_swap")  # present only with swap accounting
+        swap_limit = memsw_limit - limit if memsw_limit is not None and limit is not None else None
+        memory = Memory(
+            base.memory_usage,
+            base.working_set,
+            None,
+            base.rss,
+            stat.get("total_cache"),
+            stat.get("total_mapped_file"),
+            base.page_faults,
+            base.major_page_faults,
+            stat.get("pgfault"),
+            stat.get("pgmajfault"),
+            _read_int(directory / "memory.failcnt"),
+            _read_int(directory / "memory.max_usage_in_bytes"),
+            _read_keyed(directory / "memory.oom_control").get("oom_kill"),
+        )
+    if limit is not None and base.working_set is not None:
+        memory = replace(memory, available=max(limit - base.working_set, 0))
+    swap = None
+    if swap_usage is not None:
+        available = max(swap_limit - swap_usage, 0) if swap_limit is not None else None
+        swap = Swap(swap_usage, available)
+    return memory, swap
+
+
+def _processes(h: _Hierarchies, path: str) -> Processes:
+    """Processes (cgroup.procs of the cgroup and all below), threads and the pids limit."""
+    directory = None
+    for controller in ("pids", "memory", "cpuacct", "unified"):
+        directory = h.dir(controller, path)
+        if directory is not None and directory.is_dir():
+            break
+    processes = threads_counted = 0
+    if directory is not None:
+        for dirpath, _dirs, _files in os.walk(directory):
+            procs = _read_text(Path(dirpath) / "cgroup.procs")
+            processes += len(procs.split()) if procs else 0
+            tasks = _read_text(Path(dirpath) / ("cgroup.threads" if h.v2 else "tasks"))
+            threads_counted += len(tasks.split()) if tasks else 0
+    pids = h.dir("pids", path)
+    threads = _read_int(pids / "pids.current") if pids else None
+    threads_max = _read_int(pids / "pids.max") if pids else None
+    return Processes(processes, threads if threads is not None else threads_counted, threads_max)
+
+
+def _limits(h: _Hierarchies, path: str) -> Limits:
+    cpu = h.dir("cpu", path)
+    memory = h.dir("memory", path)
+    if h.v2:
+        weight = _read_int(cpu / "cpu.weight") if cpu else None
+        # The inverse of the kernel's shares -> weight conversion (cgroups.apply_limits).
+        shares = 2 + ((weight - 1) * 262142) // 9999 if weight else None
+        cpu_max = (_read_text(cpu / "cpu.max") or "").split() if cpu else []
+        quota = int(cpu_max[0]) if cpu_max and cpu_max[0].isdigit() else None
+        period = int(cpu_max[1]) if len(cpu_max) > 1 and cpu_max[1].isdigit() else None
+        limit = _limited(_read_int(memory / "memory.max")) if memory else None
+        return Limits(shares, quota, period, limit)
+    quota = _read_int(cpu / "cpu.cfs_quota_us") if cpu else None
+    return Limits(
+        _read_int(cpu / "cpu.shares") if cpu else None,
+        quota if quota is not None and quota > 0 else None,
+        _read_int(cpu / "cpu.cfs_period_us") if cpu else None,
+        _limited(_read_int(memory / "memory.limit_in_bytes")) if memory else None,
+    )
+
+
+# --- network ------------------------------------------------------------------------------------
+
+
+def parse_net_dev(text: str) -> list[Interface]:
+    """The interfaces of a /proc/net/dev table, in its order."""
+    found: list[Interface] = []
+    for line in text.splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        fields = counters.split()
+        if len(fields) < 16:
+            continue
+        v = [int(x) for x in fields[:16]]
+        # Receive: bytes packets errs drop fifo frame compressed multicast; transmit likewise.
+        found.append(Interface(name.strip(), v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]))
+    return found
+
+
+def read_networks(netns_paths: Sequence[Path]) -> dict[Path, list[Interface] | None]:
+    """The interfaces of each pinned network namespace (None where it cannot be entered).
+
+    One short-lived thread enters each namespace in turn and reads its own
+    /proc/thread-self/net/dev: the daemon's other threads never move, and should the way
+    back fail, the stranded thread ends instead of serving other calls from a pod's netns.
+    """
+    results: dict[Path, list[Interface] | None] = dict.fromkeys(netns_paths)
+    if not netns_paths:
+        return results
+
+    def work() -> None:
+        for path in netns_paths:
+            try:
+                with netns.enter_netns(path):
+                    text = Path("/proc/thread-self/net/dev").read_text()
+            except (PycriError, OSError):
+                continue
+            results[path] = parse_net_dev(text)
+
+    worker = threading.Thread(target=work, name="pycri-netstats", daemon=True)
+    worker.start()
+    worker.join()
+    return results
+
+
+def _network(interfaces: list[Interface] | None) -> Network | None:
+    if interfaces is None:
+        return None
+    own = tuple(i for i in interfaces if i.name != "lo")
+    default = next((i for i in own if i.name == DEFAULT_INTERFACE), own[0] if own else None)
+    return Network(default, own)
+
+
+# --- the collector --------------------------------------------------------------------------------
+
+
+class StatsCollector:
+    """Reads usage on demand; remembers the last CPU sample of each pod and container."""
+
+    def __init__(self, root: Path = cgroups.CGROUP_ROOT) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._cpu_samples: dict[str, tuple[int, int]] = {}  # key -> (time ns, usage ns)
+        self._devices: dict[int, str] = {}  # st_dev -> the mount source holding it
+
+    def _rate(self, key: str, now: int, usage_ns: int | None) -> int | None:
+        if usage_ns is None:
+            return None
+        with self._lock:
+            previous = self._cpu_samples.get(key)
+            self._cpu_samples[key] = (now, usage_ns)
+        if previous is None or now <= previous[0] or usage_ns < previous[1]:
+            return None
+        return (usage_ns - previous[1]) * _NS_PER_SECOND // (now - previous[0])
+
+    def forget_except(self, live_ids: Iterable[str]) -> None:
+        """Drop the CPU samples of pods and containers not in ``live_ids``."""
+        keep = set(live_ids)
+        with self._lock:
+            for key in [k for k in self._cpu_samples if k.partition(":")[2] not in keep]:
+                del self._cpu_samples[key]
+
+    def _cgroup(self, h: _Hierarchies, key: str, path: str, now: int) -> CgroupUsage | None:
+        if not path:
+            return None
+        base = cgroups.usage(path, self.root)
+        if base.cpu_ns is None and base.memory_usage is None:
+            return None  # the cgroup is gone (or was never made)
+        user, system, periods, throttled, throttled_ns = _cpu_details(h, path)
+        cpu = Cpu(
+            base.cpu_ns, self._rate(key, now, base.cpu_ns), user, system, periods, throttled, throttled_ns
+        )
+        memory, swap = _memory_details(h, path, base)
+        return CgroupUsage(cpu, memory, swap, _processes(h, path), _limits(h, path))
+
+    def _device(self, st_dev: int) -> str:
+        with self._lock:
+            known = self._devices.get(st_dev)
+        if known is not None:
+            return known
+        wanted = f"{os.major(st_dev)}:{os.minor(st_dev)}"
+        device = wanted
+        for line in (_read_text(Path("/proc/self/mountinfo")) or "").splitlines():
+            pre, _, post = line.partition(" - ")
+            if pre.split(" ")[2] == wanted:
+                device = post.split(" ")[1]
+                break
+        with self._lock:
+            self._devices[st_dev] = device
+        return device
+
+    def _writable_layer(self, container: Container) -> Filesystem | None:
+        if not container.dir:
+            return None
+        upper = Path(container.dir) / "upper"
+        try:
+            st = os.stat(upper)
+            fs = os.statvfs(upper)
+        except OSError:
+            return None
+        used, inodes = cgroups.tree_usage(upper)
+        return Filesystem(
+            str(upper),
+            self._device(st.st_dev),
+            used,
+            inodes,
+            fs.f_blocks * fs.f_frsize,
+            fs.f_files,
+            fs.f_ffree,
+        )
+
+    def _container(self, h: _Hierarchies, sandbox: Sandbox | None, container: Container) -> ContainerUsage:
+        now = time.time_ns()
+        usage = None
+        if sandbox is not None and container.state == "running":
+            usage = self._cgroup(h, f"ctr:{container.id}", container_cgroup_path(sandbox, container), now)
+        return ContainerUsage(container, now, usage, self._writable_layer(container))
+
+    def containers(self, items: Sequence[tuple[Sandbox | None, Container]]) -> list[ContainerUsage]:
+        """Usage of each container, given with its pod (None if the pod is gone)."""
+        h = _Hierarchies(self.root)
+        return [self._container(h, sandbox, container) for sandbox, container in items]
+
+    def pods(self, items: Sequence[tuple[Sandbox, Sequence[Container]]]) -> list[PodUsage]:
+        """Usage of each pod with its containers; a stopped pod reports none of its own."""
+        h = _Hierarchies(self.root)
+        wanted = [
+            Path(sandbox.netns_path)
+            for sandbox, _ in items
+            if sandbox.state == "ready" and sandbox.netns_path
+        ]
+        networks = read_networks(wanted)
+        found: list[PodUsage] = []
+        for sandbox, members in items:
+            # Containers first: the pod's counters, read after theirs, never trail them.
+            containers = tuple(self._container(h, sandbox, c) for c in members)
+            now = time.time_ns()
+            ready = sandbox.state == "ready"
+            usage = self._cgroup(h, f"pod:{sandbox.id}", sandbox.cgroup_path, now) if ready else None
+            network = (
+                _network(networks.get(Path(sandbox.netns_path))) if ready and sandbox.netns_path else None
+            )
+            found.append(PodUsage(sandbox, now, usage, network, containers))
+        return found
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+BASE_LABELS = ("id", "name", "image")
+POD_NAME = "POD"  # the name label of the pod's own series, as CRI-O (and the pause container) give it
+
+
+@dataclass(frozen=True)
+class MetricDescriptor:
+    name: str
+    help: str
+    label_keys: tuple[str, ...]
+    kind: MetricKind
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    name: str
+    timestamp_ns: int
+    kind: MetricKind
+    label_values: tuple[str, ...]
+    value: int
+
+
+@dataclass(frozen=True)
+class PodMetrics:
+    pod_id: str
+    metrics: tuple[MetricValue, ...]
+    containers: tuple[tuple[str, tuple[MetricValue, ...]], ...]  # (container id, its metrics)
+
+
+def _descriptor(name: str, help: str, kind: MetricKind, *extra: str) -> MetricDescriptor:
+    return MetricDescriptor(name, help, (*BASE_LABELS, *extra), kind)
+
+
+DESCRIPTORS: tuple[MetricDescriptor, ...] = (
+    _descriptor(
+        "container_cpu_usage_seconds_total", "Cumulative cpu time consumed in seconds.", "counter", "cpu"
+    ),
+    _descriptor(
+        "container_cpu_user_seconds_total", "Cumulative user cpu time consumed in seconds.", "counter"
+    ),
+    _descriptor(
+        "container_cpu_system_seconds_total", "Cumulative system cpu time consumed in seconds.", "counter"
+    ),
+    _descriptor(
+        "container_cpu_cfs_periods_total", "Number of elapsed enforcement period intervals.", "counter"
+    ),
+    _descriptor(
+        "container_cpu_cfs_throttled_periods_total", "Number of throttled period intervals.", "counter"
+    ),
+    _descriptor(
+        "container_cpu_cfs_throttled_seconds_total",
+        "Total time duration the container has been throttled.",
+        "counter",
+    ),
+    _descriptor(
+        "container_memory_usage_bytes",
+        "Current memory usage in bytes, including all memory regardless of when it was accessed",
+        "gauge",
+    ),
+    _descriptor("container_memory_working_set_bytes", "Current working set in bytes.", "gauge"),
+    _descriptor("container_memory_rss", "Size of RSS in bytes.", "gauge"),
+    _descriptor("container_memory_cache", "Number of bytes of page cache memory.", "gauge"),
+    _descriptor("container_memory_mapped_file", "Size of memory mapped files in bytes.", "gauge"),
+    _descriptor("container_memory_swap", "Container swap usage in bytes.", "gauge"),
+    _descriptor("container_memory_max_usage_bytes", "Maximum memory usage recorded in bytes", "gauge"),
+    _descriptor("container_memory_failcnt", "Number of memory usage hits limits", "counter"),
+    _descriptor(
+        "container_memory_failures_total",
+        "Cumulative count of memory allocation failures.",
+        "counter",
+        "failure_type",
+        "scope",
+    ),
+    _descriptor(
+        "container_oom_events_total", "Count of out of memory events observed for the container", "counter"
+    ),
+    _descriptor("container_spec_memory_limit_bytes", "Memory limit for the container.", "gauge"),
+    _descriptor("container_spec_cpu_shares", "CPU share of the container.", "gauge"),
+    _descriptor("container_spec_cpu_quota", "CPU quota of the container.", "gauge"),
+    _descriptor("container_spec_cpu_period", "CPU period of the container.", "gauge"),
+    _descriptor("container_processes", "Number of processes running inside the container.", "gauge"),
+    _descriptor("container_threads", "Number of threads running inside the container", "gauge"),
+    _descriptor(
+        "container_threads_max",
+        "Maximum number of threads allowed inside the container, infinity if value is zero",
+        "gauge",
+    ),
+    _descriptor(
+        "container_fs_usage_bytes",
+        "Number of bytes that are consumed by the container on this filesystem.",
+        "gauge",
+        "device",
+    ),
+    _descriptor(
+        "container_fs_limit_bytes",
+        "Number of bytes that can be consumed by the container on this filesystem.",
+        "gauge",
+        "device",
+    ),
+    _descriptor("container_fs_inodes_total", "Number of Inodes", "gauge", "device"),
+    _descriptor("container_fs_inodes_free", "Number of available Inodes", "gauge", "device"),
+    _descriptor(
+        "container_start_time_seconds", "Start time of the container since unix epoch in seconds.", "gauge"
+    ),
+    _descriptor(
+        "container_network_receive_bytes_total", "Cumulative count of bytes received", "counter", "interface"
+    ),
+    _descriptor(
+        "container_network_receive_packets_total",
+        "Cumulative count of packets received",
+        "counter",
+        "interface",
+    ),
+    _descriptor(
+        "container_network_receive_packets_dropped_total",
+        "Cumulative count of packets dropped while receiving",
+        "counter",
+        "interface",
+    ),
+    _descriptor(
+        "container_network_receive_errors_total",
+        "Cumulative count of errors encountered while receiving",
+        "counter",
+        "interface",
+    ),
+    _descriptor(
+        "container_network_transmit_bytes_total",
+        "Cumulative count of bytes transmitted",
+        "counter",
+        "interface",
+    ),
+    _descriptor(
+        "container_network_transmit_packets_total",
+        "Cumulative count of packets transmitted",
+        "counter",
+        "interface",
+    ),
+    _descriptor(
+        "container_network_transmit_packets_dropped_total",
+        "Cumulative count of packets dropped while transmitting",
+        "counter",
+        "interface",
+    ),
+    _descriptor(
+        "container_network_transmit_errors_total",
+        "Cumulative count of errors encountered while transmitting",
+        "counter",
+        "interface",
+    ),
+)
+_BY_NAME = {d.name: d for d in DESCRIPTORS}
+
+
+class _Series:
+    """Collects the series of one pod or container, all labelled with the same base values."""
+
+    def __init__(self, base: tuple[str, ...], timestamp_ns: int) -> None:
+        self.base = base
+        self.timestamp_ns = timestamp_ns
+        self.values: list[MetricValue] = []
+
+    def add(self, name: str, value: int | None, *extra: str) -> None:
+        if value is None or value < 0:
+            return
+        descriptor = _BY_NAME[name]
+        labels = (*self.base, *extra)
+        assert len(labels) == len(descriptor.label_keys), name
+        self.values.append(MetricValue(name, self.timestamp_ns, descriptor.kind, labels, value))
+
+
+def _seconds(ns: int | None) -> int | None:
+    return ns // _NS_PER_SECOND if ns is not None else None
+
+
+def _cgroup_series(series: _Series, usage: CgroupUsage) -> None:
+    cpu, memory, limits = usage.cpu, usage.memory, usage.limits
+    series.add("container_cpu_usage_seconds_total", _seconds(cpu.usage_ns), "total")
+    series.add("container_cpu_user_seconds_total", _seconds(cpu.user_ns))
+    series.add("container_cpu_system_seconds_total", _seconds(cpu.system_ns))
+    if limits.cpu_quota is not None:  # as cAdvisor: CFS counters only mean something under a quota
+        series.add("container_cpu_cfs_periods_total", cpu.periods)
+        series.add("container_cpu_cfs_throttled_periods_total", cpu.throttled_periods)
+        series.add("container_cpu_cfs_throttled_seconds_total", _seconds(cpu.throttled_ns))
+    series.add("container_memory_usage_bytes", memory.usage)
+    series.add("container_memory_working_set_bytes", memory.working_set)
+    series.add("container_memory_rss", memory.rss)
+    series.add("container_memory_cache", memory.cache)
+    series.add("container_memory_mapped_file", memory.mapped_file)
+    series.add("container_memory_max_usage_bytes", memory.max_usage)
+    series.add("container_memory_failcnt", memory.failcnt)
+    for failure_type, scope, value in (
+        ("pgfault", "hierarchy", memory.page_faults),
+        ("pgmajfault", "hierarchy", memory.major_page_faults),
+        ("pgfault", "container", memory.own_page_faults),
+        ("pgmajfault", "container", memory.own_major_page_faults),
+    ):
+        series.add("container_memory_failures_total", value, failure_type, scope)
+    series.add("container_oom_events_total", memory.oom_kills)
+    if usage.swap is not None:
+        series.add("container_memory_swap", usage.swap.usage)
+    series.add("container_spec_memory_limit_bytes", limits.memory if limits.memory is not None else 0)
+    series.add("container_spec_cpu_shares", limits.cpu_shares)
+    series.add("container_spec_cpu_quota", limits.cpu_quota)
+    series.add("container_spec_cpu_period", limits.cpu_period)
+    processes = usage.processes
+    series.add("container_processes", processes.processes)
+    series.add("container_threads", processes.threads)
+    series.add("container_threads_max", processes.threads_max if processes.threads_max is not None else 0)
+
+
+def _network_series(series: _Series, network: Network) -> None:
+    for i in network.interfaces:
+        series.add("container_network_receive_bytes_total", i.rx_bytes, i.name)
+        series.add("container_network_receive_packets_total", i.rx_packets, i.name)
+        series.add("container_network_receive_packets_dropped_total", i.rx_dropped, i.name)
+        series.add("container_network_receive_errors_total", i.rx_errors, i.name)
+        series.add("container_network_transmit_bytes_total", i.tx_bytes, i.name)
+        series.add("container_network_transmit_packets_total", i.tx_packets, i.name)
+        series.add("container_network_transmit_packets_dropped_total", i.tx_dropped, i.name)
+        series.add("container_network_transmit_errors_total", i.tx_errors, i.name)
+
+
+def container_metrics(usage: ContainerUsage) -> tuple[MetricValue, ...]:
+    container = usage.container
+    series = _Series((container.id, container.name, container.image), usage.timestamp_ns)
+    if usage.cgroup is not None:
+        _cgroup_series(series, usage.cgroup)
+        if container.started_at_ns:
+            series.add("container_start_time_seconds", _seconds(container.started_at_ns))
+    layer = usage.writable_layer
+    if layer is not None:
+        series.add("container_fs_usage_bytes", layer.used_bytes, layer.device)
+        series.add("container_fs_limit_bytes", layer.capacity_bytes, layer.device)
+        series.add("container_fs_inodes_total", layer.inodes_total, layer.device)
+        series.add("container_fs_inodes_free", layer.inodes_free, layer.device)
+    return tuple(series.values)
+
+
+def pod_metrics(usage: PodUsage) -> PodMetrics:
+    """The pod's own series (its cgroup and network, named "POD") and its containers' series."""
+    series = _Series((usage.sandbox.id, POD_NAME, ""), usage.timestamp_ns)
+    if usage.cgroup is not None:
+        _cgroup_series(series, usage.cgroup)
+    if usage.network is not None:
+        _network_series(series, usage.network)
+    containers = tuple(
+        (c.container.id, container_metrics(c)) for c in usage.containers if c.container.state == "running"
+    )
+    return PodMetrics(usage.sandbox.id, tuple(series.values), containers)
