@@ -22,6 +22,17 @@
    a. Exec ``echo hi`` (no TTY): from the Exec RPC to the exit status, median of ``--exec-runs``;
    b. PortForward: one connection downloading ``--forward-mb`` MB from busybox httpd in a pod,
       MB/s (median of ``--forward-runs``).
+6. Recovery and idle memory (``bench/recovery.py``), both daemons afresh, same kind of pods:
+   a. idle VmRSS/PSS of the daemon process alone, freshly started with no pods, then with
+      ``--recovery-pods`` pods of one ``sleep 3600`` container (5 s idle each);
+   b. ``kill -9`` of the daemon alone (conmons / shims keep running) with those pods plus 5
+      containers that exit with known codes while it is down; 3 s later it is started again:
+      exec to the first Version, and to the first ListContainers with every container right
+      (RUNNING with its started_at, EXITED with its exit code; all checked, any wrong answer
+      is an error), median of ``--recovery-runs`` cycles on the same pods.
+
+Sections can be left out with ``--skip-<section>`` or picked with ``--only`` (e.g.
+``--only recovery`` or ``--only pods,streaming``).
 
 Prints a markdown table (pycri | containerd | ratio pycri/containerd | target | met?) and
 writes everything, raw samples included, to ``bench/results/latest.json``.
@@ -48,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import pods, streaming
+from bench import pods, recovery, streaming
 from bench.images import BigImages, build_and_push_big, build_and_push_many
 from bench.measure import RegistryLogWindow, RssSampler, blob_gets, median, percentile, read_status_kib
 from bench.runtimes import ContainerdRuntime, PodNetwork, PycriRuntime, Runtime
@@ -74,6 +85,18 @@ RuntimeFactory = Callable[[str], Runtime]
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# What --only names; each has a --skip-<section>. "pull" is tests 1 and 2.
+SECTIONS = ("pull", "list", "pods", "streaming", "recovery")
+
+
+def _sections(value: str) -> list[str]:
+    chosen = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown or value!r}; choose from {SECTIONS}")
+    return chosen
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -121,11 +144,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--forward-mb", type=int, default=200, help="MB downloaded through port-forward (default 200)"
     )
     p.add_argument("--forward-runs", type=int, default=3, help="port-forward downloads (default 3)")
+    p.add_argument(
+        "--recovery-pods",
+        type=int,
+        default=100,
+        help="running pods (1 container each) for the kill -9 recovery test (default 100)",
+    )
+    p.add_argument(
+        "--recovery-runs",
+        type=int,
+        default=3,
+        help="kill -9 / restart cycles on the same pods; median reported (default 3)",
+    )
     p.add_argument("--skip-pods", action="store_true", help="skip test 4 (pods and containers)")
     p.add_argument("--skip-streaming", action="store_true", help="skip test 5 (exec, port-forward)")
+    p.add_argument("--skip-recovery", action="store_true", help="skip test 6 (kill -9 recovery, idle RSS)")
     p.add_argument("--skip-containerd", action="store_true", help="measure pycri only")
     p.add_argument("--skip-pull", action="store_true", help="skip tests 1 and 2")
     p.add_argument("--skip-list", action="store_true", help="skip test 3")
+    p.add_argument(
+        "--only",
+        type=_sections,
+        metavar="SECTION[,SECTION...]",
+        help=f"run only these sections, of {', '.join(SECTIONS)} (the --skip-* of the others are implied)",
+    )
     p.add_argument(
         "--workdir",
         type=Path,
@@ -151,6 +193,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--exec-runs, --forward-mb and --forward-runs must be positive")
     if args.list_containers < args.containers_per_pod:
         p.error("--list-containers must be at least --containers-per-pod")
+    if min(args.recovery_pods, args.recovery_runs) < 1:
+        p.error("--recovery-pods and --recovery-runs must be positive")
+    if args.only is not None:
+        for section in SECTIONS:
+            setattr(args, f"skip_{section}", section not in args.only)
     return args
 
 
@@ -638,6 +685,8 @@ def build_rows(
         rows += build_pod_rows(args, results)
     if not args.skip_streaming:
         rows += build_streaming_rows(args, results)
+    if not args.skip_recovery:
+        rows += [Row(**row) for row in recovery.table_rows(args, results)]
     return rows
 
 
@@ -949,6 +998,21 @@ def main(argv: list[str] | None = None) -> int:
                     )
             if not (args.skip_pods and args.skip_streaming):
                 pods_bench(args, base, reg, names, results, errors)
+            if not args.skip_recovery:
+                recovery.recovery_bench(
+                    args,
+                    base / "recovery",
+                    reg,
+                    names,
+                    results,
+                    errors,
+                    make_runtime=lambda name, work, images: make_pod_runtime(
+                        name, work, reg.host, images, args
+                    ),
+                    networks=POD_NETWORKS,
+                    iptables_rules=_iptables_rules,
+                    routes_overlapping=_routes_overlapping,
+                )
         except KeyboardInterrupt:
             errors.append("interrupted")
             exit_code = 130
