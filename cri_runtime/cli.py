@@ -26,12 +26,11 @@ def _toml_value(value: Any) -> str:
 
 def render_toml(config: Config) -> str:
     data = config.to_dict()
-    image = data.pop("image")
-    network = data.pop("network")
-    registries = image.pop("registries")
+    registries = data["image"].pop("registries")
+    tables = {k: data.pop(k) for k in [k for k, v in data.items() if isinstance(v, dict)]}
     lines = [f"{k} = {_toml_value(v)}" for k, v in data.items()]
-    lines += ["", "[image]"] + [f"{k} = {_toml_value(v)}" for k, v in image.items()]
-    lines += ["", "[network]"] + [f"{k} = {_toml_value(v)}" for k, v in network.items()]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
     for host, table in registries.items():
         lines += ["", f"[registries.{json.dumps(host)}]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]

@@ -150,6 +150,28 @@ def test_config_command_layers_file_then_flags(tmp_path: Path) -> None:
     assert 'mirrors = ["http://127.0.0.1:5000"]' in out
 
 
+def test_config_command_output_loads_back_as_the_same_config(tmp_path: Path) -> None:
+    config = tmp_path / "pycri.toml"
+    config.write_text(
+        '[streaming]\nport = 10010\n\n[network]\npod_subnet = "198.18.130.0/24"\n\n'
+        '[registries."registry.k8s.io"]\nmirrors = ["http://127.0.0.1:5000"]\n'
+    )
+
+    def effective(path: Path) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "cri_runtime.cli", "config", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    printed = effective(config)
+    assert "[streaming]\n" in printed and "port = 10010" in printed
+    again = tmp_path / "again.toml"
+    again.write_text(printed)
+    assert effective(again) == printed
+
+
 def test_bad_config_is_refused_with_the_key_named(tmp_path: Path) -> None:
     config = tmp_path / "pycri.toml"
     config.write_text("[image]\nmax_concurent_downloads = 5\n")
