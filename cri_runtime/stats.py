@@ -69,6 +69,7 @@ class Memory:
     failcnt: int | None
     max_usage: int | None
     oom_kills: int | None
+    kernel: int | None = None  # kernel memory charged to the cgroup (slab, stacks, ...)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,26 @@ class Limits:
     cpu_quota: int | None  # microseconds per period; None when unlimited
     cpu_period: int | None
     memory: int | None  # None when unlimited
+    memory_and_swap: int | None = None  # None when unlimited or not accounted
+
+
+@dataclass(frozen=True)
+class DeviceIo:
+    """Block I/O of the cgroup (and below) on one device."""
+
+    major: int
+    minor: int
+    device: str  # /dev/<name>, or "major:minor" when the kernel names none
+    read_bytes: int
+    write_bytes: int
+    reads: int
+    writes: int
+
+
+@dataclass(frozen=True)
+class Files:
+    descriptors: int  # open file descriptors of all the cgroup's processes
+    sockets: int  # of which sockets
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,8 @@ class CgroupUsage:
     swap: Swap | None
     processes: Processes
     limits: Limits
+    io: tuple[DeviceIo, ...] = ()
+    files: Files | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +289,7 @@ def _memory_details(h: _Hierarchies, path: str, base: cgroups.Usage) -> tuple[Me
             None,
             _read_int(directory / "memory.peak"),
             events.get("oom_kill"),
+            stat.get("kernel"),
         )
     else:
         limit = _limited(stat.get("hierarchical_memory_limit", base.memory_limit))
@@ -286,6 +310,7 @@ def _memory_details(h: _Hierarchies, path: str, base: cgroups.Usage) -> tuple[Me
             _read_int(directory / "memory.failcnt"),
             _read_int(directory / "memory.max_usage_in_bytes"),
             _read_keyed(directory / "memory.oom_control").get("oom_kill"),
+            _read_int(directory / "memory.kmem.usage_in_bytes"),
         )
     if limit is not None and base.working_set is not None:
         memory = replace(memory, available=max(limit - base.working_set, 0))
@@ -327,14 +352,101 @@ def _limits(h: _Hierarchies, path: str) -> Limits:
         quota = int(cpu_max[0]) if cpu_max and cpu_max[0].isdigit() else None
         period = int(cpu_max[1]) if len(cpu_max) > 1 and cpu_max[1].isdigit() else None
         limit = _limited(_read_int(memory / "memory.max")) if memory else None
-        return Limits(shares, quota, period, limit)
+        swap = _limited(_read_int(memory / "memory.swap.max")) if memory else None
+        both = limit + swap if limit is not None and swap is not None else None
+        return Limits(shares, quota, period, limit, both)
     quota = _read_int(cpu / "cpu.cfs_quota_us") if cpu else None
     return Limits(
         _read_int(cpu / "cpu.shares") if cpu else None,
         quota if quota is not None and quota > 0 else None,
         _read_int(cpu / "cpu.cfs_period_us") if cpu else None,
         _limited(_read_int(memory / "memory.limit_in_bytes")) if memory else None,
+        _limited(_read_int(memory / "memory.memsw.limit_in_bytes")) if memory else None,
     )
+
+
+def _device_name(major: int, minor: int) -> str:
+    for line in (_read_text(Path(f"/sys/dev/block/{major}:{minor}/uevent")) or "").splitlines():
+        if line.startswith("DEVNAME="):
+            return "/dev/" + line.partition("=")[2]
+    return f"{major}:{minor}"
+
+
+def _io(h: _Hierarchies, path: str) -> tuple[DeviceIo, ...]:
+    """Bytes and operations read and written per block device (v2 io.stat, v1 blkio)."""
+    per_device: dict[tuple[int, int], dict[str, int]] = {}
+
+    def add(device: str, key: str, value: int) -> None:
+        major, _, minor = device.partition(":")
+        if major.isdigit() and minor.isdigit():
+            entry = per_device.setdefault((int(major), int(minor)), {})
+            entry[key] = entry.get(key, 0) + value
+
+    if h.v2 or "io" in h.by_controller:
+        directory = h.dir("io", path) or h.dir("unified", path)
+        text = _read_text(directory / "io.stat") if directory else None
+        for line in (text or "").splitlines():
+            device, *pairs = line.split()
+            for pair in pairs:
+                key, _, value = pair.partition("=")
+                if key in ("rbytes", "wbytes", "rios", "wios") and value.isdigit():
+                    add(device, key, int(value))
+    else:
+        directory = h.dir("blkio", path)
+        for name, read_key, write_key in (
+            ("io_service_bytes", "rbytes", "wbytes"),
+            ("io_serviced", "rios", "wios"),
+        ):
+            text = None
+            if directory is not None:
+                text = _read_text(directory / f"blkio.throttle.{name}_recursive")
+                if text is None:
+                    text = _read_text(directory / f"blkio.throttle.{name}")
+            for line in (text or "").splitlines():
+                fields = line.split()
+                if len(fields) == 3 and fields[2].isdigit():
+                    if fields[1] == "Read":
+                        add(fields[0], read_key, int(fields[2]))
+                    elif fields[1] == "Write":
+                        add(fields[0], write_key, int(fields[2]))
+    return tuple(
+        DeviceIo(
+            major,
+            minor,
+            _device_name(major, minor),
+            v.get("rbytes", 0),
+            v.get("wbytes", 0),
+            v.get("rios", 0),
+            v.get("wios", 0),
+        )
+        for (major, minor), v in sorted(per_device.items())
+    )
+
+
+def _files(h: _Hierarchies, path: str) -> Files | None:
+    """Open descriptors and sockets of every process in the cgroup and below."""
+    directory = None
+    for controller in ("pids", "memory", "cpuacct", "unified"):
+        directory = h.dir(controller, path)
+        if directory is not None and directory.is_dir():
+            break
+    else:
+        return None  # no hierarchy has the cgroup: it is gone
+    descriptors = sockets = 0
+    for dirpath, _dirs, _files_here in os.walk(directory):
+        for pid in (_read_text(Path(dirpath) / "cgroup.procs") or "").split():
+            try:
+                entries = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue  # gone meanwhile
+            descriptors += len(entries)
+            for fd in entries:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                        sockets += 1
+                except OSError:
+                    continue
+    return Files(descriptors, sockets)
 
 
 # --- network ------------------------------------------------------------------------------------
@@ -428,7 +540,9 @@ class StatsCollector:
             base.cpu_ns, self._rate(key, now, base.cpu_ns), user, system, periods, throttled, throttled_ns
         )
         memory, swap = _memory_details(h, path, base)
-        return CgroupUsage(cpu, memory, swap, _processes(h, path), _limits(h, path))
+        return CgroupUsage(
+            cpu, memory, swap, _processes(h, path), _limits(h, path), _io(h, path), _files(h, path)
+        )
 
     def _device(self, st_dev: int) -> str:
         with self._lock:
@@ -568,6 +682,7 @@ DESCRIPTORS: tuple[MetricDescriptor, ...] = (
     _descriptor("container_memory_swap", "Container swap usage in bytes.", "gauge"),
     _descriptor("container_memory_max_usage_bytes", "Maximum memory usage recorded in bytes", "gauge"),
     _descriptor("container_memory_failcnt", "Number of memory usage hits limits", "counter"),
+    _descriptor("container_memory_kernel_usage", "Size of kernel memory allocated in bytes.", "gauge"),
     _descriptor(
         "container_memory_failures_total",
         "Cumulative count of memory allocation failures.",
@@ -579,11 +694,28 @@ DESCRIPTORS: tuple[MetricDescriptor, ...] = (
         "container_oom_events_total", "Count of out of memory events observed for the container", "counter"
     ),
     _descriptor("container_spec_memory_limit_bytes", "Memory limit for the container.", "gauge"),
+    _descriptor("container_spec_memory_swap_limit_bytes", "Memory swap limit for the container.", "gauge"),
     _descriptor("container_spec_cpu_shares", "CPU share of the container.", "gauge"),
     _descriptor("container_spec_cpu_quota", "CPU quota of the container.", "gauge"),
     _descriptor("container_spec_cpu_period", "CPU period of the container.", "gauge"),
     _descriptor("container_processes", "Number of processes running inside the container.", "gauge"),
     _descriptor("container_threads", "Number of threads running inside the container", "gauge"),
+    _descriptor("container_file_descriptors", "Number of open file descriptors for the container.", "gauge"),
+    _descriptor("container_sockets", "Number of open sockets for the container.", "gauge"),
+    _descriptor("container_last_seen", "Last time a container was seen by the exporter", "gauge"),
+    _descriptor(
+        "container_blkio_device_usage_total",
+        "Blkio device bytes usage",
+        "counter",
+        "device",
+        "major",
+        "minor",
+        "operation",
+    ),
+    _descriptor("container_fs_reads_bytes_total", "Cumulative count of bytes read", "counter", "device"),
+    _descriptor("container_fs_reads_total", "Cumulative count of reads completed", "counter", "device"),
+    _descriptor("container_fs_writes_bytes_total", "Cumulative count of bytes written", "counter", "device"),
+    _descriptor("container_fs_writes_total", "Cumulative count of writes completed", "counter", "device"),
     _descriptor(
         "container_threads_max",
         "Maximum number of threads allowed inside the container, infinity if value is zero",
@@ -710,6 +842,21 @@ def _cgroup_series(series: _Series, usage: CgroupUsage) -> None:
     series.add("container_processes", processes.processes)
     series.add("container_threads", processes.threads)
     series.add("container_threads_max", processes.threads_max if processes.threads_max is not None else 0)
+    series.add("container_memory_kernel_usage", memory.kernel if memory.kernel is not None else 0)
+    swap_limit = limits.memory_and_swap
+    series.add("container_spec_memory_swap_limit_bytes", swap_limit if swap_limit is not None else 0)
+    series.add("container_last_seen", _seconds(series.timestamp_ns))
+    if usage.files is not None:
+        series.add("container_file_descriptors", usage.files.descriptors)
+        series.add("container_sockets", usage.files.sockets)
+    for io in usage.io:
+        major, minor = str(io.major), str(io.minor)
+        series.add("container_blkio_device_usage_total", io.read_bytes, io.device, major, minor, "Read")
+        series.add("container_blkio_device_usage_total", io.write_bytes, io.device, major, minor, "Write")
+        series.add("container_fs_reads_bytes_total", io.read_bytes, io.device)
+        series.add("container_fs_reads_total", io.reads, io.device)
+        series.add("container_fs_writes_bytes_total", io.write_bytes, io.device)
+        series.add("container_fs_writes_total", io.writes, io.device)
 
 
 def _network_series(series: _Series, network: Network) -> None:

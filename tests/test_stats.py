@@ -314,6 +314,7 @@ def test_metrics_are_described_labelled_and_match_the_stats(env: Env) -> None:
     env.cri.stop_pod(stopped)
     busy = env.run(pod, "busy", ["sh", "-c", "while :; do :; done"])
     filler = env.run(pod, "filler", ["sh", "-c", "dd if=/dev/zero of=/dev/shm/f bs=1M count=30; sleep 1000"])
+    listener = env.run(pod, "listener", ["nc", "-l", "-p", "8080"])
     time.sleep(2)
     before = container_stats(env.cri, busy).cpu.usage_core_nano_seconds.value
     response = env.cri.runtime.ListPodSandboxMetrics(pb.ListPodSandboxMetricsRequest(), timeout=30)
@@ -338,8 +339,8 @@ def test_metrics_are_described_labelled_and_match_the_stats(env: Env) -> None:
         return int(found[0].value.value)
 
     containers = {c.container_id: list(c.metrics) for c in measured.container_metrics}
-    assert set(containers) == {busy, filler}
-    for cid, name in ((busy, "busy"), (filler, "filler")):
+    assert set(containers) == {busy, filler, listener}
+    for cid, name in ((busy, "busy"), (filler, "filler"), (listener, "listener")):
         labels = {tuple(m.label_values[:3]) for m in containers[cid]}
         assert labels == {(cid, name, env.image)}
     # CPU in whole seconds, between two samples of the same counter taken around it.
@@ -353,6 +354,23 @@ def test_metrics_are_described_labelled_and_match_the_stats(env: Env) -> None:
     assert value(containers[busy], "container_start_time_seconds") == (
         env.cri.container_status(busy).status.started_at // 1_000_000_000
     )
+    # The listening socket, and stdio besides; the busy loop holds no socket.
+    assert value(containers[listener], "container_sockets") >= 1
+    assert value(containers[listener], "container_file_descriptors") >= 4
+    assert value(containers[busy], "container_sockets") == 0
+    seen = value(containers[busy], "container_last_seen")
+    assert abs(seen - time.time()) < 30
+    # Present even when zero (critest asks for them): kernel memory, the swap limit.
+    for name in ("container_memory_kernel_usage", "container_spec_memory_swap_limit_bytes"):
+        value(containers[busy], name)
+    for name in (
+        "container_blkio_device_usage_total",
+        "container_fs_reads_bytes_total",
+        "container_fs_reads_total",
+        "container_fs_writes_bytes_total",
+        "container_fs_writes_total",
+    ):
+        assert name in described, name
     fs = [m for m in containers[busy] if m.name == "container_fs_usage_bytes"]
     assert len(fs) == 1 and fs[0].label_values[3]  # labelled with the device
     # The pod's own series: its cgroup and its network, named "POD".
