@@ -43,9 +43,13 @@ def normalize(path: str) -> str:
     """A cgroupfs path: absolute, no trailing slash, no '..'."""
     if not path:
         raise ValueError("empty cgroup path")
+    if "\0" in path or "\n" in path:
+        raise ValueError(f"cgroup path {path!r} holds a NUL byte or a newline")
     normal = os.path.normpath("/" + path.lstrip("/"))
     if ".." in normal.split("/"):
         raise ValueError(f"cgroup path {path!r} climbs out of the hierarchy")
+    if any(len(part.encode()) > 255 for part in normal.split("/")):
+        raise ValueError(f"cgroup path {path!r} has a component longer than 255 bytes")
     return normal
 
 
@@ -69,6 +73,10 @@ def create(path: str, root: Path = CGROUP_ROOT) -> list[Path]:
                 try:
                     current.mkdir()
                 except FileExistsError:
+                    if not current.is_dir():  # a control file such as "tasks" or "cpu.shares"
+                        raise NotADirectoryError(
+                            errno.ENOTDIR, "names a cgroup control file, not a cgroup", str(current)
+                        ) from None
                     continue
                 created.append(current)
                 if hierarchy.name == "cpuset" or "cpuset" in hierarchy.name.split(","):

@@ -281,7 +281,19 @@ class ContainerManager:
         if config.log_path:
             if not sandbox.log_directory:
                 raise InvalidArgument("container log_path is set but the pod has no log_directory")
-            log_path = os.path.normpath(os.path.join(sandbox.log_directory, config.log_path))
+            # Relative to the pod's log directory and inside it: kubelet says "<name>/<n>.log";
+            # an absolute or climbing path would have conmon append to any file on the host.
+            log_directory = os.path.normpath(sandbox.log_directory)
+            log_path = os.path.normpath(os.path.join(log_directory, config.log_path))
+            if (
+                os.path.isabs(config.log_path)
+                or "\0" in config.log_path
+                or not log_path.startswith(log_directory.rstrip("/") + "/")
+            ):
+                raise InvalidArgument(
+                    f"container log_path {config.log_path!r} must be a relative path inside the pod's "
+                    "log directory"
+                )
         container = Container(
             id=container_id,
             pod_id=sandbox.id,
@@ -354,13 +366,12 @@ class ContainerManager:
             resolv_path=str(Path(sandbox.dir) / "resolv.conf"),
             hostname_path=str(Path(sandbox.dir) / "hostname"),
             shm_path=sandbox.shm_path or None,
-            sysctls=dict(pb.PodSandboxConfig.FromString(sandbox.config).linux.sysctls),
+            # Set once in the pod's namespaces, which the container joins (cri_runtime.sysctl).
+            sysctls={},
             privileged=pb.PodSandboxConfig.FromString(sandbox.config).linux.security_context.privileged,
         )
         if config.linux.security_context.privileged and not context.privileged:
             raise InvalidArgument("a privileged container needs a privileged pod sandbox")
-        for host_path in spec.host_paths_to_create(config):
-            host_path.mkdir(parents=True, exist_ok=True)
         oci_spec = spec.build_container_spec(
             container_id=container.id,
             config=config,
@@ -370,6 +381,15 @@ class ContainerManager:
             cgroups_path=f"{sandbox.cgroup_path}/{container.id}",
             oom_score_adj_floor=self.settings.oom_score_adj_floor,
         )
+        spec.check_resources_on_host(oci_spec["linux"]["resources"])
+        # After the spec is built: a config it refuses makes no directory on the host.
+        for host_path in spec.host_paths_to_create(config):
+            try:
+                host_path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InvalidArgument(
+                    f"mount host path {str(host_path)!r} cannot be made: {exc.strerror}"
+                ) from None
         process = oci_spec["process"]
         user = process.get("user", {})
         container.user = [int(user.get("uid", 0)), int(user.get("gid", 0)), *user.get("additionalGids", [])]
@@ -416,6 +436,8 @@ class ContainerManager:
             pb.NamespaceMode.NODE: "node",
             pb.NamespaceMode.TARGET: "target",
         }
+        if mode not in modes:
+            raise InvalidArgument(f"linux.security_context.namespace_options.pid {mode} is not a known mode")
         return modes[mode]
 
     def _pid_ns_path(self, sandbox: Sandbox, config: pb.ContainerConfig) -> str | None:
@@ -532,6 +554,7 @@ class ContainerManager:
         """
         container = self.get(container_id)
         resources, adj = spec.linux_resources(wanted, self.settings.oom_score_adj_floor)
+        spec.check_resources_on_host(resources)
         with self.locks.hold(container.id):
             if container.state not in ("created", "running"):
                 raise FailedPrecondition(

@@ -63,6 +63,7 @@ from imageservice.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    PycriError,
     Unavailable,
 )
 
@@ -169,6 +170,18 @@ def _kill_tree(root_pid: int) -> None:
     for pid in stopped:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def _command_error(what: str, error: str) -> PycriError | None:
+    """The runtime got as far as executing the caller's command, and the command is no program of
+    this container: the caller's mistake, not pycri's (runc's wording, then crun's)."""
+    # runc's message may keep logrus's quoting (\") when it holds bytes JSON cannot decode.
+    if not re.search(r'exec: \\?"|executable file `|open executable:', error):
+        return None
+    lowered = error.lower()
+    if "not found" in lowered or "no such file" in lowered:
+        return NotFound(f"{what}: {error}")
+    return InvalidArgument(f"{what}: {error}")
 
 
 def _clean_runtime_error(text: str) -> str:
@@ -395,7 +408,14 @@ class Executor:
             try:
                 proc = subprocess.Popen(
                     argv,
-                    env={**self._env, "_OCI_SYNCPIPE": str(sync_write), "_OCI_STARTPIPE": str(start_read)},
+                    env={
+                        **self._env,
+                        # glib parses conmon's options in the locale's charset: under plain C,
+                        # a log path with a non-ASCII character makes conmon exit 1, silently.
+                        "LC_ALL": "C.UTF-8",
+                        "_OCI_SYNCPIPE": str(sync_write),
+                        "_OCI_STARTPIPE": str(start_read),
+                    },
                     pass_fds=(sync_write, start_read),
                     # conmon's oom file goes to its working directory as well as --persist-dir.
                     cwd=directory,
@@ -454,7 +474,9 @@ class Executor:
         pid = message.get("data", message.get("pid", -1))
         if not isinstance(pid, int) or pid <= 0:
             text = _clean_runtime_error(str(message.get("message") or "no error message"))
-            raise Internal(f"{self.runtime_name} create of {container_id} failed: {text}")
+            raise _command_error(f"{self.runtime_name} create of {container_id}", text) or Internal(
+                f"{self.runtime_name} create of {container_id} failed: {text}"
+            )
         return pid
 
     def _read_sync(self, fd: int, deadline: float) -> dict[str, Any] | None:
@@ -837,7 +859,8 @@ class Executor:
                     # holds the pipes; stop reading rather than wait for it.
                     break
                 limit = give_up_at if give_up_at is not None else deadline
-                wait = None if limit is None else max(0.0, limit - now)
+                # In slices: a caller's timeout of years is more than poll(2) can be asked to wait.
+                wait = None if limit is None else min(max(0.0, limit - now), 3600.0)
                 for key, _ in selector.select(wait):
                     chunk = os.read(key.fd, 65536)
                     if not chunk:
@@ -890,6 +913,9 @@ class Executor:
             raise FailedPrecondition(
                 f"cannot exec in container {container_id}: it is {current.get('status')} ({error})"
             )
+        command_error = _command_error(f"exec in container {container_id}", error)
+        if command_error is not None:
+            raise command_error
         raise Internal(f"{self.runtime_name} exec in {container_id} failed: {error}")
 
     # --- interactive exec (streaming) ------------------------------------------------------

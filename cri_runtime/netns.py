@@ -31,10 +31,12 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cri_runtime import sysctl
+from cri_runtime.sysctl import Sysctl
 from imageservice.errors import (
     AlreadyExists,
     Internal,
@@ -100,7 +102,9 @@ def _bind_mount(source: str, target: Path) -> None:
         raise _os_error("bind mount onto", target)
 
 
-def _unshare_and_pin(pins: dict[str, Path], hostname: bytes | None, mounted: list[Path]) -> None:
+def _unshare_and_pin(
+    pins: dict[str, Path], hostname: bytes | None, mounted: list[Path], sysctls: Sequence[Sysctl] = ()
+) -> None:
     """Runs in a thread of its own, which ends with the namespaces it unshared: no undo needed."""
     flags = 0
     for kind in pins:
@@ -111,6 +115,9 @@ def _unshare_and_pin(pins: dict[str, Path], hostname: bytes | None, mounted: lis
         raise _os_error("sethostname", hostname.decode())
     if "net" in pins:
         _set_loopback_up()
+    for setting in sysctls:
+        # /proc/sys answers for the namespaces of the thread that opens it: these new ones.
+        sysctl.write(setting)
     for kind, path in pins.items():
         # thread-self, not self: /proc/self/ns is the main thread's, still the host's.
         _bind_mount(f"/proc/thread-self/ns/{kind}", path)
@@ -118,11 +125,12 @@ def _unshare_and_pin(pins: dict[str, Path], hostname: bytes | None, mounted: lis
 
 
 def create_pod_namespaces(
-    directory: Path, *, net: bool, ipc: bool, uts: bool, hostname: str
+    directory: Path, *, net: bool, ipc: bool, uts: bool, hostname: str, sysctls: Sequence[Sysctl] = ()
 ) -> PodNamespaces:
     """New namespaces of the kinds asked for, pinned at ``directory/{net,ipc,uts}``.
 
-    ``hostname`` is set in the new UTS namespace (ignored when ``uts`` is false). The new
+    ``hostname`` is set in the new UTS namespace (ignored when ``uts`` is false), then
+    ``sysctls`` (checked by :func:`sysctl.pod_sysctls` to be in the new namespaces) are set. The new
     network namespace has ``lo`` up and nothing else. On failure nothing is left: no
     mount, no pin file (``directory`` itself is created if needed and left in place).
     """
@@ -154,7 +162,7 @@ def create_pod_namespaces(
 
         def work() -> None:
             try:
-                _unshare_and_pin({kind: directory / kind for kind in wanted}, name, mounted)
+                _unshare_and_pin({kind: directory / kind for kind in wanted}, name, mounted, sysctls)
             except BaseException as exc:
                 failure.append(exc)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from cri_runtime import cgroups, mounts, netns
+from cri_runtime import cgroups, mounts, netns, spec, sysctl
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.cni import CNI, PortMapping
 from cri_runtime.locks import KeyedLocks
@@ -102,6 +102,8 @@ class SandboxManager:
         for field_name in ("name", "namespace", "uid"):
             if not getattr(meta, field_name):
                 raise InvalidArgument(f"pod sandbox metadata.{field_name} is empty")
+        if config.log_directory and (not os.path.isabs(config.log_directory) or "\0" in config.log_directory):
+            raise InvalidArgument(f"pod log_directory {config.log_directory!r} must be an absolute path")
         if runtime_handler and runtime_handler not in self.settings.runtimes:
             raise NotFound(
                 f"runtime handler {runtime_handler!r} is not configured; "
@@ -128,9 +130,9 @@ class SandboxManager:
         options = linux.security_context.namespace_options
         host_network = options.network == pb.NamespaceMode.NODE
         host_ipc = options.ipc == pb.NamespaceMode.NODE
-        for key in linux.sysctls:
-            if host_network and key.startswith("net."):
-                raise InvalidArgument(f"sysctl {key} cannot be set on a pod in the host network namespace")
+        pod_sysctls = sysctl.pod_sysctls(
+            linux.sysctls, own_net=not host_network, own_ipc=not host_ipc, own_uts=not host_network
+        )
         try:
             cgroup_path = cgroups.normalize(linux.cgroup_parent or f"{DEFAULT_CGROUP_PARENT}/{sandbox_id}")
         except ValueError as exc:
@@ -174,6 +176,7 @@ class SandboxManager:
             ipc=not host_ipc,
             uts=not host_network,
             hostname=sandbox.hostname,
+            sysctls=pod_sysctls,
         )
         undo.callback(netns.remove_pod_namespaces, pinned)
         sandbox.netns_path = str(pinned.net or "")
@@ -181,7 +184,10 @@ class SandboxManager:
         sandbox.utsns_path = str(pinned.uts or "")
         failpoints.hit("sandbox.after_netns")
         # The pod cgroup: kubelet names it; crictl users often don't.
-        created = cgroups.create(sandbox.cgroup_path)
+        try:
+            created = cgroups.create(sandbox.cgroup_path)
+        except NotADirectoryError as exc:
+            raise InvalidArgument(f"pod linux.cgroup_parent {linux.cgroup_parent!r}: {exc}") from None
         undo.callback(_remove_pod_cgroup, sandbox.cgroup_path, [str(p) for p in created])
         self._apply_pod_limits(sandbox.cgroup_path, linux)
         failpoints.hit("sandbox.after_cgroup")
@@ -237,6 +243,9 @@ class SandboxManager:
                 raise InvalidArgument(f"pod linux.resources.{name} must not be negative")
         quota = resources.cpu_quota + overhead.cpu_quota if resources.cpu_quota > 0 else resources.cpu_quota
         memory = resources.memory_limit_in_bytes
+        if memory and memory + overhead.memory_limit_in_bytes < spec.MIN_MEMORY:
+            # The child cgroup of every container is charged to it: below this none can be made.
+            raise InvalidArgument(f"pod memory limit {memory} (with overhead) is below {spec.MIN_MEMORY}")
         try:
             cgroups.apply_limits(
                 cgroup_path,

@@ -12,11 +12,11 @@ and returns the plain ``linux.seccomp`` object of the OCI runtime spec. A profil
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,9 @@ from typing import Any
 from imageservice.errors import InvalidArgument
 
 ENOSYS = 38
+# Docker's default profile is some 20 KiB; a "profile" beyond this is not one, and reading a
+# device such as /dev/zero whole would never end.
+MAX_PROFILE_BYTES = 1024 * 1024
 
 # Every namespace flag clone(2) accepts. A clone without CAP_SYS_ADMIN may not create namespaces:
 # they are the door to mount, sethostname and friends, which the profile otherwise withholds.
@@ -61,6 +64,25 @@ OPERATORS = frozenset(
         "SCMP_CMP_MASKED_EQ",
     }
 )
+
+# What libseccomp (and so runc and crun) knows; anything else fails the container's create.
+ARCHITECTURES = frozenset(
+    f"SCMP_ARCH_{name}"
+    for name in (
+        *("X86", "X86_64", "X32", "ARM", "AARCH64", "MIPS", "MIPS64", "MIPS64N32", "MIPSEL"),
+        *("MIPSEL64", "MIPSEL64N32", "PPC", "PPC64", "PPC64LE", "S390", "S390X", "PARISC"),
+        *("PARISC64", "RISCV64", "LOONGARCH64", "M68K", "SH", "SHEB"),
+    )
+)
+FLAGS = frozenset(
+    {
+        "SECCOMP_FILTER_FLAG_TSYNC",
+        "SECCOMP_FILTER_FLAG_LOG",
+        "SECCOMP_FILTER_FLAG_SPEC_ALLOW",
+        "SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV",
+    }
+)
+MAX_ARG_INDEX = 5  # a syscall has six arguments
 
 # uname(2) machine -> (the architecture name conditions use, as Docker does with GOARCH; the
 # native seccomp architecture). Conditions use the Go names so that Docker-format Localhost
@@ -576,17 +598,32 @@ def default_profile(
     return to_oci(DEFAULT_PROFILE, capabilities, machine=machine, kernel=kernel, source="the default profile")
 
 
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
 def load_profile(path: Path) -> dict[str, Any]:
     """A Localhost profile file, parsed; InvalidArgument when it is missing or not a JSON object."""
     try:
-        text = path.read_text()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise InvalidArgument(f"seccomp profile {path} does not exist") from None
-    except OSError as exc:
-        raise InvalidArgument(f"seccomp profile {path} cannot be read: {exc.strerror}") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"seccomp profile {str(path)!r} cannot be read: {_reason(exc)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgument(f"seccomp profile {path} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(MAX_PROFILE_BYTES + 1)
+        except OSError as exc:
+            raise InvalidArgument(f"seccomp profile {path} cannot be read: {_reason(exc)}") from None
+    if len(data) > MAX_PROFILE_BYTES:
+        raise InvalidArgument(f"seccomp profile {path} is larger than {MAX_PROFILE_BYTES} bytes")
     try:
-        profile = json.loads(text)
-    except json.JSONDecodeError as exc:
+        profile = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
         raise InvalidArgument(f"seccomp profile {path} is not valid JSON: {exc}") from None
     if not isinstance(profile, dict):
         raise InvalidArgument(f"seccomp profile {path} is not a JSON object")
@@ -613,18 +650,27 @@ def to_oci(
     caps = set(capabilities)
 
     default_action = profile.get("defaultAction")
-    if default_action not in ACTIONS:
+    if not _is_one_of(default_action, ACTIONS):
         raise InvalidArgument(f"{source}: defaultAction {default_action!r} is not a seccomp action")
     result: dict[str, Any] = {"defaultAction": default_action}
     if "defaultErrnoRet" in profile:
-        result["defaultErrnoRet"] = _uint(profile["defaultErrnoRet"], f"{source}: defaultErrnoRet")
+        result["defaultErrnoRet"] = _uint(profile["defaultErrnoRet"], f"{source}: defaultErrnoRet", 2**32)
 
     architectures = _architectures(profile, native, source)
     if architectures:
         result["architectures"] = architectures
-    for key in ("flags", "listenerPath", "listenerMetadata"):
-        if key in profile:
-            result[key] = copy.deepcopy(profile[key])
+    if profile.get("flags") is not None:
+        result["flags"] = _names(profile["flags"], FLAGS, f"{source}: flags")
+    if profile.get("listenerPath"):
+        listener = profile["listenerPath"]
+        # The runtime hands the notify descriptor to this socket; without one the create fails.
+        if not isinstance(listener, str) or not listener.startswith("/") or not _is_socket(listener):
+            raise InvalidArgument(f"{source}: listenerPath {listener!r} is not a listening socket's path")
+        result["listenerPath"] = listener
+    if profile.get("listenerMetadata") is not None:
+        if not isinstance(profile["listenerMetadata"], str):
+            raise InvalidArgument(f"{source}: listenerMetadata must be a string")
+        result["listenerMetadata"] = profile["listenerMetadata"]
 
     syscalls: list[dict[str, Any]] = []
     entries = profile.get("syscalls") or []
@@ -642,18 +688,41 @@ def to_oci(
     return result
 
 
+def _is_one_of(value: object, known: frozenset[str]) -> bool:
+    return isinstance(value, str) and value in known
+
+
+def _names(value: object, known: frozenset[str], what: str) -> list[str]:
+    if not isinstance(value, list) or not all(_is_one_of(v, known) for v in value):
+        raise InvalidArgument(f"{what} must be a list among {sorted(known)}, not {value!r}")
+    return list(value)
+
+
+def _strings(value: object, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{what} must be a list of strings, not {value!r}")
+    return list(value)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _architectures(profile: Mapping[str, Any], native: str, source: str) -> list[str]:
     if "architectures" in profile and profile["architectures"] is not None:
-        listed = profile["architectures"]
-        if not isinstance(listed, list) or not all(isinstance(a, str) for a in listed):
-            raise InvalidArgument(f"{source}: architectures must be a list of strings")
-        return list(listed)
+        return _names(profile["architectures"], ARCHITECTURES, f"{source}: architectures")
     arch_map = profile.get("archMap") or []
     if not isinstance(arch_map, list):
         raise InvalidArgument(f"{source}: archMap must be a list")
     for entry in arch_map:
         if isinstance(entry, dict) and entry.get("architecture") == native:
-            return [native, *(entry.get("subArchitectures") or [])]
+            subs = entry.get("subArchitectures") or []
+            return [native, *_names(subs, ARCHITECTURES, f"{source}: archMap subArchitectures")]
     # No entry for this host: the filter then covers the native architecture only, which is what
     # libseccomp does for a filter without architectures.
     return []
@@ -666,10 +735,10 @@ def _applies(
     excludes = entry.get("excludes") or {}
     if not isinstance(includes, dict) or not isinstance(excludes, dict):
         raise InvalidArgument(f"{where}: includes and excludes must be objects")
-    needed_caps = includes.get("caps") or []
+    needed_caps = _strings(includes.get("caps"), f"{where}: includes.caps")
     if needed_caps and not all(cap in caps for cap in needed_caps):
         return False
-    arches = includes.get("arches") or []
+    arches = _strings(includes.get("arches"), f"{where}: includes.arches")
     if arches and go_arch not in arches:
         return False
     min_kernel = includes.get("minKernel")
@@ -678,9 +747,9 @@ def _applies(
             raise InvalidArgument(f"{where}: minKernel {min_kernel!r} is not a kernel version")
         if kernel < parse_kernel_version(min_kernel):
             return False
-    if any(cap in caps for cap in excludes.get("caps") or []):
+    if any(cap in caps for cap in _strings(excludes.get("caps"), f"{where}: excludes.caps")):
         return False
-    return go_arch not in (excludes.get("arches") or [])
+    return go_arch not in _strings(excludes.get("arches"), f"{where}: excludes.arches")
 
 
 def _syscall(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -690,20 +759,20 @@ def _syscall(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise InvalidArgument(f"{where}: names must be a non-empty list of syscall names")
     action = entry.get("action")
-    if action not in ACTIONS:
+    if not _is_one_of(action, ACTIONS):
         raise InvalidArgument(f"{where}: action {action!r} is not a seccomp action")
     result: dict[str, Any] = {"names": list(names), "action": action}
     if entry.get("errnoRet") is not None:
-        result["errnoRet"] = _uint(entry["errnoRet"], f"{where}: errnoRet")
+        result["errnoRet"] = _uint(entry["errnoRet"], f"{where}: errnoRet", 2**32)
     args = entry.get("args") or []
     if not isinstance(args, list):
         raise InvalidArgument(f"{where}: args must be a list")
     converted = []
     for arg in args:
-        if not isinstance(arg, dict) or arg.get("op") not in OPERATORS:
+        if not isinstance(arg, dict) or not _is_one_of(arg.get("op"), OPERATORS):
             raise InvalidArgument(f"{where}: argument {arg!r} needs an op among {sorted(OPERATORS)}")
         item: dict[str, Any] = {
-            "index": _uint(arg.get("index", 0), f"{where}: args index"),
+            "index": _uint(arg.get("index", 0), f"{where}: args index", MAX_ARG_INDEX + 1),
             "value": _uint(arg.get("value", 0), f"{where}: args value"),
             "op": arg["op"],
         }
@@ -715,7 +784,7 @@ def _syscall(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
     return result
 
 
-def _uint(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgument(f"{what} must be a non-negative integer, not {value!r}")
+def _uint(value: object, what: str, limit: int = 2**64) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+        raise InvalidArgument(f"{what} must be an integer from 0 to {limit - 1}, not {value!r}")
     return value

@@ -158,6 +158,24 @@ _MAX_SYMLINKS = 40  # as the kernel's path walk, so a loop fails the same way
 # Directories of /dev that hold no device a container should get: they are mounted anew inside.
 _SKIPPED_DEVICE_DIRS = frozenset({"pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev"})
 
+# Files below /proc that runc and crun let a bind mount cover (what lxcfs provides).
+PROC_BIND_TARGETS = frozenset(
+    {
+        "/proc/cpuinfo",
+        "/proc/diskstats",
+        "/proc/meminfo",
+        "/proc/stat",
+        "/proc/swaps",
+        "/proc/uptime",
+        "/proc/loadavg",
+        "/proc/slabinfo",
+        "/proc/sys/kernel/ns_last_pid",
+    }
+)
+
+# What the OCI runtime reads inside the container to start and exec processes there.
+_RUNTIME_NEEDS = re.compile(r"/|/proc|/proc/(self|thread-self|[0-9]+)(/.*)?|/dev|/dev/null")
+
 _PROPAGATION = {
     pb.MountPropagation.PROPAGATION_PRIVATE: "rprivate",
     pb.MountPropagation.PROPAGATION_HOST_TO_CONTAINER: "rslave",
@@ -274,6 +292,18 @@ def build_container_spec(
     if devices:
         linux_spec["devices"] = devices
     if not privileged:
+        for name in ("masked_paths", "readonly_paths"):
+            for position, path in enumerate(getattr(security, name)):
+                if not path.startswith("/") or "\0" in path:
+                    raise InvalidArgument(
+                        f"linux.security_context.{name}[{position}] {path!r} is not an absolute path"
+                    )
+                if name == "masked_paths" and _RUNTIME_NEEDS.fullmatch(_clean(path)):
+                    # Hidden, the OCI runtime cannot set the process up or exec into it.
+                    raise InvalidArgument(
+                        f"linux.security_context.masked_paths[{position}] {path!r}: the OCI runtime "
+                        "needs it inside the container"
+                    )
         linux_spec["maskedPaths"] = list(security.masked_paths) or list(DEFAULT_MASKED_PATHS)
         linux_spec["readonlyPaths"] = list(security.readonly_paths) or list(DEFAULT_READONLY_PATHS)
         profile = _seccomp(security, capabilities["bounding"], seccomp_profile_root)
@@ -351,6 +381,10 @@ def resolve_command(
     result = entrypoint + cmd
     if not result:
         raise InvalidArgument("no command specified: neither the container config nor the image has one")
+    if not result[0]:
+        raise InvalidArgument("the command's first word (the program) is empty")
+    if any("\0" in word for word in result):
+        raise InvalidArgument("the command holds a NUL byte, which no argument can")
     return result
 
 
@@ -375,6 +409,12 @@ def _environment(image_env: object, config_envs: Iterable[pb.KeyValue], hostname
     for position, pair in enumerate(config_envs):
         if not pair.key:
             raise InvalidArgument(f"envs[{position}].key is empty")
+        if "\0" in pair.key or (b"\0" if isinstance(pair.value, bytes) else "\0") in pair.value:
+            raise InvalidArgument(f"envs[{position}] holds a NUL byte, which an environment cannot")
+        if "=" in pair.key:
+            raise InvalidArgument(
+                f"envs[{position}].key {pair.key!r} holds '=', which ends a variable's name"
+            )
         value = pair.value
         # The generated module types KeyValue.value as bytes; upstream CRI says string. Both arrive.
         text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
@@ -384,7 +424,7 @@ def _environment(image_env: object, config_envs: Iterable[pb.KeyValue], hostname
 
 def _working_dir(config_dir: str, image_dir: object) -> str:
     if config_dir:
-        if not config_dir.startswith("/"):
+        if not config_dir.startswith("/") or "\0" in config_dir:
             raise InvalidArgument(f"working_dir {config_dir!r} must be an absolute path")
         return _clean(config_dir)
     if isinstance(image_dir, str) and image_dir:
@@ -736,7 +776,7 @@ def host_paths_to_create(config: pb.ContainerConfig) -> list[Path]:
     before the spec is built, as containerd and kubelet's hostPath DirectoryOrCreate expect."""
     missing: list[Path] = []
     for mount in config.mounts:
-        if mount.image.image or not mount.host_path.startswith("/"):
+        if mount.image.image or not mount.host_path.startswith("/") or "\0" in mount.host_path:
             continue  # refused by build_container_spec with a reason
         path = Path(mount.host_path)
         if not os.path.lexists(path) and path not in missing:
@@ -861,6 +901,14 @@ def _config_mount(position: int, mount: pb.Mount) -> dict[str, Any]:
         raise InvalidArgument(f"{field}.container_path {mount.container_path!r} must be an absolute path")
     if not mount.host_path.startswith("/"):
         raise InvalidArgument(f"{field}.host_path {mount.host_path!r} must be an absolute path")
+    if "\0" in mount.host_path or "\0" in mount.container_path:
+        raise InvalidArgument(f"{field}: a path holds a NUL byte")
+    destination = _clean(mount.container_path)
+    if (destination == "/proc" or destination.startswith("/proc/")) and destination not in PROC_BIND_TARGETS:
+        # The OCI runtimes refuse to cover /proc with anything but procfs (CVE-2019-19921).
+        raise InvalidArgument(
+            f"{field}.container_path {mount.container_path!r}: /proc cannot be bind-mounted over"
+        )
     propagation = _PROPAGATION.get(mount.propagation)
     if propagation is None:
         raise InvalidArgument(f"{field}.propagation {mount.propagation} is unknown")
@@ -878,7 +926,7 @@ def _config_mount(position: int, mount: pb.Mount) -> dict[str, Any]:
     # selinux_relabel is ignored: pycri does not label. mount_options are not passed on: they are
     # for image volumes, which are refused above.
     return {
-        "destination": _clean(mount.container_path),
+        "destination": destination,
         "type": "bind",
         "source": mount.host_path,
         "options": options,
@@ -916,6 +964,8 @@ def _devices(
             raise InvalidArgument(f"{field}.host_path {wanted.host_path!r} does not exist") from None
         except OSError as exc:
             raise InvalidArgument(f"{field}.host_path {wanted.host_path!r}: {exc.strerror}") from None
+        except ValueError:  # a NUL byte
+            raise InvalidArgument(f"{field}.host_path {wanted.host_path!r} is not a path") from None
         if stat.S_ISDIR(info.st_mode):
             found = list(_devices_under(Path(wanted.host_path), container_path))
         elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
@@ -1000,6 +1050,57 @@ def _namespaces(sandbox: SandboxContext, cgroup_namespace: bool) -> list[dict[st
 
 _CPU_LIST = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
 _PAGE_SIZE = re.compile(r"[1-9][0-9]*[KMGTP]B")
+MIN_CPU_QUOTA = 1000  # microseconds
+MIN_CPU_PERIOD = 1000
+MAX_CPU_PERIOD = 1_000_000
+MIN_MEMORY = 4 * 1024 * 1024
+_PAGE_UNITS = {"K": 1, "M": 1024, "G": 1024**2, "T": 1024**3, "P": 1024**4}
+
+
+def _cpu_ranges(text: str) -> list[tuple[int, int]]:
+    """The ranges of a list such as 0-3,6; a caller's 0-99999999999 stays a range, not a set."""
+    ranges = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            ranges.append((int(first), int(last or first)))
+    return ranges
+
+
+def _within(ranges: list[tuple[int, int]], online: set[int]) -> bool:
+    return all(
+        low <= high and high - low < len(online) and all(n in online for n in range(low, high + 1))
+        for low, high in ranges
+    )
+
+
+def check_resources_on_host(
+    resources: Mapping[str, Any], sys_root: Path = Path("/sys"), cgroup_root: Path = Path("/sys/fs/cgroup")
+) -> None:
+    """Refuse OCI linux.resources this host cannot grant, which the OCI runtime would refuse later
+    (and as its own failure): CPUs and memory nodes it lacks, huge page sizes it has no pool for,
+    cgroup v2 keys on a v1 host."""
+    cpu = resources.get("cpu") or {}
+    for key, online_file in (("cpus", "devices/system/cpu/online"), ("mems", "devices/system/node/online")):
+        if key not in cpu:
+            continue
+        try:
+            ranges = _cpu_ranges((sys_root / online_file).read_text())
+            online = {n for low, high in ranges for n in range(low, high + 1)}
+        except OSError:
+            online = {0}  # no NUMA directory: one memory node
+        if not _within(_cpu_ranges(cpu[key]), online):
+            raise InvalidArgument(
+                f"linux.resources.cpuset_{key} {cpu[key]!r} is not a set of this host's "
+                f"{'CPUs' if key == 'cpus' else 'memory nodes'}"
+            )
+    for hugepage in resources.get("hugepageLimits") or []:
+        size = hugepage["pageSize"]
+        kib = int(size[:-2]) * _PAGE_UNITS[size[-2]]
+        if not (sys_root / "kernel/mm/hugepages" / f"hugepages-{kib}kB").is_dir():
+            raise InvalidArgument(f"linux.resources.hugepage_limits: this host has no {size} huge pages")
+    if resources.get("unified") and not (cgroup_root / "cgroup.controllers").exists():
+        raise InvalidArgument("linux.resources.unified: cgroup v2 settings need a cgroup v2 host")
 
 
 def linux_resources(
@@ -1020,12 +1121,18 @@ def _resources(
             raise InvalidArgument(f"{field}.cpu_shares {config.cpu_shares} must be at least 2")
         cpu["shares"] = config.cpu_shares
     if config.cpu_quota:
-        if config.cpu_quota < -1:
-            raise InvalidArgument(f"{field}.cpu_quota {config.cpu_quota} must be positive or -1 (no limit)")
+        # The kernel's bounds (kernel/sched/core.c): at least 1ms of CPU time per period.
+        if config.cpu_quota < -1 or 0 < config.cpu_quota < MIN_CPU_QUOTA:
+            raise InvalidArgument(
+                f"{field}.cpu_quota {config.cpu_quota} must be at least {MIN_CPU_QUOTA} or -1 (no limit)"
+            )
         cpu["quota"] = config.cpu_quota
     if config.cpu_period:
-        if config.cpu_period < 0:
-            raise InvalidArgument(f"{field}.cpu_period {config.cpu_period} must be positive")
+        if not MIN_CPU_PERIOD <= config.cpu_period <= MAX_CPU_PERIOD:
+            raise InvalidArgument(
+                f"{field}.cpu_period {config.cpu_period} must be between {MIN_CPU_PERIOD} "
+                f"and {MAX_CPU_PERIOD}"
+            )
         cpu["period"] = config.cpu_period
     for name, value in (("cpus", config.cpuset_cpus), ("mems", config.cpuset_mems)):
         if value:
@@ -1037,15 +1144,18 @@ def _resources(
     memory: dict[str, Any] = {}
     limit = config.memory_limit_in_bytes
     if limit:
-        if limit < 0:
-            raise InvalidArgument(f"{field}.memory_limit_in_bytes {limit} must be positive")
+        if limit < MIN_MEMORY:
+            # Below this the OCI runtime's own init does not fit and the create fails in it.
+            raise InvalidArgument(f"{field}.memory_limit_in_bytes {limit} must be at least {MIN_MEMORY}")
         memory["limit"] = limit
     swap = config.memory_swap_limit_in_bytes
     if swap:
-        # Swap is memory plus swap in cgroup v1 terms, so it cannot be below the memory limit.
-        if swap < -1 or (swap > 0 and limit > 0 and swap < limit):
+        # Swap is memory plus swap in cgroup v1 terms, so it cannot be below the memory limit,
+        # and it bounds nothing without one (the kernel refuses it).
+        if swap < -1 or (swap > 0 and (limit <= 0 or swap < limit)):
             raise InvalidArgument(
-                f"{field}.memory_swap_limit_in_bytes {swap} must be -1 or at least memory_limit_in_bytes"
+                f"{field}.memory_swap_limit_in_bytes {swap} must be -1, or at least a memory_limit_in_bytes "
+                "that is set"
             )
         memory["swap"] = swap
 

@@ -21,7 +21,7 @@ import pytest
 
 from cri_runtime import oci
 from cri_runtime.executor import Executor
-from imageservice.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal
+from imageservice.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
 from tests.support.rootfs import busybox_rootfs, minimal_spec
 
 pytestmark = pytest.mark.root
@@ -319,7 +319,8 @@ def test_exec_sync_output_beyond_the_cap_is_dropped(harness: Harness) -> None:
 
 def test_exec_of_a_missing_command_raises_with_the_runtime_error(harness: Harness) -> None:
     container_id, _ = harness.run(["sleep", "1000"])
-    with pytest.raises(Internal, match="nonexistent"):
+    # The caller's command is not in the container: NOT_FOUND, not an internal error.
+    with pytest.raises(NotFound, match="nonexistent"):
         harness.executor.exec_sync(container_id, ["/nonexistent"], 10)
 
 
@@ -351,7 +352,7 @@ def test_failed_create_reports_the_runtime_error_and_leaves_nothing(
 ) -> None:
     container_id, bundle = harness.bundle(["/nonexistent"])
     log_path = bundle / "container.log"
-    with pytest.raises(Internal, match=r"/nonexistent.*(not found|no such file)"):
+    with pytest.raises(NotFound, match=r"/nonexistent.*(not found|no such file)"):
         harness.executor.create(container_id, bundle, log_path)
     assert not _processes_mentioning(container_id)
     assert not harness.executor.container_dir(container_id).exists()
