@@ -23,6 +23,7 @@ from typing import Any, Protocol, get_args
 
 import structlog
 
+from cri_runtime import serving
 from cri_runtime.state import ContainerState, SandboxState
 from imageservice.errors import FailedPrecondition, InvalidArgument
 
@@ -502,15 +503,7 @@ class MetricsServer:
         log.info("metrics server", address=self.host, port=self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._sessions):
-            task.cancel()
-        if self._sessions:
-            await asyncio.wait(list(self._sessions), timeout=5)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+        await serving.close(self._server, self._sessions)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

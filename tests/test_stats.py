@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the env fixture imported from test_pods is the tests' parameter
 """Pod and container stats and metrics, as kubelet reads them over CRI, from real pods.
 
 Each test runs a real pycri daemon with runc and with crun, real containers that burn CPU,
@@ -8,61 +9,25 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
-import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from cri_runtime import cgroups, oci
+from cri_runtime import cgroups
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.client import CRIClient
 from tests import test_pods
-from tests.support.daemon import force_cleanup
-from tests.test_pods import RUNTIMES, Env, exec_out, host_leftovers, wait_exited
+from tests.test_pods import Env, env, exec_out, wait_exited  # noqa: F401 - env is a fixture
 
 pytestmark = pytest.mark.root
 
 pod_image = test_pods.pod_image
 
 MB = 1024 * 1024
-
-
-@pytest.fixture(params=RUNTIMES)
-def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path: Path) -> Iterator[Env]:  # type: ignore[no-untyped-def]
-    runtime = request.param
-    if runtime == "crun" and not oci.probe("crun").usable:
-        pytest.skip(f"crun cannot run here: {oci.probe('crun').reason}")
-    third = 120 + RUNTIMES.index(runtime)
-    bridge = f"pyt{secrets.token_hex(3)}"
-    net_dir = tmp_path / "net.d"
-    net_dir.mkdir()
-    daemon = daemon_factory(
-        f'default_runtime = "{runtime}"\n[network]\nconf_dir = "{net_dir}"\n'
-        f'pod_subnet = "198.18.{third}.0/24"\nbridge = "{bridge}"\n',
-        name=f"stats-{runtime}",
-    )
-    pods: list[str] = []
-    try:
-        environment = Env(daemon, daemon.client(), pod_image, tmp_path / "logs", f"198.18.{third}.", pods)
-        environment.cri.pull(pod_image)
-        yield environment
-        for pod in environment.cri.list_pods():
-            environment.cri.stop_pod(pod.id)
-            environment.cri.remove_pod(pod.id)
-        environment.cri.close()
-        daemon.stop()
-    finally:
-        daemon.kill()
-        leftovers = host_leftovers(daemon, bridge, pods)
-        force_cleanup(daemon)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-    assert leftovers == {"processes": [], "mounts": [], "bridge ports": [], "cgroups": []}
 
 
 # --- helpers ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from cri_runtime import serving
 from cri_runtime.containers import ContainerManager
 from cri_runtime.sandboxes import SandboxManager
 from cri_runtime.streaming import portforward, remotecommand, spdy
@@ -144,15 +145,7 @@ class StreamingServer:
         log.info("streaming server", url=self.base_url)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._sessions):
-            task.cancel()
-        if self._sessions:
-            await asyncio.wait(list(self._sessions), timeout=5)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+        await serving.close(self._server, self._sessions)
 
     @property
     def base_url(self) -> str:
