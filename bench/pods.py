@@ -37,9 +37,10 @@ from typing import Any
 
 from bench.measure import percentile, read_cpu_ticks, read_pss_kib, read_status_kib
 from bench.runtimes import Runtime
-from cri_runtime import cgroups, spec
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host import cgroups
+from cri_runtime.oci import spec
 from tests.support.images import BUSYBOX_PATH, File, Image, busybox_image, layer_from_files, push_image
 from tests.support.registry import Registry
 

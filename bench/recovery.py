@@ -65,9 +65,9 @@ from bench.runtimes import (
     _link_exists,
     _mounts_under,
 )
-from cri_runtime import cgroups
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host import cgroups
 from tests.support.registry import Registry
 
 # Codes the short-lived containers exit with: none that a runtime uses for "unknown" (255,

@@ -63,7 +63,7 @@ from bench import pods, recovery, streaming
 from bench.images import BigImages, build_and_push_big, build_and_push_many
 from bench.measure import RegistryLogWindow, RssSampler, blob_gets, median, percentile, read_status_kib
 from bench.runtimes import ContainerdRuntime, PodNetwork, PycriRuntime, Runtime
-from cri_runtime import cgroups
+from cri_runtime.host import cgroups
 from tests.support.registry import Registry, start_registry
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

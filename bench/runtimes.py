@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bench.measure import descendants, environ_has, process_table
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
 from tests.support.daemon import Daemon, force_cleanup
 
 CONTAINERD_BINARY = "/usr/bin/containerd"

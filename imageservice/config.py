@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from imageservice.errors import InvalidArgument
+from cri_runtime.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

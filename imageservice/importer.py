@@ -15,8 +15,8 @@ import tarfile
 import uuid
 from pathlib import Path
 
+from cri_runtime.errors import DataLoss, InvalidArgument, NotFound
 from imageservice.db import ImageRecord
-from imageservice.errors import DataLoss, InvalidArgument, NotFound
 from imageservice.platform import describe
 from imageservice.reference import parse_reference
 from imageservice.store import INDEX_TYPES, Descriptor, ImageStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from imageservice.errors import InvalidArgument
+from cri_runtime.errors import InvalidArgument
 
 _MACHINE_TO_PLATFORM = {
     "x86_64": ("amd64", ""),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from imageservice.errors import InvalidArgument
+from cri_runtime.errors import InvalidArgument
 
 DEFAULT_DOMAIN = "docker.io"
 # The host that actually serves docker.io's registry API.

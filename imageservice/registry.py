@@ -24,9 +24,7 @@ from typing import TypeVar
 
 import structlog
 
-from imageservice.cancel import on_cancel
-from imageservice.config import ImageConfig, RegistryHost
-from imageservice.errors import (
+from cri_runtime.errors import (
     DataLoss,
     DeadlineExceeded,
     InvalidArgument,
@@ -36,6 +34,8 @@ from imageservice.errors import (
     Unauthenticated,
     Unavailable,
 )
+from imageservice.cancel import on_cancel
+from imageservice.config import ImageConfig, RegistryHost
 from imageservice.reference import Reference, endpoint_host
 
 log = structlog.get_logger("pycri.registry")

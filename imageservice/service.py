@@ -12,9 +12,9 @@ import grpc
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
+from cri_runtime.errors import DeadlineExceeded, InvalidArgument
 from imageservice.cancel import Cancellation
 from imageservice.db import ImageRecord
-from imageservice.errors import DeadlineExceeded, InvalidArgument
 from imageservice.registry import Credentials
 from imageservice.store import ImageStore
 

@@ -33,12 +33,8 @@ from typing import Protocol
 
 import structlog
 
-from imageservice import failpoints
-from imageservice.cancel import Cancellation
-from imageservice.config import ImageConfig
-from imageservice.db import ImageDB, ImageRecord, LayerRecord, LayerRef
-from imageservice.diskusage import disk_usage, disk_usage_of_dir
-from imageservice.errors import (
+from cri_runtime import failpoints
+from cri_runtime.errors import (
     DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
@@ -46,6 +42,10 @@ from imageservice.errors import (
     NotFound,
     PycriError,
 )
+from imageservice.cancel import Cancellation
+from imageservice.config import ImageConfig
+from imageservice.db import ImageDB, ImageRecord, LayerRecord, LayerRef
+from imageservice.diskusage import disk_usage, disk_usage_of_dir
 from imageservice.platform import describe, host_platform
 from imageservice.reference import Reference, looks_like_image_id, parse_reference, validate_digest
 from imageservice.registry import Credentials, Manifest, RegistrySession

@@ -57,7 +57,7 @@ from typing import BinaryIO, Protocol, Self, cast
 
 import zstandard
 
-from imageservice.errors import (
+from cri_runtime.errors import (
     DataLoss,
     DeadlineExceeded,
     HostileContent,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
 from tests.support.daemon import Daemon
 from tests.support.registry import Registry, start_registry
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cri_runtime.config import Config, config_from_dict, load_config
-from imageservice.errors import InvalidArgument
+from cri_runtime.daemon.config import Config, config_from_dict, load_config
+from cri_runtime.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
 from tests.support.daemon import Daemon
 
 pytestmark = pytest.mark.root
@@ -86,7 +86,7 @@ def test_live_socket_is_refused_with_a_clear_error(daemon: Daemon, tmp_path: Pat
         [
             sys.executable,
             "-m",
-            "cri_runtime.cli",
+            "cri_runtime.daemon.cli",
             "serve",
             "--socket",
             str(daemon.socket),
@@ -139,7 +139,16 @@ def test_config_command_layers_file_then_flags(tmp_path: Path) -> None:
         '[registries."registry.k8s.io"]\nmirrors = ["http://127.0.0.1:5000"]\n'
     )
     out = subprocess.run(
-        [sys.executable, "-m", "cri_runtime.cli", "config", "--config", str(config), "--log-level", "debug"],
+        [
+            sys.executable,
+            "-m",
+            "cri_runtime.daemon.cli",
+            "config",
+            "--config",
+            str(config),
+            "--log-level",
+            "debug",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -159,7 +168,7 @@ def test_config_command_output_loads_back_as_the_same_config(tmp_path: Path) -> 
 
     def effective(path: Path) -> str:
         return subprocess.run(
-            [sys.executable, "-m", "cri_runtime.cli", "config", "--config", str(path)],
+            [sys.executable, "-m", "cri_runtime.daemon.cli", "config", "--config", str(path)],
             capture_output=True,
             text=True,
             check=True,
@@ -176,7 +185,7 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path: Path) -> None:
     config = tmp_path / "pycri.toml"
     config.write_text("[image]\nmax_concurent_downloads = 5\n")
     out = subprocess.run(
-        [sys.executable, "-m", "cri_runtime.cli", "config", "--config", str(config)],
+        [sys.executable, "-m", "cri_runtime.daemon.cli", "config", "--config", str(config)],
         capture_output=True,
         text=True,
     )
@@ -191,7 +200,7 @@ def test_unsupported_systemd_cgroup_driver_is_refused_at_start(tmp_path: Path) -
         [
             sys.executable,
             "-m",
-            "cri_runtime.cli",
+            "cri_runtime.daemon.cli",
             "serve",
             "--config",
             str(config),

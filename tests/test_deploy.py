@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cri_runtime import check, oci, sdnotify
-from cri_runtime.client import CRIClient
-from cri_runtime.cni import CNI
-from cri_runtime.config import Config, config_from_dict
+from cri_runtime.daemon import check, sdnotify
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.daemon.config import Config, config_from_dict
+from cri_runtime.network.cni import CNI
+from cri_runtime.oci import runtimes as oci_runtimes
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -39,7 +40,7 @@ EXAMPLE_POD_RANGE = ipaddress.ip_network("198.18.0.0/15")
 
 def _pycri(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cri_runtime.cli", *args],
+        [sys.executable, "-m", "cri_runtime.daemon.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -119,8 +120,10 @@ def test_check_names_every_problem_in_one_run_with_a_fix(tmp_path: Path) -> None
 
 def test_check_names_missing_runtimes_and_monitor_fixes() -> None:
     missing = {
-        name: oci.RuntimeInfo(name, "", "", False, f"{name} is not installed (apt-get install {name})")
-        for name in oci.CANDIDATES
+        name: oci_runtimes.RuntimeInfo(
+            name, "", "", False, f"{name} is not installed (apt-get install {name})"
+        )
+        for name in oci_runtimes.CANDIDATES
     }
     findings = check.check_binaries(Config(), missing)
     failures = [f for f in findings if f.level == check.FAIL]
@@ -131,8 +134,8 @@ def test_check_names_missing_runtimes_and_monitor_fixes() -> None:
 
 def test_check_falls_back_to_runc_with_a_warning() -> None:
     runtimes = {
-        "crun": oci.RuntimeInfo("crun", "/usr/bin/crun", "crun 1", False, "hybrid cgroups"),
-        "runc": oci.RuntimeInfo("runc", "/usr/sbin/runc", "runc 1", True, ""),
+        "crun": oci_runtimes.RuntimeInfo("crun", "/usr/bin/crun", "crun 1", False, "hybrid cgroups"),
+        "runc": oci_runtimes.RuntimeInfo("runc", "/usr/sbin/runc", "runc 1", True, ""),
     }
     findings = check.check_binaries(Config(), runtimes)
     assert any(f.level == check.WARN and "using runc" in f.what for f in findings)
@@ -232,7 +235,7 @@ def test_kubelet_and_kubeadm_point_at_pycri_with_its_cgroup_driver() -> None:
 
 def test_runtime_classes_match_the_handlers_pycri_serves() -> None:
     classes = [doc for _, doc in _documents() if doc["kind"] == "RuntimeClass"]
-    assert sorted(doc["handler"] for doc in classes) == sorted(oci.CANDIDATES)
+    assert sorted(doc["handler"] for doc in classes) == sorted(oci_runtimes.CANDIDATES)
     for doc in classes:
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["handler"])
@@ -338,7 +341,7 @@ def test_serve_notifies_ready_once_the_socket_answers_and_stopping_at_shutdown(t
             [
                 sys.executable,
                 "-m",
-                "cri_runtime.cli",
+                "cri_runtime.daemon.cli",
                 "serve",
                 "--config",
                 str(config),

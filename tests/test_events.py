@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
-from cri_runtime.events import EventHub
-from cri_runtime.state import Container
-from imageservice.errors import ResourceExhausted
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.errors import ResourceExhausted
+from cri_runtime.runtime.events import EventHub
+from cri_runtime.runtime.state import Container
 from tests.test_pods import Env, env, pod_image, wait_exited  # noqa: F401 - fixtures
 
 E = pb.ContainerEventType

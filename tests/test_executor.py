@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from cri_runtime import oci
-from cri_runtime.executor import Executor
-from imageservice.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
+from cri_runtime.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
+from cri_runtime.oci import runtimes as oci_runtimes
+from cri_runtime.oci.conmon import Executor
 from tests.support.rootfs import busybox_rootfs, minimal_spec
 
 pytestmark = pytest.mark.root
@@ -34,8 +34,8 @@ CRI_LINE = re.compile(
 )
 
 
-def _runtime_info(name: str) -> oci.RuntimeInfo:
-    info = oci.probe(name)
+def _runtime_info(name: str) -> oci_runtimes.RuntimeInfo:
+    info = oci_runtimes.probe(name)
     if not info.usable:
         pytest.skip(f"{name} cannot run here: {info.reason}")
     return info
@@ -167,12 +167,12 @@ class Harness:
 
 
 @pytest.fixture(params=["crun", "runc"])
-def runtime(request: pytest.FixtureRequest) -> oci.RuntimeInfo:
+def runtime(request: pytest.FixtureRequest) -> oci_runtimes.RuntimeInfo:
     return _runtime_info(request.param)
 
 
 @pytest.fixture
-def harness(runtime: oci.RuntimeInfo, rootfs: Path, workdir: Path) -> Iterator[Harness]:
+def harness(runtime: oci_runtimes.RuntimeInfo, rootfs: Path, workdir: Path) -> Iterator[Harness]:
     base = workdir / secrets.token_hex(4)
     executor = Executor(runtime.name, runtime.path, base / "state")
     h = Harness(executor, rootfs, base)
@@ -348,7 +348,7 @@ def test_reopen_log_moves_new_lines_to_a_new_file(harness: Harness) -> None:
 
 
 def test_failed_create_reports_the_runtime_error_and_leaves_nothing(
-    harness: Harness, runtime: oci.RuntimeInfo
+    harness: Harness, runtime: oci_runtimes.RuntimeInfo
 ) -> None:
     container_id, bundle = harness.bundle(["/nonexistent"])
     log_path = bundle / "container.log"
@@ -414,7 +414,7 @@ def test_delete_is_idempotent_and_removes_everything(harness: Harness) -> None:
     assert not _cgroup_dirs(f"{CGROUP_PARENT}/{container_id}")
 
 
-def test_conmon_outlives_its_executor(harness: Harness, runtime: oci.RuntimeInfo) -> None:
+def test_conmon_outlives_its_executor(harness: Harness, runtime: oci_runtimes.RuntimeInfo) -> None:
     container_id, _ = harness.run(["sh", "-c", "sleep 0.5; exit 7"])
     conmon = harness.executor.conmon_pid(container_id)
     assert conmon is not None

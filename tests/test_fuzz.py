@@ -52,10 +52,10 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from cri_runtime import cgroups
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
-from cri_runtime.mounts import mounts_under
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host import cgroups
+from cri_runtime.host.mounts import mounts_under
 from tests.support.daemon import Daemon, force_cleanup
 from tests.support.images import Image, busybox_layer, push_image
 from tests.support.registry import Registry
@@ -361,7 +361,7 @@ def _daemon_states(mine: Daemon) -> list[Path]:
             argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        if "serve" not in argv or not any(a.endswith(("pycri", "cri_runtime.cli")) for a in argv):
+        if "serve" not in argv or not any(a.endswith(("pycri", "cri_runtime.daemon.cli")) for a in argv):
             continue
         state = Path("/run/pycri")
         for position, arg in enumerate(argv):

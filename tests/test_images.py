@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
 from imageservice.store import chain_ids
 from tests.support.daemon import Daemon
 from tests.support.images import (

@@ -64,7 +64,7 @@ def pycri_import(daemon: Daemon, archive: Path) -> subprocess.CompletedProcess[s
         [
             sys.executable,
             "-m",
-            "cri_runtime.cli",
+            "cri_runtime.daemon.cli",
             "image",
             "import",
             str(archive),

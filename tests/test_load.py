@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cri_runtime import cgroups
-from cri_runtime.client import CRIClient
-from cri_runtime.mounts import mounts_under
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host import cgroups
+from cri_runtime.host.mounts import mounts_under
 from tests.support.daemon import Daemon, force_cleanup
 from tests.support.images import Image, busybox_layer, push_image
 from tests.support.registry import Registry

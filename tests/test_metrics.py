@@ -23,10 +23,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cri_runtime import metrics
-from cri_runtime.config import Config, config_from_dict, load_config
-from cri_runtime.metrics import MetricsServer, PycriMetrics, Registry
-from imageservice.errors import InvalidArgument
+from cri_runtime.daemon import metrics
+from cri_runtime.daemon.config import Config, config_from_dict, load_config
+from cri_runtime.daemon.metrics import MetricsServer, PycriMetrics, Registry
+from cri_runtime.errors import InvalidArgument
 from tests.support.daemon import Daemon, force_cleanup
 from tests.support.fakeregistry import FakeRegistry, Route
 from tests.support.images import (

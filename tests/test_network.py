@@ -25,8 +25,7 @@ import pytest
 
 from cri_runtime import netns as pod_netns
 from cri_runtime import network
-from cri_runtime.cni import CNI, PodNetworkResult, PortMapping
-from imageservice.errors import (
+from cri_runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,
     Internal,
@@ -34,6 +33,7 @@ from imageservice.errors import (
     NotFound,
     Unavailable,
 )
+from cri_runtime.network.cni import CNI, PodNetworkResult, PortMapping
 
 PLUGIN_DIR = Path("/usr/lib/cni")
 FORWARDING_SYSCTLS = ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding")

@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cri_runtime import oci
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
-from cri_runtime.mounts import mounts_under
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host.mounts import mounts_under
+from cri_runtime.oci import runtimes as oci_runtimes
 from tests.support.daemon import Daemon, force_cleanup
 from tests.support.images import Image, busybox_layer, layer_from_files, push_image
 from tests.support.registry import Registry
@@ -98,8 +98,8 @@ def host_leftovers(daemon: Daemon, bridge: str, pods: list[str]) -> dict[str, ob
 @pytest.fixture(params=RUNTIMES)
 def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path: Path) -> Iterator[Env]:  # type: ignore[no-untyped-def]
     runtime = request.param
-    if runtime == "crun" and not oci.probe("crun").usable:
-        pytest.skip(f"crun cannot run here: {oci.probe('crun').reason}")
+    if runtime == "crun" and not oci_runtimes.probe("crun").usable:
+        pytest.skip(f"crun cannot run here: {oci_runtimes.probe('crun').reason}")
     third = 100 + RUNTIMES.index(runtime)
     bridge = f"pyt{secrets.token_hex(3)}"
     net_dir = tmp_path / "net.d"

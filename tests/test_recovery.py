@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
-from cri_runtime.mounts import mounts_under
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host.mounts import mounts_under
 from tests.support.daemon import Daemon, force_cleanup
 from tests.support.images import Image, busybox_layer, layer_from_files, push_image
 from tests.support.registry import Registry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imageservice.errors import InvalidArgument
+from cri_runtime.errors import InvalidArgument
 from imageservice.reference import parse_reference
 
 DIGEST = "sha256:" + "ab" * 32

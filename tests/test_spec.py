@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from cri_runtime import seccomp, spec
 from cri_runtime.api import api_pb2 as pb
-from imageservice.errors import InvalidArgument, Unimplemented
+from cri_runtime.errors import InvalidArgument, Unimplemented
+from cri_runtime.oci import seccomp, spec
 
 PASSWD = """\
 root:x:0:0:root:/root:/bin/sh

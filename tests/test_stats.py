@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cri_runtime import cgroups
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host import cgroups
 from tests import test_pods
 from tests.test_pods import Env, env, exec_out, wait_exited  # noqa: F401 - env is a fixture
 

@@ -561,8 +561,8 @@ def test_daemon_stop_ends_open_sessions_and_their_processes(env: Env) -> None:
 
 
 def test_streaming_config_is_checked() -> None:
-    from cri_runtime.config import config_from_dict
-    from imageservice.errors import InvalidArgument
+    from cri_runtime.daemon.config import config_from_dict
+    from cri_runtime.errors import InvalidArgument
 
     config = config_from_dict({"streaming": {"address": "::1", "port": 10010}})
     assert (config.streaming.address, config.streaming.port) == ("::1", 10010)

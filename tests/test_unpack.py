@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from imageservice.errors import DataLoss, DeadlineExceeded, HostileContent, InvalidArgument
+from cri_runtime.errors import DataLoss, DeadlineExceeded, HostileContent, InvalidArgument
 from imageservice.unpack import UnpackResult, unpack_layer
 
 pytestmark = pytest.mark.root  # chown, mknod and trusted.* xattrs need root

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
 from tests.support.daemon import Daemon
 from tests.support.fakeregistry import FakeRegistry, Route
 from tests.support.images import Image, busybox_image, busybox_layer, push_image, random_layer

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from cri_runtime.netns import enter_netns
+from cri_runtime.network.netns import enter_netns
 from cri_runtime.streaming import spdy
 from cri_runtime.streaming.websocket import ProtocolError as WsProtocolError
 from cri_runtime.streaming.websocket import WebSocket

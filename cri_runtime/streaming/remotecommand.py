@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from cri_runtime.executor import Executor, PreparedExec
+from cri_runtime.oci.conmon import Executor, PreparedExec
 from cri_runtime.streaming import spdy
 from cri_runtime.streaming.websocket import ProtocolError as WsProtocolError
 from cri_runtime.streaming.websocket import WebSocket

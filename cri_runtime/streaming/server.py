@@ -20,13 +20,12 @@ from typing import Any
 
 import structlog
 
-from cri_runtime import serving
-from cri_runtime.containers import ContainerManager
-from cri_runtime.sandboxes import SandboxManager
-from cri_runtime.streaming import portforward, remotecommand, spdy
+from cri_runtime.errors import FailedPrecondition, InvalidArgument
+from cri_runtime.runtime.containers import ContainerManager
+from cri_runtime.runtime.sandboxes import SandboxManager
+from cri_runtime.streaming import portforward, remotecommand, serving, spdy
 from cri_runtime.streaming.remotecommand import StreamOptions
 from cri_runtime.streaming.websocket import WebSocket, accept_key
-from imageservice.errors import FailedPrecondition, InvalidArgument
 
 log = structlog.get_logger("pycri.streaming")
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cri_runtime.client import CRIClient
+from cri_runtime.daemon.client import CRIClient
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Daemon:
         args = [
             sys.executable,
             "-m",
-            "cri_runtime.cli",
+            "cri_runtime.daemon.cli",
             "serve",
             "--config",
             str(config),
@@ -128,7 +128,7 @@ def force_cleanup(daemon: Daemon) -> None:
     (and the next CI run) starts on a clean host. The test has already failed by then."""
     import shutil
 
-    from cri_runtime import cgroups, mounts
+    from cri_runtime.host import cgroups, mounts
 
     workdir = str(daemon.workdir)
     for entry in Path("/proc").iterdir():

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cri_runtime import spec
+from cri_runtime.oci import spec
 
 BUSYBOX = Path("/bin/busybox")
 

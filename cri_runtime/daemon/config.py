@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cri_runtime.metrics import parse_address
+from cri_runtime.daemon.metrics import parse_address
+from cri_runtime.errors import InvalidArgument
 from imageservice.config import ImageConfig, RegistryHost
-from imageservice.errors import InvalidArgument
 
 DEFAULT_CONFIG_PATH = Path("/etc/pycri/pycri.toml")
 

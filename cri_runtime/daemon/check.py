@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cri_runtime import oci
-from cri_runtime.config import Config
+from cri_runtime.daemon.config import Config
+from cri_runtime.oci import runtimes as oci_runtimes
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # The paths pycri runs these from (executor.Executor's conmon_path, sandboxes.CATATONIT).
@@ -189,17 +189,19 @@ def check_cgroups(host: Host = Host()) -> list[Finding]:
 # --- binaries ----------------------------------------------------------------------
 
 
-def check_binaries(config: Config, runtimes: dict[str, oci.RuntimeInfo] | None = None) -> list[Finding]:
+def check_binaries(
+    config: Config, runtimes: dict[str, oci_runtimes.RuntimeInfo] | None = None
+) -> list[Finding]:
     found: list[Finding] = []
-    runtimes = oci.detect() if runtimes is None else runtimes
+    runtimes = oci_runtimes.detect() if runtimes is None else runtimes
     for info in runtimes.values():
         if info.usable:
             found.append(Finding(OK, "runtime", f"{info.name}: {info.path} ({info.version})"))
         else:
             found.append(Finding(WARN, "runtime", f"{info.name} cannot run here: {info.reason}"))
-    default, why = oci.choose_default(config.default_runtime, runtimes)
+    default, why = oci_runtimes.choose_default(config.default_runtime, runtimes)
     if default is None:
-        found.append(Finding(FAIL, "runtime", why, f"apt-get install {' '.join(oci.CANDIDATES)}"))
+        found.append(Finding(FAIL, "runtime", why, f"apt-get install {' '.join(oci_runtimes.CANDIDATES)}"))
     elif default.name != config.default_runtime:
         found.append(
             Finding(
@@ -254,8 +256,8 @@ def check_binaries(config: Config, runtimes: dict[str, oci.RuntimeInfo] | None =
 
 
 def check_network(config: Config) -> list[Finding]:
-    from cri_runtime.cni import CNI
-    from imageservice.errors import PycriError
+    from cri_runtime.errors import PycriError
+    from cri_runtime.network.cni import CNI
 
     network = config.network
     try:
@@ -435,7 +437,7 @@ def check_config(config: Config) -> list[Finding]:
 
 
 def check_platform(config: Config) -> list[Finding]:
-    from imageservice.errors import PycriError
+    from cri_runtime.errors import PycriError
     from imageservice.platform import host_platform
 
     machine = os.uname().machine

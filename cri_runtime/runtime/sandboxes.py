@@ -21,17 +21,19 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from cri_runtime import cgroups, mounts, netns, spec, sysctl
+from cri_runtime import failpoints
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.cni import CNI, PortMapping
-from cri_runtime.locks import KeyedLocks
-from cri_runtime.names import NameIndex
-from cri_runtime.state import Sandbox, StateDB
-from imageservice import failpoints
-from imageservice.errors import InvalidArgument, NotFound, PycriError, Unavailable
+from cri_runtime.errors import InvalidArgument, NotFound, PycriError, Unavailable
+from cri_runtime.host import cgroups, mounts
+from cri_runtime.network import netns
+from cri_runtime.network.cni import CNI, PortMapping
+from cri_runtime.oci import spec, sysctl
+from cri_runtime.runtime.locks import KeyedLocks
+from cri_runtime.runtime.names import NameIndex
+from cri_runtime.runtime.state import Sandbox, StateDB
 
 if TYPE_CHECKING:
-    from cri_runtime.containers import ContainerManager
+    from cri_runtime.runtime.containers import ContainerManager
 
 log = structlog.get_logger("pycri.sandbox")
 

@@ -20,22 +20,23 @@ from pathlib import Path
 
 import structlog
 
-from cri_runtime import cgroups, mounts, spec
+from cri_runtime import failpoints
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.events import EventHub
-from cri_runtime.executor import ExecResult, Executor
-from cri_runtime.locks import KeyedLocks
-from cri_runtime.names import NameIndex
-from cri_runtime.sandboxes import SandboxManager
-from cri_runtime.state import Container, Sandbox, StateDB
-from imageservice import failpoints
-from imageservice.errors import (
+from cri_runtime.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
+from cri_runtime.host import cgroups, mounts
+from cri_runtime.oci import spec
+from cri_runtime.oci.conmon import ExecResult, Executor
+from cri_runtime.runtime.events import EventHub
+from cri_runtime.runtime.locks import KeyedLocks
+from cri_runtime.runtime.names import NameIndex
+from cri_runtime.runtime.sandboxes import SandboxManager
+from cri_runtime.runtime.state import Container, Sandbox, StateDB
 from imageservice.store import ImageStore
 
 log = structlog.get_logger("pycri.container")
@@ -366,7 +367,7 @@ class ContainerManager:
             resolv_path=str(Path(sandbox.dir) / "resolv.conf"),
             hostname_path=str(Path(sandbox.dir) / "hostname"),
             shm_path=sandbox.shm_path or None,
-            # Set once in the pod's namespaces, which the container joins (cri_runtime.sysctl).
+            # Set once in the pod's namespaces, which the container joins (cri_runtime.oci.sysctl).
             sysctls={},
             privileged=pb.PodSandboxConfig.FromString(sandbox.config).linux.security_context.privileged,
         )

@@ -55,8 +55,7 @@ from typing import Any
 
 import structlog
 
-from cri_runtime import cgroups
-from imageservice.errors import (
+from cri_runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
@@ -66,6 +65,7 @@ from imageservice.errors import (
     PycriError,
     Unavailable,
 )
+from cri_runtime.host import cgroups
 
 log = structlog.get_logger("pycri.executor")
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from imageservice.errors import InvalidArgument
+from cri_runtime.errors import InvalidArgument
 
 Namespace = Literal["net", "ipc", "uts"]
 

@@ -35,9 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cri_runtime import sysctl
-from cri_runtime.sysctl import Sysctl
-from imageservice.errors import (
+from cri_runtime.errors import (
     AlreadyExists,
     Internal,
     InvalidArgument,
@@ -45,6 +43,8 @@ from imageservice.errors import (
     PermissionDenied,
     PycriError,
 )
+from cri_runtime.oci import sysctl
+from cri_runtime.oci.sysctl import Sysctl
 
 # <sched.h>, <sys/mount.h>, <linux/nsfs.h>, <linux/sockios.h>, <net/if.h>
 CLONE_NEWNET = 0x40000000

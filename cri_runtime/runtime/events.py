@@ -17,8 +17,8 @@ from typing import Literal
 
 import structlog
 
-from cri_runtime.state import Container
-from imageservice.errors import ResourceExhausted
+from cri_runtime.errors import ResourceExhausted
+from cri_runtime.runtime.state import Container
 
 log = structlog.get_logger("pycri.events")
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cri_runtime import seccomp
 from cri_runtime.api import api_pb2 as pb
-from imageservice.errors import InvalidArgument, Unimplemented
+from cri_runtime.errors import InvalidArgument, Unimplemented
+from cri_runtime.oci import seccomp
 
 OCI_VERSION = "1.1.0"
 DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

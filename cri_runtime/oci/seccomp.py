@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imageservice.errors import InvalidArgument
+from cri_runtime.errors import InvalidArgument
 
 ENOSYS = 38
 # Docker's default profile is some 20 KiB; a "profile" beyond this is not one, and reading a

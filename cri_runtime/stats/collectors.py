@@ -27,9 +27,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from cri_runtime import cgroups, netns
-from cri_runtime.state import Container, Sandbox
-from imageservice.errors import PycriError
+from cri_runtime.errors import PycriError
+from cri_runtime.host import cgroups
+from cri_runtime.network import netns
+from cri_runtime.runtime.state import Container, Sandbox
 
 # The pod's interface, as pycri asks CNI to name it (and as kubelet calls the default one).
 DEFAULT_INTERFACE = "eth0"

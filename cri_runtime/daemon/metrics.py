@@ -23,9 +23,9 @@ from typing import Any, Protocol, get_args
 
 import structlog
 
-from cri_runtime import serving
-from cri_runtime.state import ContainerState, SandboxState
-from imageservice.errors import FailedPrecondition, InvalidArgument
+from cri_runtime.errors import FailedPrecondition, InvalidArgument
+from cri_runtime.runtime.state import ContainerState, SandboxState
+from cri_runtime.streaming import serving
 
 log = structlog.get_logger("pycri.metrics")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from cri_runtime import __version__
-from cri_runtime.config import Config, load_config
-from imageservice.errors import PycriError
+from cri_runtime.daemon.config import Config, load_config
+from cri_runtime.errors import PycriError
 
 
 def _toml_value(value: Any) -> str:
@@ -65,7 +65,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cri_runtime import logs, sdnotify, server
+    from cri_runtime.daemon import logs, sdnotify, server
 
     config = _config(args)
     server.validate_paths(config)
@@ -92,7 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from cri_runtime import check
+    from cri_runtime.daemon import check
 
     config = _config(args)
     findings = check.run_checks(config)
@@ -113,7 +113,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_image_import(args: argparse.Namespace) -> int:
     import grpc
 
-    from cri_runtime.server import ADMIN_SERVICE
+    from cri_runtime.daemon.server import ADMIN_SERVICE
 
     config = _config(args)
     archive = Path(args.archive).resolve()
@@ -132,7 +132,7 @@ def _cmd_image_import(args: argparse.Namespace) -> int:
         images = result["images"]
     else:
         # No daemon: write to the store directly.
-        from cri_runtime import logs
+        from cri_runtime.daemon import logs
         from imageservice.importer import import_archive
         from imageservice.store import ImageStore
 

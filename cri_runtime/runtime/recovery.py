@@ -24,9 +24,9 @@ from pathlib import Path
 
 import structlog
 
-from cri_runtime import cgroups, mounts
-from cri_runtime.cni import CNI
-from cri_runtime.executor import Executor
+from cri_runtime.host import cgroups, mounts
+from cri_runtime.network.cni import CNI
+from cri_runtime.oci.conmon import Executor
 
 log = structlog.get_logger("pycri.recovery")
 

@@ -34,8 +34,7 @@ from typing import Any
 
 import structlog
 
-from cri_runtime.netns import is_network_namespace
-from imageservice.errors import (
+from cri_runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
@@ -45,6 +44,7 @@ from imageservice.errors import (
     PycriError,
     Unavailable,
 )
+from cri_runtime.network.netns import is_network_namespace
 
 log = structlog.get_logger("pycri.cni")
 

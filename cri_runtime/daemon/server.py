@@ -11,25 +11,28 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import structlog
 
-from cri_runtime import metrics, oci, recovery
 from cri_runtime.api import api_pb2_grpc as pb_grpc
-from cri_runtime.cni import CNI
-from cri_runtime.config import Config
-from cri_runtime.containers import ContainerManager, ContainerSettings
-from cri_runtime.executor import Executor
-from cri_runtime.runtime_service import RuntimeService
-from cri_runtime.sandboxes import DEFAULT_CGROUP_PARENT, SandboxManager, SandboxSettings
-from cri_runtime.state import StateDB
+from cri_runtime.cri.rpc import RpcInterceptor
+from cri_runtime.cri.runtime_service import RuntimeService
+from cri_runtime.cri.status import status_code
+from cri_runtime.daemon import metrics
+from cri_runtime.daemon.config import Config
+from cri_runtime.errors import FailedPrecondition, InvalidArgument, PycriError
+from cri_runtime.network.cni import CNI
+from cri_runtime.oci import runtimes as oci_runtimes
+from cri_runtime.oci.conmon import Executor
+from cri_runtime.runtime import recovery
+from cri_runtime.runtime.containers import ContainerManager, ContainerSettings
+from cri_runtime.runtime.sandboxes import DEFAULT_CGROUP_PARENT, SandboxManager, SandboxSettings
+from cri_runtime.runtime.state import StateDB
 from cri_runtime.streaming import StreamingServer
-from imageservice.errors import FailedPrecondition, InvalidArgument, PycriError
 from imageservice.importer import import_archive
 from imageservice.service import ImageService
 from imageservice.store import ImageStore
@@ -38,105 +41,6 @@ log = structlog.get_logger("pycri.server")
 
 MAX_MESSAGE = 16 * 1024 * 1024 + 1024 * 1024  # ExecSync output cap plus framing
 ADMIN_SERVICE = "pycri.v1.Admin"
-
-
-def _ids(request: Any) -> dict[str, str]:
-    """IDs worth logging from a request, whatever its type."""
-    out: dict[str, str] = {}
-    for field in ("pod_sandbox_id", "container_id"):
-        value = getattr(request, field, None)
-        if isinstance(value, str) and value:
-            out[field] = value
-    image = getattr(request, "image", None)
-    name = getattr(image, "image", None)
-    if isinstance(name, str) and name:
-        out["image"] = name
-    return out
-
-
-class _Interceptor(grpc.aio.ServerInterceptor):
-    """Logs one event per RPC and turns domain errors into gRPC statuses."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                message = ""
-                try:
-                    return await inner(request, context)
-                except PycriError as exc:
-                    code, message = exc.code, str(exc)
-                    await context.abort(code, message)
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except Exception as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
-                        code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
-                        message = context.details() or ""  # type: ignore[assignment]
-                        raise
-                    code, message = grpc.StatusCode.INTERNAL, f"{method}: internal error: {exc!r}"
-                    log.exception("rpc crashed", method=method)
-                    await context.abort(code, message)
-                finally:
-                    _log_rpc(method, request, code, message, started)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                code = grpc.StatusCode.OK
-                message = ""
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except PycriError as exc:
-                    code, message = exc.code, str(exc)
-                    await context.abort(code, message)
-                except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
-                    raise
-                finally:
-                    _log_rpc(method, request, code, message, started)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-
-def _log_rpc(method: str, request: Any, code: grpc.StatusCode, message: str, started: float) -> None:
-    seconds = time.perf_counter() - started
-    metrics.METRICS.observe_rpc(method, code.name, seconds)
-    fields = {
-        "method": method,
-        "code": code.name,
-        "ms": round(seconds * 1000, 2),
-        **_ids(request),
-    }
-    if code == grpc.StatusCode.OK:
-        log.debug("rpc", **fields)
-    else:
-        log.info("rpc", error=message, **fields)
 
 
 def prepare_socket(path: Path) -> None:
@@ -174,7 +78,7 @@ def _admin_handler(store: ImageStore) -> grpc.GenericRpcHandler:
         try:
             records = await loop.run_in_executor(None, import_archive, store, Path(archive))
         except PycriError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(status_code(exc), str(exc))
         return {"images": [{"id": r.id, "repo_tags": r.repo_tags} for r in records]}
 
     return grpc.method_handlers_generic_handler(
@@ -205,8 +109,8 @@ async def serve(
     prepare_socket(socket_path)
     for directory in (Path(config.root), Path(config.state)):
         directory.mkdir(parents=True, exist_ok=True, mode=0o711)
-    runtimes = oci.detect()
-    default, why = oci.choose_default(config.default_runtime, runtimes)
+    runtimes = oci_runtimes.detect()
+    default, why = oci_runtimes.choose_default(config.default_runtime, runtimes)
     (log.info if default else log.warning)("oci runtime", decision=why)
     store = ImageStore(Path(config.root), config.image)
     store.pull_observer = metrics.METRICS
@@ -214,7 +118,7 @@ async def serve(
     runtime = build_runtime(config, store, runtimes, default)
     metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)
     server = grpc.aio.server(
-        interceptors=[_Interceptor()],
+        interceptors=[RpcInterceptor(metrics.METRICS.observe_rpc)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -303,7 +207,10 @@ def oom_score_adj_floor() -> int | None:
 
 
 def build_runtime(
-    config: Config, store: ImageStore, runtimes: dict[str, oci.RuntimeInfo], default: oci.RuntimeInfo | None
+    config: Config,
+    store: ImageStore,
+    runtimes: dict[str, oci_runtimes.RuntimeInfo],
+    default: oci_runtimes.RuntimeInfo | None,
 ) -> Runtime:
     """The pod and container side: state DB, CNI, executors, managers, restored state."""
     root, state = Path(config.root), Path(config.state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from imageservice.errors import AlreadyExists
+from cri_runtime.errors import AlreadyExists
 
 
 class NameIndex:

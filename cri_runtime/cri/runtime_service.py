@@ -14,18 +14,19 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cri_runtime import __version__, stats
+from cri_runtime import __version__
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
-from cri_runtime.cni import CNI
-from cri_runtime.config import Config
-from cri_runtime.containers import ContainerManager
-from cri_runtime.events import ContainerEvent
-from cri_runtime.oci import RuntimeInfo
-from cri_runtime.sandboxes import SandboxManager
-from cri_runtime.state import Container, Sandbox
+from cri_runtime.daemon.config import Config
+from cri_runtime.errors import FailedPrecondition, InvalidArgument
+from cri_runtime.network.cni import CNI
+from cri_runtime.oci.runtimes import RuntimeInfo
+from cri_runtime.runtime.containers import ContainerManager
+from cri_runtime.runtime.events import ContainerEvent
+from cri_runtime.runtime.sandboxes import SandboxManager
+from cri_runtime.runtime.state import Container, Sandbox
+from cri_runtime.stats import collectors
 from cri_runtime.streaming.server import StreamingServer, check_streams
-from imageservice.errors import FailedPrecondition, InvalidArgument
 
 RUNTIME_NAME = "pycri"
 RUNTIME_API_VERSION = "v1"
@@ -404,23 +405,23 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     _METRIC_TYPES = {"counter": pb.MetricType.COUNTER, "gauge": pb.MetricType.GAUGE}
 
     @functools.cached_property
-    def _stats(self) -> stats.StatsCollector:
+    def _stats(self) -> collectors.StatsCollector:
         # Holds the previous CPU sample of each pod and container: usage_nano_cores is a rate.
-        return stats.StatsCollector()
+        return collectors.StatsCollector()
 
     def _forget_gone(self) -> None:
         sandboxes, containers = self._managers()
         self._stats.forget_except([s.id for s in sandboxes.all()] + [c.id for c in containers.all()])
 
     @staticmethod
-    def _fill_cpu(target: pb.CpuUsage, cpu: stats.Cpu) -> None:
+    def _fill_cpu(target: pb.CpuUsage, cpu: collectors.Cpu) -> None:
         if cpu.usage_ns is not None:
             target.usage_core_nano_seconds.value = cpu.usage_ns
         if cpu.nano_cores is not None:
             target.usage_nano_cores.value = cpu.nano_cores
 
     @staticmethod
-    def _fill_memory(target: pb.MemoryUsage, memory: stats.Memory) -> None:
+    def _fill_memory(target: pb.MemoryUsage, memory: collectors.Memory) -> None:
         for field_name, value in (
             ("working_set_bytes", memory.working_set),
             ("available_bytes", memory.available),
@@ -432,7 +433,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             if value is not None:
                 getattr(target, field_name).value = value
 
-    def _container_stats(self, usage: stats.ContainerUsage) -> pb.ContainerStats:
+    def _container_stats(self, usage: collectors.ContainerUsage) -> pb.ContainerStats:
         container, now = usage.container, usage.timestamp_ns
         out = pb.ContainerStats(
             attributes=pb.ContainerAttributes(
@@ -461,7 +462,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             out.writable_layer.inodes_used.value = layer.inodes_used
         return out
 
-    def _pod_stats(self, usage: stats.PodUsage) -> pb.PodSandboxStats:
+    def _pod_stats(self, usage: collectors.PodUsage) -> pb.PodSandboxStats:
         sandbox, now = usage.sandbox, usage.timestamp_ns
         out = pb.PodSandboxStats(
             attributes=pb.PodSandboxAttributes(
@@ -482,7 +483,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         if usage.network is not None:
             linux.network.timestamp = now
 
-            def interface(counters: stats.Interface) -> pb.NetworkInterfaceUsage:
+            def interface(counters: collectors.Interface) -> pb.NetworkInterfaceUsage:
                 found = pb.NetworkInterfaceUsage(name=counters.name)
                 found.rx_bytes.value = counters.rx_bytes
                 found.rx_errors.value = counters.rx_errors
@@ -542,7 +543,8 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self, request: pb.ListMetricDescriptorsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListMetricDescriptorsResponse:
         descriptors = [
-            pb.MetricDescriptor(name=d.name, help=d.help, label_keys=d.label_keys) for d in stats.DESCRIPTORS
+            pb.MetricDescriptor(name=d.name, help=d.help, label_keys=d.label_keys)
+            for d in collectors.DESCRIPTORS
         ]
         return pb.ListMetricDescriptorsResponse(descriptors=descriptors)
 
@@ -554,7 +556,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         usages = await _in_thread(self._stats.pods, ready)
         self._forget_gone()
 
-        def metric(value: stats.MetricValue) -> pb.Metric:
+        def metric(value: collectors.MetricValue) -> pb.Metric:
             return pb.Metric(
                 name=value.name,
                 timestamp=value.timestamp_ns,
@@ -565,7 +567,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
         pods = []
         for usage in usages:
-            found = stats.pod_metrics(usage)
+            found = collectors.pod_metrics(usage)
             pods.append(
                 pb.PodSandboxMetrics(
                     pod_sandbox_id=found.pod_id,
