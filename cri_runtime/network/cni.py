@@ -323,13 +323,6 @@ class CNI:
             raise Internal(f"CNI cache {path} is not a pycri CNI record")
         return record
 
-    def cached_pod_ids(self) -> list[str]:
-        """Pods with a network attachment on record: after a crash, those the DB does not know need DEL."""
-        try:
-            return sorted(p.stem for p in self.cache_dir.glob("*.json") if not p.name.startswith("."))
-        except OSError:
-            return []
-
     # --- ADD, CHECK, DEL ----------------------------------------------------------------
 
     def add(
