@@ -25,7 +25,7 @@ from cri_runtime.runtime.containers import ContainerManager
 from cri_runtime.runtime.events import ContainerEvent
 from cri_runtime.runtime.sandboxes import SandboxManager
 from cri_runtime.runtime.state import Container, Sandbox
-from cri_runtime.stats import collectors
+from cri_runtime.stats import cadvisor, collectors
 from cri_runtime.streaming.server import StreamingServer, check_streams
 
 RUNTIME_NAME = "pycri"
@@ -544,7 +544,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     ) -> pb.ListMetricDescriptorsResponse:
         descriptors = [
             pb.MetricDescriptor(name=d.name, help=d.help, label_keys=d.label_keys)
-            for d in collectors.DESCRIPTORS
+            for d in cadvisor.DESCRIPTORS
         ]
         return pb.ListMetricDescriptorsResponse(descriptors=descriptors)
 
@@ -556,7 +556,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         usages = await _in_thread(self._stats.pods, ready)
         self._forget_gone()
 
-        def metric(value: collectors.MetricValue) -> pb.Metric:
+        def metric(value: cadvisor.MetricValue) -> pb.Metric:
             return pb.Metric(
                 name=value.name,
                 timestamp=value.timestamp_ns,
@@ -567,7 +567,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
         pods = []
         for usage in usages:
-            found = collectors.pod_metrics(usage)
+            found = cadvisor.pod_metrics(usage)
             pods.append(
                 pb.PodSandboxMetrics(
                     pod_sandbox_id=found.pod_id,

@@ -36,9 +36,6 @@ class CRIClient:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
-
     # --- RuntimeService -------------------------------------------------------
 
     def version(self) -> pb.VersionResponse:

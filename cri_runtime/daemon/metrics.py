@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import ipaddress
 import math
 import os
@@ -232,10 +231,6 @@ class Registry:
     def add_collector(self, collector: Collector) -> None:
         with self._lock:
             self._collectors.append(collector)
-
-    def remove_collector(self, collector: Collector) -> None:
-        with self._lock, contextlib.suppress(ValueError):
-            self._collectors.remove(collector)
 
     def collect(self) -> list[Family]:
         with self._lock:

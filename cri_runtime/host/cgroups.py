@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageservice.diskusage import disk_usage
-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -138,15 +136,6 @@ def pids(path: str, root: Path = CGROUP_ROOT) -> list[int]:
     return []
 
 
-def memory_hierarchy(root: Path = CGROUP_ROOT) -> Path | None:
-    if is_cgroup2_only(root):
-        return root
-    for hierarchy in hierarchies(root):
-        if "memory" in hierarchy.name.split(","):
-            return hierarchy
-    return None
-
-
 def controllers(root: Path = CGROUP_ROOT) -> dict[str, Path]:
     """Each controller's hierarchy: ``{"memory": /sys/fs/cgroup/memory, ...}``.
 
@@ -238,11 +227,6 @@ def usage(path: str, root: Path = CGROUP_ROOT) -> Usage:
         stat.get("total_pgmajfault"),
         limit if limit is not None and limit < (1 << 62) else None,
     )
-
-
-def tree_usage(directory: Path) -> tuple[int, int]:
-    """Bytes (allocated blocks) and inodes below ``directory``, not following links."""
-    return disk_usage(directory)
 
 
 def apply_limits(

@@ -55,16 +55,6 @@ def unmount(target: Path, *, detach: bool = True) -> None:
         raise MountError(err, f"umount {target}: {os.strerror(err)}")
 
 
-def is_mountpoint(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split(" ", 5)
-            if len(fields) > 4 and _unescape(fields[4]) == target:
-                return True
-    return False
-
-
 def mounts_under(prefix: Path) -> list[str]:
     """Mount points at or below ``prefix``, deepest first (the order to unmount them)."""
     base = str(prefix).rstrip("/")
@@ -116,10 +106,6 @@ def bind(source: Path, target: Path, *, readonly: bool = False, recursive: bool 
 
 def mount_tmpfs(target: Path, *, size: int, mode: int = 0o1777) -> None:
     mount("shm", target, "tmpfs", MS_NOSUID | MS_NODEV | 0x8, f"mode={mode:o},size={size}")  # MS_NOEXEC
-
-
-def make_private(target: Path) -> None:
-    mount("none", target, None, MS_PRIVATE)
 
 
 def unmount_all_under(prefix: Path) -> None:
