@@ -6,6 +6,8 @@ into a gRPC status in one place (``cri_runtime.cri.status``).
 
 from __future__ import annotations
 
+import errno
+
 
 class PycriError(Exception):
     """Base of every error pycri reports to a caller (INTERNAL unless a subclass says more)."""
@@ -62,3 +64,40 @@ class Unimplemented(PycriError):
 
 class Internal(PycriError):
     pass
+
+
+_ERRNO_CLASSES: dict[int, type[PycriError]] = {
+    errno.EINVAL: InvalidArgument,  # the kernel refused the value itself
+    errno.ERANGE: InvalidArgument,
+    errno.EDOM: InvalidArgument,
+    errno.ENOENT: FailedPrecondition,  # a file or controller the host should have is missing
+    errno.ENOTDIR: FailedPrecondition,
+    errno.ENODEV: FailedPrecondition,
+    errno.ENOEXEC: FailedPrecondition,
+    errno.EACCES: FailedPrecondition,  # root lacks a capability or a file is locked down
+    errno.EPERM: FailedPrecondition,
+    errno.EROFS: FailedPrecondition,
+    errno.EOPNOTSUPP: FailedPrecondition,
+    errno.ENOSPC: ResourceExhausted,
+    errno.ENOMEM: ResourceExhausted,
+    errno.EMFILE: ResourceExhausted,
+    errno.ENFILE: ResourceExhausted,
+    errno.EDQUOT: ResourceExhausted,
+    errno.EBUSY: Unavailable,  # transient: a retry may succeed
+    errno.EAGAIN: Unavailable,
+    errno.EINTR: Unavailable,
+    errno.ETIMEDOUT: DeadlineExceeded,
+}
+
+
+def from_os_error(exc: OSError, doing: str) -> PycriError:
+    """A domain error for ``exc`` met while ``doing`` something, chosen by its errno.
+
+    A value the kernel rejects is the caller's mistake (InvalidArgument); a missing file or a
+    permission problem is the host's (FailedPrecondition, so that clients do not retry forever);
+    exhaustion is ResourceExhausted; EBUSY/EAGAIN are Unavailable; anything else is Internal.
+    """
+    cls = _ERRNO_CLASSES.get(exc.errno or 0, Internal)
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return cls(f"{doing}: {reason}{where}")
