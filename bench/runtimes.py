@@ -258,6 +258,13 @@ disabled_plugins = [
           SystemdCgroup = false
           # runc's state beside containerd's, not the host-wide /run/containerd/runc.
           Root = "{runc_root}"
+      # The same shim running crun, for the bench's crun rows (RuntimeClass handler "crun").
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.crun]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.crun.options]
+          BinaryName = "/usr/bin/crun"
+          SystemdCgroup = false
+          Root = "{runc_root}-crun"
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "/usr/lib/cni"
       conf_dir = "{base}/cni"
@@ -464,14 +471,14 @@ class ContainerdRuntime:
             self.cleanup_errors.append(f"{len(shims)} containerd shims left running: killed")
         for shim in shims:
             _kill_tree(shim)
-        runc_root = self.run_dir / "runc"
-        for ns_dir in runc_root.glob("*"):
-            for container in ns_dir.glob("*"):
-                subprocess.run(
-                    ["runc", "--root", str(ns_dir), "delete", "--force", container.name],
-                    capture_output=True,
-                    timeout=30,
-                )
+        for binary, state_root in (("runc", self.run_dir / "runc"), ("crun", self.run_dir / "runc-crun")):
+            for ns_dir in state_root.glob("*"):
+                for container in ns_dir.glob("*"):
+                    subprocess.run(
+                        [binary, "--root", str(ns_dir), "delete", "--force", container.name],
+                        capture_output=True,
+                        timeout=30,
+                    )
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.unlink()
