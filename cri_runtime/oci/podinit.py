@@ -1,17 +1,113 @@
 """Start a pod's PID-namespace holder: catatonit as PID 1 of a new PID namespace.
 
-Run as its own short-lived process (``python -S podinit.py ...``), because setns and
-unshare change the calling process, which must not be the multi-threaded daemon. It joins
-the pod's network, IPC and UTS namespaces, unshares a PID namespace, forks the init into
-it, prints the init's host PID and exits; the init is reparented and lives on.
+The daemon calls :func:`start`. It runs this file as its own short-lived process
+(``python -S podinit.py ...``), because setns and unshare change the calling process, which
+must not be the multi-threaded daemon. That process joins the pod's network, IPC and UTS
+namespaces, unshares a PID namespace, forks the init into it, prints the init's host PID and
+exits; the init is reparented and lives on.
+
+Run as a script, this file sees neither site-packages nor pycri (``-S``, and its directory is
+the only one on its path): the script part uses the standard library only, and the daemon's
+part imports pycri inside :func:`start`.
 """
 
 import ctypes
+import errno
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 CLONE_NEWPID = 0x20000000
 NAMESPACE_FLAGS = {"--net": 0x40000000, "--ipc": 0x08000000, "--uts": 0x04000000}
+# Where Debian's catatonit package installs it.
+CATATONIT = "/usr/bin/catatonit"
+START_TIMEOUT = 30.0
+
+
+def start(
+    tag: str,
+    *,
+    net: Path | None = None,
+    ipc: Path | None = None,
+    uts: Path | None = None,
+    catatonit: str = CATATONIT,
+    timeout: float = START_TIMEOUT,
+) -> int:
+    """Start ``catatonit`` as PID 1 of a new PID namespace that joins the given namespaces;
+    return its host PID. ``tag`` (the pod's directory) marks the init as the pod's, so that
+    cleanup after a crash can find it.
+
+    A missing or unrunnable catatonit is the host's problem and says what to install
+    (FailedPrecondition); a refused namespace operation is classified by its errno.
+    """
+    from cri_runtime import errors  # not at the top: the script part runs without pycri
+
+    doing = "cannot start the pod's PID namespace init"
+    _check_catatonit(catatonit, doing)
+    args = [sys.executable, "-S", "-E", str(Path(__file__).absolute()), "--tag", tag]
+    for flag, path in (("--net", net), ("--ipc", ipc), ("--uts", uts)):
+        if path is not None:
+            args += [flag, str(path)]
+    args += ["--", catatonit, "-P"]
+    try:
+        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise errors.DeadlineExceeded(f"{doing}: no answer within {timeout:g}s") from None
+    except OSError as exc:
+        raise errors.from_os_error(exc, f"{doing} (running {sys.executable})") from exc
+    if result.returncode == 0:
+        try:
+            return int(result.stdout.strip())
+        except ValueError:
+            printed = result.stdout.strip()
+            raise errors.Internal(f"{doing}: the helper printed {printed!r}, not a PID") from None
+    failure = _reported_failure(result.stderr)
+    if failure is None:
+        raise errors.Internal(f"{doing}: exit status {result.returncode}: {result.stderr.strip()}")
+    step, number, message = failure
+    if step == "exec" and number in _UNRUNNABLE:
+        raise errors.FailedPrecondition(f"{doing}: {message}; {_INSTALL}")
+    raise errors.from_os_error(OSError(number, message), f"{doing}: {step}")
+
+
+_INSTALL = "install it with: apt-get install catatonit"
+# exec(2) errnos that mean the binary itself is missing or unusable.
+_UNRUNNABLE = frozenset((errno.ENOENT, errno.ENOEXEC, errno.EACCES, errno.ENOTDIR, errno.ELOOP))
+
+
+def _check_catatonit(catatonit: str, doing: str) -> None:
+    from cri_runtime.errors import FailedPrecondition
+
+    if not os.path.exists(catatonit):
+        raise FailedPrecondition(
+            f"{doing}: catatonit is not installed at {catatonit} "
+            f"(pods that share a PID namespace need it); {_INSTALL}"
+        )
+    if not os.path.isfile(catatonit) or not os.access(catatonit, os.X_OK):
+        raise FailedPrecondition(f"{doing}: {catatonit} is not an executable file; {_INSTALL}")
+
+
+def _reported_failure(stderr: str) -> tuple[str, int, str] | None:
+    """The (step, errno, message) the script reported on its last stderr line, if it did."""
+    lines = stderr.strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("errno"), int):
+        return None
+    return str(report.get("step")), report["errno"], str(report.get("error"))
+
+
+# --- the script -----------------------------------------------------------------------
+
+
+def _fail(step: str, number: int, detail: str) -> int:
+    """Report a failed step as one JSON line on stderr, for start() to classify."""
+    sys.stderr.write(json.dumps({"step": step, "errno": number, "error": detail}) + "\n")
+    return 1
 
 
 def main(argv: list[str]) -> int:
@@ -29,15 +125,17 @@ def main(argv: list[str]) -> int:
         args = args[2:]
     command = args[1:]
     for path, nstype in joins:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            return _fail("open namespace", exc.errno or 0, f"{path}: {exc.strerror}")
         if libc.setns(fd, nstype) != 0:
             err = ctypes.get_errno()
-            sys.stderr.write(f"setns {path}: {os.strerror(err)}\n")
-            return 1
+            return _fail("setns", err, f"{path}: {os.strerror(err)}")
         os.close(fd)
     if libc.unshare(CLONE_NEWPID) != 0:
-        sys.stderr.write(f"unshare(CLONE_NEWPID): {os.strerror(ctypes.get_errno())}\n")
-        return 1
+        err = ctypes.get_errno()
+        return _fail("unshare(CLONE_NEWPID)", err, os.strerror(err))
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
@@ -49,13 +147,13 @@ def main(argv: list[str]) -> int:
         try:
             os.execve(command[0], command, environment)
         except OSError as exc:
-            os.write(write_end, str(exc).encode())
+            os.write(write_end, f"{exc.errno} {exc.strerror}".encode())
         os._exit(127)
     os.close(write_end)
     failure = os.read(read_end, 4096)  # EOF at exec (close-on-exec), or the exec error
     if failure:
-        sys.stderr.write(f"exec {command[0]}: {failure.decode(errors='replace')}\n")
-        return 1
+        number, _, reason = failure.decode(errors="replace").partition(" ")
+        return _fail("exec", int(number) if number.isdigit() else 0, f"{command[0]}: {reason}")
     print(child)
     return 0
 
