@@ -63,13 +63,15 @@ from cri_runtime.errors import (
     InvalidArgument,
     NotFound,
     PycriError,
-    Unavailable,
+    from_os_error,
 )
 from cri_runtime.host import cgroups
 
 log = structlog.get_logger("pycri.executor")
 
 RUNTIMES = ("crun", "runc")
+# Where Debian's conmon package installs it.
+CONMON = "/usr/bin/conmon"
 # Runtime sub-commands (state, start, kill, delete) finish in milliseconds; a runtime that
 # takes this long is stuck on something (a frozen cgroup, a dead FUSE mount) and we give up.
 RUNTIME_CALL_TIMEOUT = 30.0
@@ -184,6 +186,36 @@ def _command_error(what: str, error: str) -> PycriError | None:
     return InvalidArgument(f"{what}: {error}")
 
 
+def _binary_error(exc: OSError, binary: str, package: str, doing: str) -> PycriError:
+    """The error for a failed exec of ``binary``: a missing or unrunnable program is the host's
+    problem and says which Debian package provides it; other failures go by their errno."""
+    if exc.filename is not None and os.fspath(exc.filename) != binary:
+        return from_os_error(exc, doing)  # not the program itself, e.g. the working directory
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return FailedPrecondition(
+            f"{doing}: {binary} is not installed; install it with: apt-get install {package}"
+        )
+    if exc.errno in (errno.EACCES, errno.ENOEXEC, errno.ELOOP):
+        return FailedPrecondition(
+            f"{doing}: {binary} cannot be executed ({exc.strerror}); "
+            f"reinstall it with: apt-get install --reinstall {package}"
+        )
+    return from_os_error(exc, doing)
+
+
+def _require_executable(binary: str, package: str, doing: str) -> None:
+    """Refuse early, before anything is made, when ``binary`` cannot be run at all."""
+    if not os.path.exists(binary):
+        raise FailedPrecondition(
+            f"{doing}: {binary} is not installed; install it with: apt-get install {package}"
+        )
+    if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
+        raise FailedPrecondition(
+            f"{doing}: {binary} is not an executable file; "
+            f"reinstall it with: apt-get install --reinstall {package}"
+        )
+
+
 def _clean_runtime_error(text: str) -> str:
     """runc logs through logrus (``time=... level=error msg="..."``); keep just the message."""
     messages = re.findall(r'level=(?:error|fatal) msg="((?:[^"\\]|\\.)*)"', text)
@@ -207,7 +239,7 @@ class Executor:
         runtime_path: str,
         state_dir: Path,
         *,
-        conmon_path: str = "/usr/bin/conmon",
+        conmon_path: str = CONMON,
     ) -> None:
         if runtime_name not in RUNTIMES:
             raise InvalidArgument(f"unsupported OCI runtime {runtime_name!r}; expected one of {RUNTIMES}")
@@ -274,7 +306,9 @@ class Executor:
                 f"{self.runtime_name} {args[0]} did not finish within {timeout:g}s: {stderr or ''}".strip()
             ) from None
         except OSError as exc:
-            raise Unavailable(f"cannot run {self.runtime_path}: {exc}") from exc
+            raise _binary_error(
+                exc, self.runtime_path, self.runtime_name, f"cannot run {self.runtime_name} {args[0]}"
+            ) from exc
 
     def _has_runtime_state(self, container_id: str) -> bool:
         # Both crun and runc keep one directory per container under --root.
@@ -308,6 +342,11 @@ class Executor:
             raise InvalidArgument(f"log path {log_path} contains ':', which conmon cannot take")
         if not log_path.parent.is_dir():
             raise InvalidArgument(f"log directory {log_path.parent} does not exist")
+        doing = f"cannot create container {container_id}"
+        # conmon runs the runtime itself, where a missing binary would only show as a vague
+        # exit; both are checked here, before anything is made.
+        _require_executable(self.conmon_path, "conmon", doing)
+        _require_executable(self.runtime_path, self.runtime_name, doing)
         try:
             directory.mkdir(mode=0o700)
         except FileExistsError:
@@ -427,7 +466,7 @@ class Executor:
                     start_new_session=True,
                 )
             except OSError as exc:
-                raise Unavailable(f"cannot run conmon ({self.conmon_path}): {exc}") from exc
+                raise _binary_error(exc, self.conmon_path, "conmon", "cannot start conmon") from exc
             finally:
                 os.close(sync_write)
                 os.close(start_read)
@@ -518,8 +557,10 @@ class Executor:
             relative = cgroups.normalize(path).lstrip("/")
             for hierarchy in cgroups.hierarchies():
                 (hierarchy / relative / "cgroup.procs").write_text(str(pid))
-        except (OSError, ValueError) as exc:
-            raise Internal(f"cannot move conmon into cgroup {path}: {exc}") from exc
+        except ValueError as exc:
+            raise InvalidArgument(f"cannot move conmon into cgroup {path}: {exc}") from exc
+        except OSError as exc:
+            raise from_os_error(exc, f"cannot move conmon into cgroup {path}") from exc
 
     def _discard(self, container_id: str, directory: Path) -> None:
         """Undo a failed create: conmon, the runtime's state, our files. Never raises."""
@@ -536,7 +577,7 @@ class Executor:
                 self._wait_gone(victim, 2.0)
         try:
             self._runtime_delete(container_id)
-        except Exception as exc:
+        except PycriError as exc:
             log.warning("runtime state left behind", id=container_id, error=str(exc))
         self._remove_conmon_files(directory)
 
@@ -751,7 +792,7 @@ class Executor:
                 raise FailedPrecondition(
                     f"conmon of container {container_id} is not listening on {ctl}"
                 ) from None
-            raise Internal(f"cannot open conmon's control fifo {ctl}: {exc}") from exc
+            raise from_os_error(exc, f"cannot open conmon's control fifo {ctl}") from exc
         try:
             os.write(fd, CTL_REOPEN_LOGS)
         finally:
@@ -778,7 +819,9 @@ class Executor:
         config_path = self.bundle_path(container_id) / "config.json"
         try:
             process = dict(json.loads(config_path.read_text()).get("process") or {})
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise from_os_error(exc, f"cannot read the spec of container {container_id}") from exc
+        except ValueError as exc:
             raise Internal(
                 f"cannot read the spec of container {container_id} ({config_path}): {exc}"
             ) from exc
@@ -838,7 +881,9 @@ class Executor:
                 start_new_session=True,
             )
         except OSError as exc:
-            raise Unavailable(f"cannot run {self.runtime_path}: {exc}") from exc
+            raise _binary_error(
+                exc, self.runtime_path, self.runtime_name, f"cannot exec in container {container_id}"
+            ) from exc
         assert proc.stdout is not None and proc.stderr is not None
         stdout_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
         kept: dict[int, bytearray] = {stdout_fd: bytearray(), stderr_fd: bytearray()}
