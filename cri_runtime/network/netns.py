@@ -8,10 +8,16 @@ How the namespaces are made. CRI-O's ``pinns`` unshares in a short-lived process
 bind-mounts ``/proc/self/ns/*``; containerd unshares in a dedicated OS thread and mounts
 ``/proc/<pid>/task/<tid>/ns/net``. pycri does the latter: namespaces of these three kinds
 belong to a thread, not to the whole process, so a fresh ``threading.Thread`` can unshare
-them, set the hostname, bring ``lo`` up, pin its own ``/proc/thread-self/ns/*`` and end.
-The daemon never changes namespace, and there is no ``fork()`` of a multi-threaded gRPC
-process (whose locks a child could inherit held) and no subprocess: creating a pod's
-namespaces takes about a millisecond.
+them, set the hostname, bring ``lo`` up (over netlink, with pyroute2), pin its own
+``/proc/thread-self/ns/*`` and end. The daemon never changes namespace, and there is no
+``fork()`` of a multi-threaded gRPC process (whose locks a child could inherit held) and no
+subprocess: creating a pod's namespaces takes a few milliseconds.
+
+Netlink in a pod's namespace. A netlink socket belongs to the network namespace of the thread
+that opens it. pyroute2's ``IPRoute(netns=...)`` gets there by forking a child per socket
+(about 25 ms, and a fork of this multi-threaded process); pycri instead opens a plain
+``IPRoute`` (:func:`netlink`) in a thread that entered the namespace (:func:`enter_netns`),
+which costs about a millisecond and leaves no process or thread behind.
 
 Mount propagation. The pins are ordinary bind mounts on whatever mount holds
 ``directory``; pycri does not make that mount private. A private parent would not stop a
@@ -28,12 +34,14 @@ import ctypes
 import errno
 import fcntl
 import os
-import socket
-import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cri_runtime.errors import (
     AlreadyExists,
@@ -46,7 +54,7 @@ from cri_runtime.errors import (
 from cri_runtime.oci import sysctl
 from cri_runtime.oci.sysctl import Sysctl
 
-# <sched.h>, <sys/mount.h>, <linux/nsfs.h>, <linux/sockios.h>, <net/if.h>
+# <sched.h>, <sys/mount.h>, <linux/nsfs.h>, <linux/netdevice.h>
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUTS = 0x04000000
@@ -54,11 +62,8 @@ MS_BIND = 0x1000
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
 NS_GET_NSTYPE = 0xB703
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-IFF_UP = 0x1
+LOOPBACK_IFINDEX = 1  # the kernel gives lo this index in every network namespace
 HOST_NAME_MAX = 64
-IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags in the 24-byte union
 
 NAMESPACE_FLAGS = {"net": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
 
@@ -68,6 +73,8 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,13 +95,45 @@ def _domain_error(what: str, exc: OSError) -> PycriError:
     return Internal(f"{what}: {exc}")
 
 
+def netlink() -> IPRoute:
+    """A route-netlink socket in the calling thread's network namespace, joined to no event group.
+
+    Close it (``with netlink() as ipr:``). pyroute2's synchronous API runs an asyncio loop of
+    its own, so call this from a worker thread, never from a thread with a running loop.
+    """
+    return IPRoute(groups=0)
+
+
+def in_thread(work: Callable[[], T], name: str) -> T:
+    """``work()`` run in a new OS thread, its result or exception handed back.
+
+    For namespace changes that must not touch the caller's thread, and for pyroute2 calls
+    from code that may run on the event loop's thread.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 def _set_loopback_up() -> None:
-    # An ioctl on a socket opened in the new namespace: a netlink client would do the same
-    # with more machinery, and the CNI loopback plugin only runs later, if at all.
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        _, flags = IFREQ.unpack(fcntl.ioctl(sock, SIOCGIFFLAGS, IFREQ.pack(b"lo", 0)))
-        if not flags & IFF_UP:
-            fcntl.ioctl(sock, SIOCSIFFLAGS, IFREQ.pack(b"lo", flags | IFF_UP))
+    # Here, not by the CNI loopback plugin: that runs later, if at all.
+    try:
+        with netlink() as ipr:
+            ipr.link("set", index=LOOPBACK_IFINDEX, state="up")
+    except NetlinkError as exc:
+        raise OSError(exc.code, f"cannot bring lo up: {os.strerror(exc.code)}") from exc
 
 
 def _bind_mount(source: str, target: Path) -> None:
@@ -158,24 +197,11 @@ def create_pod_namespaces(
             except OSError as exc:
                 raise _domain_error(f"cannot create namespace pin {path}", exc) from exc
             created.append(path)
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                _unshare_and_pin({kind: directory / kind for kind in wanted}, name, mounted, sysctls)
-            except BaseException as exc:
-                failure.append(exc)
-
-        worker = threading.Thread(target=work, name="pycri-unshare", daemon=True)
-        worker.start()
-        worker.join()
-        if failure:
-            error = failure[0]
-            if isinstance(error, OSError):
-                raise _domain_error(
-                    f"cannot create the pod's {'/'.join(wanted)} namespaces", error
-                ) from error
-            raise error
+        pins = {kind: directory / kind for kind in wanted}
+        try:
+            in_thread(lambda: _unshare_and_pin(pins, name, mounted, sysctls), "pycri-unshare")
+        except OSError as exc:
+            raise _domain_error(f"cannot create the pod's {'/'.join(wanted)} namespaces", exc) from exc
     except BaseException:
         for path in reversed(mounted):
             _unmount(path)
