@@ -26,6 +26,7 @@ import pytest
 from cri_runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
@@ -454,7 +455,7 @@ def test_missing_plugin_makes_network_not_ready_and_add_runs_nothing(
     cni = CNI(tmp_path / "net.d", [PLUGIN_DIR], tmp_path / "cni" / "cache")
     ready, message = cni.ready()
     assert not ready and "pyt-nonexistent" in message and "10-missing.conflist" in message
-    with pytest.raises(Unavailable, match="pyt-nonexistent"):
+    with pytest.raises(FailedPrecondition, match=r"pyt-nonexistent.*network add-on"):
         _add(cni, "pod-m", make_pod("m"))
     assert _attachments(cni) == []
 

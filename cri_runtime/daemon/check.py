@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cri_runtime.daemon.config import Config
+from cri_runtime.oci import conmon, podinit
 from cri_runtime.oci import runtimes as oci_runtimes
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-# The paths pycri runs these from (executor.Executor's conmon_path, sandboxes.CATATONIT).
-CONMON = "/usr/bin/conmon"
-CATATONIT = "/usr/bin/catatonit"
+# The paths pycri runs these from.
+CONMON = conmon.CONMON
+CATATONIT = podinit.CATATONIT
 NAMESPACES = ("mnt", "net", "ipc", "uts", "pid")
 # Used only when a pod or container asks for them.
 OPTIONAL_NAMESPACES = ("user", "cgroup")

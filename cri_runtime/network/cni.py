@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import ipaddress
 import json
 import os
@@ -43,6 +44,7 @@ from cri_runtime.errors import (
     NotFound,
     PycriError,
     Unavailable,
+    from_os_error,
 )
 from cri_runtime.network.netns import is_network_namespace
 
@@ -62,6 +64,14 @@ _VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)")
 _PLUGIN_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _OUTPUT_LIMIT = 4096  # of a plugin's stdout/stderr quoted in an error
+# The plugins of the containernetworking/plugins project, which Debian packages as
+# containernetworking-plugins; any other plugin comes with its network add-on.
+REFERENCE_PLUGINS = frozenset(
+    (
+        "bandwidth", "bridge", "dhcp", "dummy", "firewall", "host-device", "host-local", "ipvlan",
+        "loopback", "macvlan", "portmap", "ptp", "sbr", "static", "tap", "tuning", "vlan", "vrf",
+    )
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,22 @@ def _validate_network(network: Any, source: str) -> Json:
         if not isinstance(plugin_type, str) or not _PLUGIN_TYPE.fullmatch(plugin_type):
             raise FailedPrecondition(f"CNI config {source}: plugin {plugin!r} has no valid type")
     return network
+
+
+def _install_hint(missing: list[str]) -> str:
+    """What to install for the plugins in ``missing``."""
+    reference = [t for t in missing if t in REFERENCE_PLUGINS]
+    others = [t for t in missing if t not in REFERENCE_PLUGINS]
+    hints = []
+    if reference:
+        hints.append(f"install {', '.join(reference)} with: apt-get install containernetworking-plugins")
+    if others:
+        hints.append(
+            f"{', '.join(others)} {'is' if len(others) == 1 else 'are'} not part of "
+            "containernetworking-plugins: install the network add-on that provides "
+            f"{'it' if len(others) == 1 else 'them'}"
+        )
+    return "; ".join(hints) + ", or list the plugins' directory in network.bin_dirs"
 
 
 def _plugin_types(network: Json) -> list[str]:
@@ -233,13 +259,15 @@ class CNI:
         except FileNotFoundError:
             files = []
         except OSError as exc:
-            raise FailedPrecondition(f"cannot read CNI config directory {self.conf_dir}: {exc}") from exc
+            raise from_os_error(exc, f"cannot read CNI config directory {self.conf_dir}") from exc
         if not files:
             return self.builtin_config(), f"built-in bridge {self.builtin_bridge} on {self.builtin_subnet}"
         path = files[0]
         try:
             data = json.loads(path.read_bytes())
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise from_os_error(exc, f"cannot read CNI config {path}") from exc
+        except ValueError as exc:
             raise FailedPrecondition(f"CNI config {path}: {exc}") from exc
         if isinstance(data, dict) and "plugins" not in data and path.suffix != ".conflist":
             # A single plugin's config: libcni wraps it as a list of one.
@@ -260,6 +288,13 @@ class CNI:
         wanted = _plugin_types(LOOPBACK_NETWORK) + _plugin_types(network)
         return [t for t in dict.fromkeys(wanted) if self.find_plugin(t) is None]
 
+    def _missing_message(self, network: Json, source: str, missing: list[str]) -> str:
+        dirs = ", ".join(map(str, self.bin_dirs))
+        return (
+            f"CNI network {network['name']!r} ({source}) lacks plugins {missing} in {dirs}; "
+            f"{_install_hint(missing)}"
+        )
+
     def ready(self) -> tuple[bool, str]:
         try:
             network, source = self._load()
@@ -267,12 +302,7 @@ class CNI:
             return False, str(exc)
         missing = self._missing(network)
         if missing:
-            hint = " (apt-get install containernetworking-plugins)" if source.startswith("built-in") else ""
-            dirs = ", ".join(map(str, self.bin_dirs))
-            return (
-                False,
-                f"CNI network {network['name']!r} ({source}) lacks plugins {missing} in {dirs}{hint}",
-            )
+            return False, self._missing_message(network, source, missing)
         return True, f"CNI network {network['name']!r} ({source})"
 
     # --- the cache of what ADD did ----------------------------------------------------
@@ -297,7 +327,7 @@ class CNI:
             # Write and rename, so a crash leaves the old record or the new one, never half of one.
             fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-")
         except OSError as exc:
-            raise Internal(f"cannot write the CNI cache {path}: {exc}") from exc
+            raise from_os_error(exc, f"cannot write the CNI cache {path}") from exc
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(record, fh)
@@ -308,7 +338,7 @@ class CNI:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             if isinstance(exc, OSError):
-                raise Internal(f"cannot write the CNI cache {path}: {exc}") from exc
+                raise from_os_error(exc, f"cannot write the CNI cache {path}") from exc
             raise
 
     def _read_cache(self, pod_id: str) -> Json | None:
@@ -317,7 +347,9 @@ class CNI:
             record = json.loads(path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise from_os_error(exc, f"cannot read the CNI cache {path}") from exc
+        except ValueError as exc:
             raise Internal(f"CNI cache {path} is unreadable: {exc}") from exc
         if not isinstance(record, dict) or not isinstance(record.get("network"), dict):
             raise Internal(f"CNI cache {path} is not a pycri CNI record")
@@ -349,10 +381,7 @@ class CNI:
         network, source = self._load()
         missing = self._missing(network)
         if missing:
-            raise Unavailable(
-                f"CNI network {network['name']!r} ({source}) lacks plugins {missing} "
-                f"in {', '.join(map(str, self.bin_dirs))}"
-            )
+            raise FailedPrecondition(self._missing_message(network, source, missing))
         if cache_path.exists():
             raise AlreadyExists(f"pod {pod_id} already has a CNI attachment on record ({cache_path})")
         record: Json = {
@@ -388,10 +417,11 @@ class CNI:
                 self._cache_path(record["containerId"]).unlink()
             return
         # Keep the record: a later delete() retries the cleanup.
-        log.warning("CNI cleanup after a failed ADD failed", pod=record["containerId"], errors=errors)
+        messages = [str(e) for e in errors]
+        log.warning("CNI cleanup after a failed ADD failed", pod=record["containerId"], errors=messages)
         if isinstance(exc, PycriError):
             exc.args = (
-                f"{exc}; cleaning up also failed (record kept; delete to retry): {'; '.join(errors)}",
+                f"{exc}; cleaning up also failed (record kept; delete to retry): {'; '.join(messages)}",
             )
 
     def check(self, pod_id: str, netns: Path) -> None:
@@ -432,17 +462,20 @@ class CNI:
             return  # written before the first ADD plugin ran, removed after the last DEL: nothing attached
         errors = self._delete_all(record, netns)
         if errors:
-            raise Unavailable(
-                f"CNI DEL of pod {pod_id} failed (record kept; delete again to retry): {'; '.join(errors)}"
+            # A plugin gone from the host needs a person; anything else may pass on a retry.
+            permanent = any(isinstance(e, FailedPrecondition) for e in errors)
+            raise (FailedPrecondition if permanent else Unavailable)(
+                f"CNI DEL of pod {pod_id} failed (record kept; delete again to retry): "
+                f"{'; '.join(map(str, errors))}"
             )
         with contextlib.suppress(FileNotFoundError):
             self._cache_path(pod_id).unlink()
 
-    def _delete_all(self, record: Json, netns: Path | None) -> list[str]:
+    def _delete_all(self, record: Json, netns: Path | None) -> list[PycriError]:
         """DEL every plugin of the pod's network in reverse, then the loopback; the errors met."""
         pod_id, cni_args = record["containerId"], record["cniArgs"]
         netns_arg = str(netns) if netns is not None and is_network_namespace(netns) else ""
-        errors: list[str] = []
+        errors: list[PycriError] = []
         call = _Call(pod_id, netns_arg, record["ifName"], cni_args)
         errors += self._run(
             "DEL",
@@ -470,7 +503,7 @@ class CNI:
         record: Json | None,
         *,
         keep_going: bool = False,
-    ) -> list[str]:
+    ) -> list[PycriError]:
         """Run ``command`` through the network's plugins (reverse order for DEL).
 
         ADD chains each plugin's result into the next one's prevResult and keeps the
@@ -483,7 +516,7 @@ class CNI:
             plugins = list(reversed(plugins))
             if _version(network["cniVersion"]) < (0, 4, 0):
                 prev_result = None  # DEL took no prevResult before 0.4.0
-        errors: list[str] = []
+        errors: list[PycriError] = []
         for plugin in plugins:
             stdin = copy.deepcopy(plugin)
             stdin["name"] = network["name"]
@@ -498,7 +531,7 @@ class CNI:
             except PycriError as exc:
                 if not keep_going:
                     raise
-                errors.append(str(exc))
+                errors.append(exc)
                 continue
             if command == "ADD" and output is not None:
                 prev_result = output
@@ -513,7 +546,9 @@ class CNI:
         what = f"CNI plugin {plugin_type} ({command}, network {network_name!r}, pod {call.container_id})"
         binary = self.find_plugin(plugin_type)
         if binary is None:
-            raise Unavailable(f"{what}: not found in {', '.join(map(str, self.bin_dirs))}")
+            raise FailedPrecondition(
+                f"{what}: not found in {', '.join(map(str, self.bin_dirs))}; {_install_hint([plugin_type])}"
+            )
         env = dict(os.environ)
         env.setdefault("PATH", _DEFAULT_PATH)  # plugins run iptables, ip6tables, modprobe...
         env.update(
@@ -536,7 +571,12 @@ class CNI:
                 start_new_session=True,
             )
         except OSError as exc:
-            raise Unavailable(f"{what}: cannot execute {binary}: {exc}") from exc
+            if exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+                # Found a moment ago: removed, or not a program this machine can run.
+                raise FailedPrecondition(
+                    f"{what}: cannot execute {binary}: {exc.strerror}; {_install_hint([plugin_type])}"
+                ) from exc
+            raise from_os_error(exc, f"{what}: cannot execute {binary}") from exc
         try:
             out, err = proc.communicate(json.dumps(stdin).encode(), timeout=self.plugin_timeout)
         except subprocess.TimeoutExpired:
