@@ -6,12 +6,17 @@ cgroup below it from the spec's cgroupsPath.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
+
+from cri_runtime.errors import from_os_error
+
+log = structlog.get_logger("pycri.cgroups")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -165,22 +170,35 @@ class Usage:
     memory_limit: int | None
 
 
-def _read_int(path: Path) -> int | None:
+# A cgroup removed meanwhile (ENOENT to open, ENODEV to read an open file) or a controller
+# file this kernel lacks: usage is then unknown, which callers expect.
+_ABSENT = (errno.ENOENT, errno.ENODEV, errno.ENOTDIR)
+
+
+def _read_stat_file(path: Path) -> str | None:
+    """A statistics file's text, or None when it is absent; other failures are logged."""
     try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        return path.read_text()
+    except OSError as exc:
+        if exc.errno not in _ABSENT:
+            log.warning("cannot read cgroup statistics", path=str(path), error=str(exc))
         return None
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read_stat_file(path)
+    try:
+        return int(text.split()[0]) if text is not None else None
+    except (ValueError, IndexError):
+        return None  # empty, or "max"
 
 
 def _read_keyed(path: Path) -> dict[str, int]:
     out: dict[str, int] = {}
-    try:
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if value.strip().isdigit():
-                out[key] = int(value)
-    except OSError:
-        pass
+    for line in (_read_stat_file(path) or "").splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
     return out
 
 
@@ -192,9 +210,7 @@ def usage(path: str, root: Path = CGROUP_ROOT) -> Usage:
         cpu = _read_keyed(directory / "cpu.stat").get("usage_usec")
         stat = _read_keyed(directory / "memory.stat")
         current = _read_int(directory / "memory.current")
-        limit_text = ""
-        with contextlib.suppress(OSError):
-            limit_text = (directory / "memory.max").read_text().strip()
+        limit_text = (_read_stat_file(directory / "memory.max") or "").strip()
         inactive = stat.get("inactive_file", 0)
         return Usage(
             cpu * 1000 if cpu is not None else None,
@@ -232,7 +248,10 @@ def usage(path: str, root: Path = CGROUP_ROOT) -> Usage:
 def apply_limits(
     path: str, *, cpu_shares: int = 0, cpu_quota: int = 0, cpu_period: int = 0, memory: int = 0
 ) -> None:
-    """Write a pod's own limits (its resources plus overhead) on its cgroup; zero means unset."""
+    """Write a pod's own limits (its resources plus overhead) on its cgroup; zero means unset.
+
+    A refused write raises the domain error its errno calls for (``errors.from_os_error``).
+    """
     relative = normalize(path).lstrip("/")
     if is_cgroup2_only():
         directory = CGROUP_ROOT / relative
@@ -264,6 +283,5 @@ def apply_limits(
         try:
             target.write_text(value)
         except OSError as exc:
-            raise OSError(
-                exc.errno, f"cannot set {target.name} = {value} on pod cgroup {path}: {exc.strerror}"
-            ) from exc
+            # EINVAL: a value the kernel refuses; ENOENT: a controller file this host lacks.
+            raise from_os_error(exc, f"cannot set {target.name} = {value} on pod cgroup {path}") from exc
