@@ -1,8 +1,8 @@
 """What pods and containers use, as kubelet asks for it: the samples behind CRI stats and metrics.
 
 Everything is read when asked, from the cgroups (v1 hierarchies, a hybrid host's cgroup2
-mount, or a cgroup2-only host) and, for a pod's network, from ``/proc/thread-self/net/dev``
-read by a short-lived thread that entered the pod's pinned network namespace. No
+mount, or a cgroup2-only host) and, for a pod's network, over netlink (pyroute2, RTM_GETLINK)
+by a short-lived thread that entered the pod's pinned network namespace. No
 subprocess, no protobuf: ``StatsCollector`` takes the domain objects of ``state.py`` and
 returns dataclasses; the servicer turns them into CRI messages.
 
@@ -22,6 +22,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import structlog
+from pyroute2.netlink.exceptions import NetlinkError
+
 from cri_runtime.errors import PycriError
 from cri_runtime.host import cgroups
 from cri_runtime.network import netns
@@ -33,6 +36,8 @@ DEFAULT_INTERFACE = "eth0"
 # v1 writes "no limit" as the largest page-aligned signed 64-bit number.
 _UNLIMITED = 1 << 62
 NS_PER_SECOND = 1_000_000_000
+
+log = structlog.get_logger("pycri.stats")
 
 # --- what one sample holds ------------------------------------------------------------------
 
@@ -446,43 +451,50 @@ def _files(h: _Hierarchies, path: str) -> Files | None:
 # --- network ------------------------------------------------------------------------------------
 
 
-def parse_net_dev(text: str) -> list[Interface]:
-    """The interfaces of a /proc/net/dev table, in its order."""
+def _interfaces() -> list[Interface]:
+    """The interfaces of the calling thread's network namespace, with their 64-bit counters."""
     found: list[Interface] = []
-    for line in text.splitlines()[2:]:
-        name, _, counters = line.partition(":")
-        fields = counters.split()
-        if len(fields) < 16:
-            continue
-        v = [int(x) for x in fields[:16]]
-        # Receive: bytes packets errs drop fifo frame compressed multicast; transmit likewise.
-        found.append(Interface(name.strip(), v[0], v[1], v[2], v[3], v[8], v[9], v[10], v[11]))
+    with netns.netlink() as ipr:
+        for link in ipr.link("dump"):
+            counters = link.get("stats64")  # IFLA_STATS64
+            if counters is None:
+                continue
+            found.append(
+                Interface(
+                    link.get("ifname"),
+                    counters["rx_bytes"],
+                    counters["rx_packets"],
+                    counters["rx_errors"],
+                    counters["rx_dropped"],
+                    counters["tx_bytes"],
+                    counters["tx_packets"],
+                    counters["tx_errors"],
+                    counters["tx_dropped"],
+                )
+            )
     return found
 
 
 def read_networks(netns_paths: Sequence[Path]) -> dict[Path, list[Interface] | None]:
-    """The interfaces of each pinned network namespace (None where it cannot be entered).
+    """The interfaces of each pinned network namespace (None where it cannot be read).
 
-    One short-lived thread enters each namespace in turn and reads its own
-    /proc/thread-self/net/dev: the daemon's other threads never move, and should the way
-    back fail, the stranded thread ends instead of serving other calls from a pod's netns.
+    One short-lived thread enters each namespace in turn and asks the kernel over a netlink
+    socket opened there: the daemon's other threads never move, and should the way back fail,
+    the stranded thread ends instead of serving other calls from a pod's netns.
     """
     results: dict[Path, list[Interface] | None] = dict.fromkeys(netns_paths)
-    if not netns_paths:
-        return results
 
     def work() -> None:
         for path in netns_paths:
             try:
                 with netns.enter_netns(path):
-                    text = Path("/proc/thread-self/net/dev").read_text()
-            except (PycriError, OSError):
-                continue
-            results[path] = parse_net_dev(text)
+                    results[path] = _interfaces()
+            except (PycriError, OSError, NetlinkError) as exc:
+                # Most often the pod stopped meanwhile and its namespace is gone: no sample.
+                log.debug("cannot read a pod's network counters", netns=str(path), error=str(exc))
 
-    worker = threading.Thread(target=work, name="pycri-netstats", daemon=True)
-    worker.start()
-    worker.join()
+    if netns_paths:
+        netns.in_thread(work, "pycri-netstats")
     return results
 
 
