@@ -9,6 +9,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
+log = structlog.get_logger("pycri.runtimes")
+
 CANDIDATES = ("crun", "runc")
 SEARCH_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
 
@@ -40,7 +44,10 @@ def _hybrid_cgroup_controllers(unified: Path = Path("/sys/fs/cgroup/unified")) -
     """Controllers enabled on the cgroup2 mount of a hybrid (v1 + v2) host."""
     try:
         return (unified / "cgroup.controllers").read_text().split()
-    except OSError:
+    except FileNotFoundError:
+        return []  # no cgroup2 mount beside the v1 hierarchies: not a hybrid host
+    except OSError as exc:
+        log.warning("cannot read the hybrid cgroup2 controllers", path=str(unified), error=str(exc))
         return []
 
 
@@ -57,9 +64,10 @@ def _mount_options(path: str) -> frozenset[str]:
     try:
         out = subprocess.run([path, "features"], capture_output=True, text=True, timeout=10, check=False)
         if out.returncode != 0:
-            return frozenset()
+            return frozenset()  # a runtime older than spec 1.1 has no `features`
         return frozenset(json.loads(out.stdout).get("mountOptions") or ())
-    except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError):
+    except (OSError, subprocess.TimeoutExpired, ValueError, AttributeError) as exc:
+        log.info("runtime features unknown; assuming no optional mount options", runtime=path, error=str(exc))
         return frozenset()
 
 
@@ -69,7 +77,15 @@ def probe(name: str, unified: Path = Path("/sys/fs/cgroup/unified")) -> RuntimeI
         return RuntimeInfo(name, "", "", False, f"{name} is not installed (apt-get install {name})")
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except OSError as exc:
+        return RuntimeInfo(
+            name,
+            path,
+            "",
+            False,
+            f"{path} cannot be run ({exc.strerror}); reinstall it with: apt-get install --reinstall {name}",
+        )
+    except subprocess.TimeoutExpired as exc:
         return RuntimeInfo(name, path, "", False, f"{path} --version failed: {exc}")
     if out.returncode != 0:
         return RuntimeInfo(name, path, "", False, f"{path} --version failed: {out.stderr.strip()}")
