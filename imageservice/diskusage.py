@@ -6,6 +6,10 @@ import os
 import stat
 from pathlib import Path
 
+import structlog
+
+log = structlog.get_logger("pycri.images")
+
 
 def disk_usage(root: Path) -> tuple[int, int]:
     """Allocated bytes and inodes of ``root`` and everything below it, not following links;
@@ -20,9 +24,13 @@ def disk_usage(root: Path) -> tuple[int, int]:
     used, inodes = st.st_blocks * 512, 1
     for dirpath, dirnames, filenames in os.walk(root):
         for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
             try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue  # removed while we walked: it costs nothing any more
+            except OSError as exc:
+                log.warning("cannot count disk usage of a file", path=path, error=str(exc))
                 continue
             if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)

@@ -616,11 +616,19 @@ def _parse_challenge(text: str) -> dict[str, str]:
 
 
 def _error_detail(resp: http.client.HTTPResponse) -> str:
-    """The registry's own error text (distribution API error JSON), briefly."""
+    """The registry's own error text (distribution API error JSON), briefly; empty when the
+    body is no such document or cannot be read (the HTTP status then speaks alone)."""
     try:
         body = resp.read(4096)
-        document = json.loads(body)
-        messages = [f"{e.get('code')}: {e.get('message')}" for e in document.get("errors", [])]
-        return f" ({'; '.join(messages)})" if messages else ""
-    except Exception:
+    except (OSError, http.client.HTTPException) as exc:
+        log.info("cannot read a registry's error body", status=resp.status, error=str(exc))
         return ""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return ""  # not JSON: an HTML page from a proxy, a truncated body
+    errors = document.get("errors") if isinstance(document, dict) else None
+    if not isinstance(errors, list):
+        return ""
+    messages = [f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)]
+    return f" ({'; '.join(messages)})" if messages else ""

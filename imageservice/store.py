@@ -40,7 +40,7 @@ from cri_runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PycriError,
+    from_os_error,
 )
 from imageservice.cancel import Cancellation
 from imageservice.config import ImageConfig
@@ -700,4 +700,4 @@ def _remove_tree(path: Path) -> None:
         pass
     except OSError as exc:
         log.error("cannot remove", path=str(path), error=str(exc))
-        raise PycriError(f"cannot remove {path}: {exc}") from exc
+        raise from_os_error(exc, f"cannot remove {path}") from exc

@@ -65,6 +65,7 @@ from cri_runtime.errors import (
     InvalidArgument,
     PycriError,
     ResourceExhausted,
+    from_os_error,
 )
 
 __all__ = ["UnpackResult", "unpack_layer"]
@@ -128,7 +129,11 @@ class _CorruptStream(Exception):
 
 
 class _BlobUnreadable(Exception):
-    """Reading the blob file itself failed (reported as Internal)."""
+    """Reading the blob file itself failed (reported by its errno)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _GzipReader:
@@ -200,7 +205,7 @@ class _HashingReader:
             except (EOFError, zlib.error, zstandard.ZstdError) as exc:
                 item = _CorruptStream(f"corrupt compressed stream: {exc}")
             except OSError as exc:
-                item = _BlobUnreadable(f"reading blob failed: {exc}")
+                item = _BlobUnreadable(exc)
             except Exception as exc:  # handed to the consumer, which re-raises it
                 item = exc
             while not self._stop.is_set():
@@ -744,7 +749,7 @@ def unpack_layer(
     except (_CorruptStream, tarfile.TarError) as exc:
         raise DataLoss(unpacker.msg(f"malformed layer: {exc}")) from exc
     except _BlobUnreadable as exc:
-        raise Internal(unpacker.msg(str(exc))) from exc
+        raise from_os_error(exc.error, unpacker.msg("reading the blob failed")) from exc
     except OverflowError as exc:
         raise InvalidArgument(unpacker.msg(f"value out of range: {exc}")) from exc
     except OSError as exc:
