@@ -559,14 +559,27 @@ class RegistrySession:
             ) from None
         if not isinstance(document, dict):
             raise InvalidArgument(f"manifest {reference} from registry {endpoint} is not a JSON object")
-        media_type = document.get("mediaType") or header_type
+        declared = document.get("mediaType")
+        if declared is not None and not isinstance(declared, str):
+            raise InvalidArgument(
+                f"manifest {reference} from registry {endpoint} has a mediaType that is not a string"
+            )
+        media_type = declared or header_type
         if media_type in SCHEMA1_TYPES or document.get("schemaVersion") == 1:
             raise InvalidArgument(
                 f"manifest {reference} from registry {endpoint} is Docker schema 1, which pycri does "
                 "not support (deprecated since 2017); push the image again with a current client"
             )
+        if declared and declared not in MANIFEST_TYPES:
+            # A document that names its own type is that type, whatever its shape: an artifact
+            # or a future format is not pulled as if it were an image.
+            raise InvalidArgument(
+                f"manifest {reference} from registry {endpoint} has unsupported media type {declared!r}; "
+                f"pycri pulls {', '.join(MANIFEST_TYPES)}"
+            )
         if media_type not in MANIFEST_TYPES:
-            # OCI manifests may omit mediaType; their shape tells what they are.
+            # OCI manifests may omit mediaType; then the Content-Type says what they are, and
+            # without a usable one (application/json from a plain web server) their shape does.
             if "manifests" in document:
                 media_type = MANIFEST_TYPES[0]
             elif "config" in document and "layers" in document:

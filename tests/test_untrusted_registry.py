@@ -14,7 +14,17 @@ import pytest
 from cri_runtime.daemon.client import CRIClient
 from tests.support.daemon import Daemon
 from tests.support.fakeregistry import FakeRegistry, Route
-from tests.support.images import Image, busybox_image, busybox_layer, push_image, random_layer
+from tests.support.images import (
+    HOST_ARCH,
+    OCI_INDEX,
+    Image,
+    busybox_image,
+    busybox_layer,
+    canonical_json,
+    push_image,
+    random_layer,
+    sha256_digest,
+)
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.root
@@ -124,6 +134,78 @@ def test_schema1_manifest_is_refused_clearly(fake: FakeRegistry, cri: CRIClient)
     err = pull_error(cri, f"{fake.host}/old/app:1")
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "schema 1" in (err.details() or "")
+
+
+UNKNOWN_MANIFEST = "application/vnd.example.thing.manifest.v1+json"
+
+
+def serve_manifest(fake: FakeRegistry, repo: str, ref: str, body: bytes, content_type: str) -> None:
+    fake.routes[f"/v2/{repo}/manifests/{ref}"] = Route(
+        headers={"Content-Type": content_type, "Docker-Content-Digest": sha256_digest(body)}, body=body
+    )
+
+
+def blob_requests(fake: FakeRegistry) -> list[str]:
+    return [path for path in fake.requests if "/blobs/" in path]
+
+
+@pytest.mark.parametrize("content_type", [UNKNOWN_MANIFEST, OCI_MANIFEST], ids=["own-type", "oci-header"])
+def test_manifest_of_unknown_media_type_is_refused_and_nothing_is_stored(
+    fake: FakeRegistry, daemon: Daemon, cri: CRIClient, content_type: str
+) -> None:
+    # Shaped like an image manifest, with every blob served: only its declared type says no.
+    image = busybox_image()
+    serve_image(fake, "odd/app", "1", image)
+    body = canonical_json({**image.manifest("oci"), "mediaType": UNKNOWN_MANIFEST})
+    serve_manifest(fake, "odd/app", "1", body, content_type)
+    err = pull_error(cri, f"{fake.host}/odd/app:1")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert UNKNOWN_MANIFEST in (err.details() or "")
+    assert blob_requests(fake) == []
+    assert nothing_stored(daemon, cri)
+
+
+def test_index_entry_of_unknown_media_type_is_refused_and_nothing_is_stored(
+    fake: FakeRegistry, daemon: Daemon, cri: CRIClient
+) -> None:
+    image = busybox_image()
+    serve_image(fake, "odd/multi", "child", image)
+    child = canonical_json({**image.manifest("oci"), "mediaType": UNKNOWN_MANIFEST})
+    child_digest = sha256_digest(child)
+    serve_manifest(fake, "odd/multi", child_digest, child, UNKNOWN_MANIFEST)
+    index = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": UNKNOWN_MANIFEST,
+                    "digest": child_digest,
+                    "size": len(child),
+                    "platform": {"os": "linux", "architecture": HOST_ARCH},
+                }
+            ],
+        }
+    )
+    serve_manifest(fake, "odd/multi", "1", index, OCI_INDEX)
+    err = pull_error(cri, f"{fake.host}/odd/multi:1")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert UNKNOWN_MANIFEST in (err.details() or "")
+    assert blob_requests(fake) == []
+    assert nothing_stored(daemon, cri)
+
+
+@pytest.mark.parametrize("content_type", [OCI_MANIFEST, "application/json"])
+def test_manifest_without_media_type_is_pulled_by_its_content_type_or_shape(
+    fake: FakeRegistry, cri: CRIClient, content_type: str
+) -> None:
+    # OCI image-spec: mediaType SHOULD be set, so a manifest without one is still an image.
+    image = busybox_image()
+    serve_image(fake, "plain/app", "1", image)
+    manifest = image.manifest("oci")
+    del manifest["mediaType"]
+    serve_manifest(fake, "plain/app", "1", canonical_json(manifest), content_type)
+    assert cri.pull(f"{fake.host}/plain/app:1") == image.config_digest
 
 
 def test_manifest_fetched_by_digest_must_match_it(fake: FakeRegistry, cri: CRIClient) -> None:
