@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from cri_runtime.api import api_pb2 as pb
+from cri_runtime.cri import convert
 from cri_runtime.errors import InvalidArgument, Unimplemented
 from cri_runtime.oci import seccomp, spec
 
@@ -81,9 +82,10 @@ def build(
 ) -> dict[str, Any]:
     options.setdefault("oom_score_adj_floor", None)
     options.setdefault("host_capabilities", HOST_CAPS)
+    # The spec builder takes pycri's own config; the servicer converts the CRI request the same way.
     return spec.build_container_spec(
         container_id="ctr-1",
-        config=config if config is not None else make_config(),
+        config=convert.container_config(config if config is not None else make_config()),
         image_config={"config": image if image is not None else {"Cmd": ["/bin/sh"]}},
         sandbox=sandbox or make_sandbox(),
         rootfs=rootfs,
@@ -840,7 +842,7 @@ def test_host_paths_to_create_lists_missing_host_directories(tmp_path: Path) -> 
             pb.Mount(container_path="/d", host_path="relative"),
         ]
     )
-    assert spec.host_paths_to_create(config) == [tmp_path / "missing" / "deep"]
+    assert spec.host_paths_to_create(convert.container_config(config)) == [tmp_path / "missing" / "deep"]
 
 
 # --- devices -----------------------------------------------------------------------------------

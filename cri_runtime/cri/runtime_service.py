@@ -17,28 +17,29 @@ import grpc
 from cri_runtime import __version__
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
+from cri_runtime.cri import convert
+from cri_runtime.cri.convert import (
+    container_status,
+    container_to_proto,
+    sandbox_metadata,
+    sandbox_status,
+    sandbox_to_proto,
+)
 from cri_runtime.daemon.config import Config
 from cri_runtime.errors import FailedPrecondition, InvalidArgument
 from cri_runtime.network.cni import CNI
 from cri_runtime.oci.runtimes import RuntimeInfo
 from cri_runtime.runtime.containers import ContainerManager
 from cri_runtime.runtime.events import ContainerEvent
+from cri_runtime.runtime.pods import Pods
 from cri_runtime.runtime.sandboxes import SandboxManager
-from cri_runtime.runtime.state import Container, Sandbox
+from cri_runtime.runtime.state import Container
 from cri_runtime.stats import cadvisor, collectors
 from cri_runtime.streaming.server import StreamingServer, check_streams
 
 RUNTIME_NAME = "pycri"
 RUNTIME_API_VERSION = "v1"
 T = TypeVar("T")
-
-_SANDBOX_STATES = {"ready": pb.PodSandboxState.SANDBOX_READY, "notready": pb.PodSandboxState.SANDBOX_NOTREADY}
-_CONTAINER_STATES = {
-    "created": pb.ContainerState.CONTAINER_CREATED,
-    "running": pb.ContainerState.CONTAINER_RUNNING,
-    "exited": pb.ContainerState.CONTAINER_EXITED,
-    "unknown": pb.ContainerState.CONTAINER_UNKNOWN,
-}
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -62,91 +63,10 @@ def _container_matches(
     if (
         isinstance(wanted, pb.ContainerFilter)
         and wanted.HasField("state")
-        and _CONTAINER_STATES[container.state] != wanted.state.state
+        and convert.CONTAINER_STATES[container.state] != wanted.state.state
     ):
         return False
     return _labels_match(container.labels, wanted.label_selector)
-
-
-def sandbox_metadata(sandbox: Sandbox) -> pb.PodSandboxMetadata:
-    return pb.PodSandboxMetadata(
-        name=sandbox.name, uid=sandbox.uid, namespace=sandbox.namespace, attempt=sandbox.attempt
-    )
-
-
-def sandbox_to_proto(sandbox: Sandbox) -> pb.PodSandbox:
-    return pb.PodSandbox(
-        id=sandbox.id,
-        metadata=sandbox_metadata(sandbox),
-        state=_SANDBOX_STATES[sandbox.state],
-        created_at=sandbox.created_at_ns,
-        labels=sandbox.labels,
-        annotations=sandbox.annotations,
-        runtime_handler=sandbox.runtime_handler,
-    )
-
-
-def container_to_proto(container: Container) -> pb.Container:
-    return pb.Container(
-        id=container.id,
-        pod_sandbox_id=container.pod_id,
-        metadata=pb.ContainerMetadata(name=container.name, attempt=container.attempt),
-        image=pb.ImageSpec(image=container.image),
-        image_ref=container.image_ref,
-        image_id=container.image_id,
-        state=_CONTAINER_STATES[container.state],
-        created_at=container.created_at_ns,
-        labels=container.labels,
-        annotations=container.annotations,
-    )
-
-
-def container_status(container: Container) -> pb.ContainerStatus:
-    config = pb.ContainerConfig.FromString(container.config)
-    status = pb.ContainerStatus(
-        id=container.id,
-        metadata=pb.ContainerMetadata(name=container.name, attempt=container.attempt),
-        state=_CONTAINER_STATES[container.state],
-        created_at=container.created_at_ns,
-        started_at=container.started_at_ns,
-        finished_at=container.finished_at_ns,
-        exit_code=container.exit_code,
-        image=pb.ImageSpec(image=container.image),
-        image_ref=container.image_ref,
-        image_id=container.image_id,
-        reason=container.reason,
-        message=container.message,
-        labels=container.labels,
-        annotations=container.annotations,
-        mounts=list(config.mounts),
-        log_path=container.log_path,
-    )
-    if config.linux.HasField("resources"):
-        status.resources.linux.CopyFrom(config.linux.resources)
-    if container.user:
-        linux_user = status.user.linux
-        linux_user.uid = container.user[0]
-        linux_user.gid = container.user[1]
-        linux_user.supplemental_groups.extend(container.user[2:])
-    return status
-
-
-def sandbox_status(sandbox: Sandbox) -> pb.PodSandboxStatus:
-    config = pb.PodSandboxConfig.FromString(sandbox.config)
-    options = config.linux.security_context.namespace_options
-    return pb.PodSandboxStatus(
-        id=sandbox.id,
-        metadata=sandbox_metadata(sandbox),
-        state=_SANDBOX_STATES[sandbox.state],
-        created_at=sandbox.created_at_ns,
-        network=pb.PodSandboxNetworkStatus(
-            ip=sandbox.ip, additional_ips=[pb.PodIP(ip=ip) for ip in sandbox.additional_ips]
-        ),
-        linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=options)),
-        labels=sandbox.labels,
-        annotations=sandbox.annotations,
-        runtime_handler=sandbox.runtime_handler,
-    )
 
 
 _EVENT_TYPES = {
@@ -167,22 +87,24 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         runtimes: dict[str, RuntimeInfo],
         default: RuntimeInfo | None,
         why: str,
-        sandboxes: SandboxManager | None = None,
-        containers: ContainerManager | None = None,
+        pods: Pods | None = None,
         cni: CNI | None = None,
     ) -> None:
         self.config = config
         self.runtimes = runtimes
         self.default_runtime = default
         self.default_reason = why
-        self.sandboxes = sandboxes
-        self.containers = containers
+        self.pods = pods
         self.cni = cni
-        # Last CPU sample per container: usage_nano_cores is a rate between two calls.
+
+    def _pods(self) -> Pods:
+        assert self.pods is not None
+        return self.pods
 
     def _managers(self) -> tuple[SandboxManager, ContainerManager]:
-        assert self.sandboxes is not None and self.containers is not None
-        return self.sandboxes, self.containers
+        """For reads, which answer from memory without the pods' locks."""
+        pods = self._pods()
+        return pods.sandboxes, pods.containers
 
     # --- runtime ------------------------------------------------------------------
 
@@ -259,26 +181,24 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     async def RunPodSandbox(
         self, request: pb.RunPodSandboxRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunPodSandboxResponse:
-        sandboxes, _ = self._managers()
-        sandbox = await _in_thread(sandboxes.run, request.config, request.runtime_handler)
+        config = convert.pod_sandbox_config(request.config)
+        sandbox = await _in_thread(self._pods().run_pod, config, request.runtime_handler)
         return pb.RunPodSandboxResponse(pod_sandbox_id=sandbox.id)
 
     async def StopPodSandbox(
         self, request: pb.StopPodSandboxRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopPodSandboxResponse:
-        sandboxes, _ = self._managers()
         if not request.pod_sandbox_id:
             raise InvalidArgument("pod_sandbox_id is empty")
-        await _in_thread(sandboxes.stop, request.pod_sandbox_id)
+        await _in_thread(self._pods().stop_pod, request.pod_sandbox_id)
         return pb.StopPodSandboxResponse()
 
     async def RemovePodSandbox(
         self, request: pb.RemovePodSandboxRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemovePodSandboxResponse:
-        sandboxes, _ = self._managers()
         if not request.pod_sandbox_id:
             raise InvalidArgument("pod_sandbox_id is empty")
-        await _in_thread(sandboxes.remove, request.pod_sandbox_id)
+        await _in_thread(self._pods().remove_pod, request.pod_sandbox_id)
         return pb.RemovePodSandboxResponse()
 
     async def PodSandboxStatus(
@@ -315,7 +235,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             if wanted is not None:
                 if wanted.id and not sandbox.id.startswith(wanted.id):
                     continue
-                if wanted.HasField("state") and _SANDBOX_STATES[sandbox.state] != wanted.state.state:
+                if wanted.HasField("state") and convert.sandbox_state(sandbox) != wanted.state.state:
                     continue
                 if not _labels_match(sandbox.labels, wanted.label_selector):
                     continue
@@ -327,31 +247,28 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     async def CreateContainer(
         self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateContainerResponse:
-        _, containers = self._managers()
-        container = await _in_thread(containers.create, request.pod_sandbox_id, request.config)
+        config = convert.container_config(request.config)
+        container = await _in_thread(self._pods().create_container, request.pod_sandbox_id, config)
         return pb.CreateContainerResponse(container_id=container.id)
 
     async def StartContainer(
         self, request: pb.StartContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartContainerResponse:
-        _, containers = self._managers()
-        await _in_thread(containers.start, request.container_id)
+        await _in_thread(self._pods().start_container, request.container_id)
         return pb.StartContainerResponse()
 
     async def StopContainer(
         self, request: pb.StopContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopContainerResponse:
-        _, containers = self._managers()
-        await _in_thread(containers.stop, request.container_id, float(request.timeout))
+        await _in_thread(self._pods().stop_container, request.container_id, float(request.timeout))
         return pb.StopContainerResponse()
 
     async def RemoveContainer(
         self, request: pb.RemoveContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveContainerResponse:
-        _, containers = self._managers()
         if not request.container_id:
             raise InvalidArgument("container_id is empty")
-        await _in_thread(containers.remove, request.container_id)
+        await _in_thread(self._pods().remove_container, request.container_id)
         return pb.RemoveContainerResponse()
 
     async def ListContainers(
@@ -376,7 +293,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 "rootfs": container.rootfs,
             }
             try:
-                with open(f"{container.bundle}/bundle/config.json") as fh:
+                with open(container.bundle_dir / "config.json") as fh:
                     info["runtimeSpec"] = json.load(fh)
             except OSError:
                 pass
@@ -386,18 +303,17 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     async def ExecSync(
         self, request: pb.ExecSyncRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExecSyncResponse:
-        _, containers = self._managers()
         timeout = float(request.timeout) if request.timeout > 0 else None
-        result = await _in_thread(containers.exec_sync, request.container_id, list(request.cmd), timeout)
+        result = await _in_thread(self._pods().exec_sync, request.container_id, list(request.cmd), timeout)
         return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
     async def UpdateContainerResources(
         self, request: pb.UpdateContainerResourcesRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateContainerResourcesResponse:
-        _, containers = self._managers()
         if not request.HasField("linux"):
             raise InvalidArgument("UpdateContainerResources: linux resources are required on Linux")
-        await _in_thread(containers.update_resources, request.container_id, request.linux)
+        resources = convert.linux_resources(request.linux)
+        await _in_thread(self._pods().update_container_resources, request.container_id, resources)
         return pb.UpdateContainerResourcesResponse()
 
     # --- stats --------------------------------------------------------------------------
@@ -583,8 +499,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     async def ReopenContainerLog(
         self, request: pb.ReopenContainerLogRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReopenContainerLogResponse:
-        _, containers = self._managers()
-        await _in_thread(containers.reopen_log, request.container_id)
+        await _in_thread(self._pods().reopen_container_log, request.container_id)
         return pb.ReopenContainerLogResponse()
 
     # --- events ---------------------------------------------------------------------------

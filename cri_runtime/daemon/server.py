@@ -19,6 +19,7 @@ import grpc
 import structlog
 
 from cri_runtime.api import api_pb2_grpc as pb_grpc
+from cri_runtime.cri import convert
 from cri_runtime.cri.rpc import RpcInterceptor
 from cri_runtime.cri.runtime_service import RuntimeService
 from cri_runtime.cri.status import status_code
@@ -30,8 +31,9 @@ from cri_runtime.oci import runtimes as oci_runtimes
 from cri_runtime.oci.conmon import Executor
 from cri_runtime.runtime import recovery
 from cri_runtime.runtime.containers import ContainerManager, ContainerSettings
+from cri_runtime.runtime.pods import Pods
 from cri_runtime.runtime.sandboxes import DEFAULT_CGROUP_PARENT, SandboxManager, SandboxSettings
-from cri_runtime.runtime.state import StateDB
+from cri_runtime.runtime.state import LegacyConfigs, StateDB
 from cri_runtime.streaming import StreamingServer
 from imageservice.importer import import_archive
 from imageservice.service import ImageService
@@ -124,9 +126,7 @@ async def serve(
             ("grpc.max_send_message_length", MAX_MESSAGE),
         ],
     )
-    runtime_service = RuntimeService(
-        config, runtimes, default, why, runtime.sandboxes, runtime.containers, runtime.cni
-    )
+    runtime_service = RuntimeService(config, runtimes, default, why, runtime.pods, runtime.cni)
     streaming = StreamingServer(
         runtime.containers,
         runtime.sandboxes,
@@ -190,8 +190,15 @@ def _streaming_tls(config: Config) -> ssl.SSLContext | None:
 class Runtime:
     db: StateDB
     cni: CNI
-    sandboxes: SandboxManager
-    containers: ContainerManager
+    pods: Pods
+
+    @property
+    def sandboxes(self) -> SandboxManager:
+        return self.pods.sandboxes
+
+    @property
+    def containers(self) -> ContainerManager:
+        return self.pods.containers
 
 
 def oom_score_adj_floor() -> int | None:
@@ -214,7 +221,9 @@ def build_runtime(
 ) -> Runtime:
     """The pod and container side: state DB, CNI, executors, managers, restored state."""
     root, state = Path(config.root), Path(config.state)
-    db = StateDB(root / "runtime.db")
+    # A DB of an older pycri holds configs as the CRI schema's bytes, which only cri/ can read.
+    legacy = LegacyConfigs(sandbox=convert.legacy_sandbox_config, container=convert.legacy_container_config)
+    db = StateDB(root / "runtime.db", legacy)
     network = config.network
     cni = CNI(
         Path(network.conf_dir),
@@ -231,30 +240,29 @@ def build_runtime(
     containers = ContainerManager(
         ContainerSettings(root / "containers", state / "containers", oom_score_adj_floor()),
         db,
-        sandboxes,
         store,
         executors,
         default.name if default else "",
     )
-    recover(db, root, state, sandboxes, containers, executors, cni)
+    pods = Pods(sandboxes, containers)
+    recover(db, root, state, pods, executors, cni)
     store.collect_unused()
     containers.start_watcher()
-    return Runtime(db, cni, sandboxes, containers)
+    return Runtime(db, cni, pods)
 
 
 def recover(
     db: StateDB,
     root: Path,
     state: Path,
-    sandboxes: SandboxManager,
-    containers: ContainerManager,
+    pods: Pods,
     executors: dict[str, Executor],
     cni: CNI,
 ) -> None:
     """Bring the host and the records into agreement after a restart or a crash."""
     started = time.perf_counter()
+    sandboxes, containers = pods.sandboxes, pods.containers
     saved_sandboxes, saved_containers = db.load()
-    sandboxes.restore(saved_sandboxes)
     usable = [c for c in saved_containers if c.runtime in executors]
     for container in saved_containers:
         if container.runtime not in executors:
@@ -265,9 +273,7 @@ def recover(
                 id=container.id,
                 runtime=container.runtime,
             )
-    containers.restore(usable)
-    containers.recover()
-    sandboxes.recover()
+    pods.restore(saved_sandboxes, usable)
     known = recovery.Known(
         sandboxes={s.id for s in sandboxes.all()},
         containers={c.id for c in saved_containers if c.runtime not in executors}

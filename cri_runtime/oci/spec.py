@@ -1,7 +1,8 @@
 """The OCI runtime spec (config.json) of a CRI container, built the way containerd's CRI plugin builds it.
 
-:func:`build_container_spec` is a pure function of the CRI ContainerConfig, the image config, the
-pod's context and the mounted root file system. It reads only the image's /etc/passwd and
+:func:`build_container_spec` is a pure function of the container's config (pycri's
+cri_runtime.runtime.model.ContainerConfig, converted from the CRI request by the servicer), the
+image config, the pod's context and the mounted root file system. It reads only the image's /etc/passwd and
 /etc/group (resolved inside the root file system, never following a symlink out of it), the
 seccomp profile a Localhost profile names, and the stat of host device nodes. What it cannot do
 purely is left to the caller, through small helpers: :func:`host_paths_to_create` (host paths of
@@ -16,8 +17,9 @@ Choices worth knowing, each where containerd makes the same one:
 - no rlimits are set: CRI has no field for them and the container inherits the runtime's limits.
 - a seccomp profile that is absent from the config (neither ``seccomp`` nor the deprecated
   ``seccomp_profile_path``) means unconfined; kubelet says RuntimeDefault when it wants it.
-- masked and read-only paths from the config replace the defaults only when non-empty: proto3
-  cannot tell an empty list from an absent one, so "unmasked" /proc is not expressible here.
+- masked and read-only paths from the config replace the defaults only when non-empty: the CRI
+  schema (proto3) cannot tell an empty list from an absent one, so "unmasked" /proc is not
+  expressible there.
 - memory swap is set only when memory_swap_limit_in_bytes is; swap accounting is a host probe.
 - AppArmor and SELinux options are accepted and ignored.
 """
@@ -36,9 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cri_runtime.api import api_pb2 as pb
 from cri_runtime.errors import InvalidArgument, Unimplemented
 from cri_runtime.oci import seccomp
+from cri_runtime.runtime.model import (
+    Capabilities,
+    ContainerConfig,
+    ContainerSecurity,
+    Device,
+    EnvVar,
+    LinuxResources,
+    Mount,
+)
 
 OCI_VERSION = "1.1.0"
 DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -177,9 +187,9 @@ PROC_BIND_TARGETS = frozenset(
 _RUNTIME_NEEDS = re.compile(r"/|/proc|/proc/(self|thread-self|[0-9]+)(/.*)?|/dev|/dev/null")
 
 _PROPAGATION = {
-    pb.MountPropagation.PROPAGATION_PRIVATE: "rprivate",
-    pb.MountPropagation.PROPAGATION_HOST_TO_CONTAINER: "rslave",
-    pb.MountPropagation.PROPAGATION_BIDIRECTIONAL: "rshared",
+    "private": "rprivate",
+    "host_to_container": "rslave",
+    "bidirectional": "rshared",
 }
 
 PidMode = Literal["pod", "container", "node", "target"]
@@ -226,7 +236,7 @@ class _GroupEntry:
 def build_container_spec(
     *,
     container_id: str,
-    config: pb.ContainerConfig,
+    config: ContainerConfig,
     image_config: Mapping[str, Any],
     sandbox: SandboxContext,
     rootfs: Path,
@@ -248,8 +258,7 @@ def build_container_spec(
     :func:`current_capabilities` reads when it is None, because the OCI runtime cannot grant a
     capability its caller lacks. Raises InvalidArgument, naming the field, for bad input.
     """
-    linux = config.linux
-    security = linux.security_context
+    security = config.security
     privileged = security.privileged
     if privileged and not sandbox.privileged:
         raise InvalidArgument(
@@ -263,13 +272,13 @@ def build_container_spec(
     uid, gid, additional_gids = resolve_user(
         rootfs,
         str(image.get("User") or ""),
-        security.run_as_user.value if security.HasField("run_as_user") else None,
+        security.run_as_user,
         security.run_as_username,
-        security.run_as_group.value if security.HasField("run_as_group") else None,
+        security.run_as_group,
         list(security.supplemental_groups),
-        merge_image_groups=security.supplemental_groups_policy != pb.SupplementalGroupsPolicy.Strict,
+        merge_image_groups=security.supplemental_groups_policy != "strict",
     )
-    resources, oom_score_adj = _resources(linux.resources, oom_score_adj_floor)
+    resources, oom_score_adj = _resources(config.resources or LinuxResources(), oom_score_adj_floor)
     mounts, rootfs_propagation = _mounts(config, sandbox, privileged)
     devices, device_rules = _devices(config.devices, privileged)
     resources["devices"] = device_rules
@@ -335,15 +344,15 @@ def _image_section(image_config: Mapping[str, Any]) -> Mapping[str, Any]:
     return section
 
 
-def _refuse_user_namespace(security: pb.LinuxContainerSecurityContext) -> None:
-    options = security.namespace_options
-    if options.HasField("userns_options") and options.userns_options.mode == pb.NamespaceMode.POD:
+def _refuse_user_namespace(security: ContainerSecurity) -> None:
+    userns = security.namespace_options.userns
+    if userns is not None and userns.mode == "pod":
         raise InvalidArgument(
             "linux.security_context.namespace_options.userns_options: user namespaces are not supported"
         )
 
 
-def _annotations(container_id: str, config: pb.ContainerConfig, sandbox: SandboxContext) -> dict[str, str]:
+def _annotations(container_id: str, config: ContainerConfig, sandbox: SandboxContext) -> dict[str, str]:
     annotations = dict(config.annotations)
     # Ours last, so that a config cannot pose as another sandbox's container.
     annotations.update(
@@ -354,8 +363,8 @@ def _annotations(container_id: str, config: pb.ContainerConfig, sandbox: Sandbox
             "io.kubernetes.cri.sandbox-id": sandbox.pod_id,
         }
     )
-    if config.image.image:
-        annotations["io.kubernetes.cri.image-name"] = config.image.image
+    if config.image:
+        annotations["io.kubernetes.cri.image-name"] = config.image
     return annotations
 
 
@@ -398,7 +407,7 @@ def _string_list(value: object, what: str) -> list[str]:
     return list(value)
 
 
-def _environment(image_env: object, config_envs: Iterable[pb.KeyValue], hostname: str) -> list[str]:
+def _environment(image_env: object, config_envs: Iterable[EnvVar], hostname: str) -> list[str]:
     # Keyed by name so a later value replaces an earlier one where it stood, as containerd does:
     # defaults first, then the image, then the container config.
     env: dict[str, str] = {"PATH": f"PATH={DEFAULT_PATH_ENV}"}
@@ -409,16 +418,13 @@ def _environment(image_env: object, config_envs: Iterable[pb.KeyValue], hostname
     for position, pair in enumerate(config_envs):
         if not pair.key:
             raise InvalidArgument(f"envs[{position}].key is empty")
-        if "\0" in pair.key or (b"\0" if isinstance(pair.value, bytes) else "\0") in pair.value:
+        if "\0" in pair.key or "\0" in pair.value:
             raise InvalidArgument(f"envs[{position}] holds a NUL byte, which an environment cannot")
         if "=" in pair.key:
             raise InvalidArgument(
                 f"envs[{position}].key {pair.key!r} holds '=', which ends a variable's name"
             )
-        value = pair.value
-        # The generated module types KeyValue.value as bytes; upstream CRI says string. Both arrive.
-        text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
-        env[pair.key] = f"{pair.key}={text}"
+        env[pair.key] = f"{pair.key}={pair.value}"
     return list(env.values())
 
 
@@ -657,20 +663,14 @@ def ensure_working_dir(rootfs: Path, cwd: str, uid: int, gid: int) -> None:
 # --- capabilities ---------------------------------------------------------------------------------
 
 
-def _capabilities(config: pb.Capability, privileged: bool, everything: Sequence[str]) -> dict[str, list[str]]:
+def _capabilities(config: Capabilities, privileged: bool, everything: Sequence[str]) -> dict[str, list[str]]:
     if privileged:
         return {name: list(everything) for name in ("bounding", "effective", "permitted")}
-    add = [
-        _capability(name, f"capabilities.add_capabilities[{i}]")
-        for i, name in enumerate(config.add_capabilities)
-    ]
-    drop = [
-        _capability(name, f"capabilities.drop_capabilities[{i}]")
-        for i, name in enumerate(config.drop_capabilities)
-    ]
+    add = [_capability(name, f"capabilities.add_capabilities[{i}]") for i, name in enumerate(config.add)]
+    drop = [_capability(name, f"capabilities.drop_capabilities[{i}]") for i, name in enumerate(config.drop)]
     ambient = [
         _capability(name, f"capabilities.add_ambient_capabilities[{i}]")
-        for i, name in enumerate(config.add_ambient_capabilities)
+        for i, name in enumerate(config.add_ambient)
     ]
     # containerd's order, so that "ALL" composes with single names: add ALL, drop ALL, then add
     # single names, then drop single names (a name both added and dropped ends up dropped).
@@ -727,16 +727,16 @@ def _ordered(capabilities: Iterable[str]) -> list[str]:
 
 
 def _seccomp(
-    security: pb.LinuxContainerSecurityContext, bounding: Sequence[str], profile_root: Path | None
+    security: ContainerSecurity, bounding: Sequence[str], profile_root: Path | None
 ) -> dict[str, Any] | None:
-    if security.HasField("seccomp"):
+    if security.seccomp is not None:
         profile = security.seccomp
-        kind = profile.profile_type
-        if kind == pb.SecurityProfile.ProfileType.RuntimeDefault:
+        kind = profile.kind
+        if kind == "runtime_default":
             return seccomp.default_profile(bounding)
-        if kind == pb.SecurityProfile.ProfileType.Unconfined:
+        if kind == "unconfined":
             return None
-        if kind == pb.SecurityProfile.ProfileType.Localhost:
+        if kind == "localhost":
             ref = profile.localhost_ref
             if not ref.startswith("/"):
                 raise InvalidArgument(
@@ -771,12 +771,12 @@ def _localhost_profile(path: Path, bounding: Sequence[str]) -> dict[str, Any]:
 # --- mounts ---------------------------------------------------------------------------------------
 
 
-def host_paths_to_create(config: pb.ContainerConfig) -> list[Path]:
+def host_paths_to_create(config: ContainerConfig) -> list[Path]:
     """Host paths of the config's bind mounts that do not exist: the caller makes them directories
     before the spec is built, as containerd and kubelet's hostPath DirectoryOrCreate expect."""
     missing: list[Path] = []
     for mount in config.mounts:
-        if mount.image.image or not mount.host_path.startswith("/") or "\0" in mount.host_path:
+        if mount.image or not mount.host_path.startswith("/") or "\0" in mount.host_path:
             continue  # refused by build_container_spec with a reason
         path = Path(mount.host_path)
         if not os.path.lexists(path) and path not in missing:
@@ -785,10 +785,10 @@ def host_paths_to_create(config: pb.ContainerConfig) -> list[Path]:
 
 
 def _mounts(
-    config: pb.ContainerConfig, sandbox: SandboxContext, privileged: bool
+    config: ContainerConfig, sandbox: SandboxContext, privileged: bool
 ) -> tuple[list[dict[str, Any]], str | None]:
     """The spec's mounts, parents before children, and the root's propagation when a mount needs one."""
-    readonly_rootfs = config.linux.security_context.readonly_rootfs
+    readonly_rootfs = config.security.readonly_rootfs
     requested = [_config_mount(position, mount) for position, mount in enumerate(config.mounts)]
     destinations = {m["destination"] for m in requested}
 
@@ -891,11 +891,11 @@ def _bind(destination: str, source: str, *, readonly: bool) -> dict[str, Any]:
     }
 
 
-def _config_mount(position: int, mount: pb.Mount) -> dict[str, Any]:
+def _config_mount(position: int, mount: Mount) -> dict[str, Any]:
     field = f"mounts[{position}]"
-    if mount.image.image:
+    if mount.image:
         raise Unimplemented(f"{field}.image: image volumes are not supported yet")
-    if len(mount.uidMappings) or len(mount.gidMappings):
+    if mount.uid_mappings or mount.gid_mappings:
         raise InvalidArgument(f"{field}: ID-mapped mounts need user namespaces, which are not supported")
     if not mount.container_path.startswith("/"):
         raise InvalidArgument(f"{field}.container_path {mount.container_path!r} must be an absolute path")
@@ -918,7 +918,7 @@ def _config_mount(position: int, mount: pb.Mount) -> dict[str, Any]:
         # would arrive writable, so it is only meaningful on a private read-only mount.
         if not mount.readonly:
             raise InvalidArgument(f"{field}.recursive_read_only needs readonly")
-        if mount.propagation != pb.MountPropagation.PROPAGATION_PRIVATE:
+        if mount.propagation != "private":
             raise InvalidArgument(f"{field}.recursive_read_only needs PROPAGATION_PRIVATE")
         options += ["ro", "rro"]
     else:
@@ -937,7 +937,7 @@ def _config_mount(position: int, mount: pb.Mount) -> dict[str, Any]:
 
 
 def _devices(
-    requested: Iterable[pb.Device], privileged: bool
+    requested: Iterable[Device], privileged: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """linux.devices and the device cgroup rules."""
     devices: dict[str, dict[str, Any]] = {}
@@ -1103,16 +1103,12 @@ def check_resources_on_host(
         raise InvalidArgument("linux.resources.unified: cgroup v2 settings need a cgroup v2 host")
 
 
-def linux_resources(
-    config: pb.LinuxContainerResources, oom_score_adj_floor: int | None
-) -> tuple[dict[str, Any], int]:
+def linux_resources(config: LinuxResources, oom_score_adj_floor: int | None) -> tuple[dict[str, Any], int]:
     """Validated OCI linux.resources (without devices) and oomScoreAdj, for create and update."""
     return _resources(config, oom_score_adj_floor)
 
 
-def _resources(
-    config: pb.LinuxContainerResources, oom_score_adj_floor: int | None
-) -> tuple[dict[str, Any], int]:
+def _resources(config: LinuxResources, oom_score_adj_floor: int | None) -> tuple[dict[str, Any], int]:
     """linux.resources (without devices) and process.oomScoreAdj. Zero means unset."""
     field = "linux.resources"
     cpu: dict[str, Any] = {}

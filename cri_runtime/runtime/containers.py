@@ -3,6 +3,9 @@ monitor running the OCI runtime.
 
 A background watcher reads conmon's exit files, so that ContainerStatus and
 ListContainers answer from memory without a subprocess per call.
+
+The manager knows nothing of pods beyond the Sandbox record it is handed: cri_runtime.runtime.pods
+checks that the pod is ready and holds the pod's lock around each call.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 
 from cri_runtime import failpoints
-from cri_runtime.api import api_pb2 as pb
 from cri_runtime.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -34,8 +37,8 @@ from cri_runtime.oci import spec
 from cri_runtime.oci.conmon import ExecResult, Executor
 from cri_runtime.runtime.events import EventHub
 from cri_runtime.runtime.locks import KeyedLocks
+from cri_runtime.runtime.model import ContainerConfig, LinuxResources
 from cri_runtime.runtime.names import NameIndex
-from cri_runtime.runtime.sandboxes import SandboxManager
 from cri_runtime.runtime.state import Container, Sandbox, StateDB
 from imageservice.store import ImageStore
 
@@ -121,36 +124,47 @@ class ContainerManager:
         self,
         settings: ContainerSettings,
         db: StateDB,
-        sandboxes: SandboxManager,
         images: ImageStore,
         executors: dict[str, Executor],
         default_runtime: str,
     ) -> None:
         self.settings = settings
         self.db = db
-        self.sandboxes = sandboxes
         self.images = images
         self.executors = executors
         self.default_runtime = default_runtime
         self.containers: dict[str, Container] = {}
         self.names = NameIndex()
+        # Each container's reservation in ``names``, kept from its creation: the key names its
+        # pod, which may be gone by the time the container is.
+        self._name_keys: dict[str, str] = {}
         self.locks = KeyedLocks()
         self._guard = threading.Lock()
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
         self.events = EventHub()
-        sandboxes.containers = self
         for directory in (settings.root_dir, settings.state_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o711)
 
-    def restore(self, containers: list[Container]) -> None:
+    def restore(self, containers: list[Container], sandboxes: Mapping[str, Sandbox]) -> None:
+        """Take the records of a previous run; ``sandboxes`` are the pods they belong to."""
         for container in containers:
             self.containers[container.id] = container
-            self.names.reserve(self._name_key(container), container.id, "container")
-            with contextlib.suppress(Exception):
+            self._reserve_name(container, sandboxes.get(container.pod_id))
+            try:
                 self.images.hold_chains(container.layers)
+            except Exception as exc:
+                # The layers stay unheld: an image removal could take them from under the
+                # container's overlay. Its rootfs mount keeps working until then.
+                log.error(
+                    "cannot hold a restored container's layers",
+                    id=container.id,
+                    image=container.image_id,
+                    layers=container.layers,
+                    error=str(exc),
+                )
 
-    def recover(self) -> None:
+    def recover(self, sandboxes: Mapping[str, Sandbox]) -> None:
         """Reconcile the restored records with what the host has, before pycri serves.
 
         A create that a crash interrupted is undone; a removal is finished; a container
@@ -161,7 +175,7 @@ class ContainerManager:
         for container in self.all():
             try:
                 if container.pending == "creating":
-                    self._discard(container)
+                    self._discard(container, sandboxes.get(container.pod_id))
                 elif container.pending == "removing":
                     self._remove(container)
                     log.info("finished removing a container after a crash", id=container.id)
@@ -174,25 +188,42 @@ class ContainerManager:
             except Exception as exc:
                 log.error("cannot reconcile a container", id=container.id, error=str(exc))
 
-    def _discard(self, container: Container) -> None:
+    def _discard(self, container: Container, sandbox: Sandbox | None) -> None:
         """A container whose CreateContainer never returned: nothing of it stays."""
         self.executor(container).delete(container.id)
-        sandbox = self.sandboxes.find(container.pod_id)
         if sandbox is not None:
-            with contextlib.suppress(OSError, ValueError):
-                cgroups.remove(f"{sandbox.cgroup_path}/{container.id}", timeout=1.0)
-        if container.bundle:
-            mounts.unmount_all_under(Path(container.bundle))
-            shutil.rmtree(container.bundle, ignore_errors=True)
+            cgroup = f"{sandbox.cgroup_path}/{container.id}"
+            try:
+                cgroups.remove(cgroup, timeout=1.0)
+            except (OSError, ValueError) as exc:
+                # The start-up sweep removes container cgroups below known pods.
+                log.warning(
+                    "cannot remove a discarded container's cgroup",
+                    id=container.id,
+                    cgroup=cgroup,
+                    error=str(exc),
+                )
+        if container.run_dir:
+            mounts.unmount_all_under(Path(container.run_dir))
+            shutil.rmtree(container.run_dir, ignore_errors=True)
         if container.dir:
             shutil.rmtree(container.dir, ignore_errors=True)
         if container.log_path:
-            with contextlib.suppress(OSError):
+            try:
                 Path(container.log_path).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning(
+                    "cannot remove a discarded container's log",
+                    id=container.id,
+                    path=container.log_path,
+                    error=str(exc),
+                )
         self.db.delete(container)
         with self._guard:
             self.containers.pop(container.id, None)
-        self.names.release(self._name_key(container), container.id)
+        self._release_name(container)
         self.images.release_layers(container.layers)
         log.info("took away a container whose creation a crash interrupted", id=container.id)
 
@@ -254,26 +285,30 @@ class ContainerManager:
     def executor(self, container: Container) -> Executor:
         return self.executors[container.runtime]
 
-    def _name_key(self, container: Container) -> str:
-        sandbox = self.sandboxes.find(container.pod_id)
+    def _reserve_name(self, container: Container, sandbox: Sandbox | None) -> None:
         pod = f"{sandbox.name}_{sandbox.namespace}_{sandbox.uid}" if sandbox else container.pod_id
-        return f"{container.name}_{pod}_{container.attempt}"
+        key = f"{container.name}_{pod}_{container.attempt}"
+        self.names.reserve(key, container.id, "container")
+        with self._guard:
+            self._name_keys[container.id] = key
+
+    def _release_name(self, container: Container) -> None:
+        with self._guard:
+            key = self._name_keys.pop(container.id, None)
+        if key is not None:
+            self.names.release(key, container.id)
 
     # --- CreateContainer -----------------------------------------------------------
 
-    def create(self, pod_id: str, config: pb.ContainerConfig) -> Container:
-        sandbox = self.sandboxes.get(pod_id)
-        if sandbox.state != "ready":
-            raise FailedPrecondition(
-                f"pod sandbox {sandbox.id} is not ready; cannot create a container in it"
-            )
+    def create(self, sandbox: Sandbox, config: ContainerConfig) -> Container:
+        """CreateContainer in ``sandbox``, which the caller checked is ready (and keeps so)."""
         if not config.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
-        if not config.image.image:
+        if not config.image:
             raise InvalidArgument("container image.image is empty")
-        image = self.images.resolve(config.image.image)
+        image = self.images.resolve(config.image)
         if image is None:
-            raise NotFound(f"image {config.image.image!r} is not present; pull it first")
+            raise NotFound(f"image {config.image!r} is not present; pull it first")
         container_id = secrets.token_hex(32)
         runtime = sandbox.runtime_handler or self.default_runtime
         if runtime not in self.executors:
@@ -302,23 +337,23 @@ class ContainerManager:
             attempt=config.metadata.attempt,
             labels=dict(config.labels),
             annotations=dict(config.annotations),
-            image=config.image.image,
+            image=config.image,
             image_id=image.id,
             image_ref=image.repo_digests[0] if image.repo_digests else image.id,
             created_at_ns=time.time_ns(),
-            config=config.SerializeToString(),
+            config=config,
             log_path=log_path,
             runtime=runtime,
-            stop_signal=str((image.config.get("config") or {}).get("StopSignal") or ""),
+            # The config's own stop signal, else the image's (STOPSIGNAL), else SIGTERM.
+            stop_signal=config.stop_signal or str((image.config.get("config") or {}).get("StopSignal") or ""),
         )
-        key = self._name_key(container)
-        self.names.reserve(key, container_id, "container")
+        self._reserve_name(container, sandbox)
         try:
             with self.locks.hold(container_id), contextlib.ExitStack() as undo:
                 self._create(container, sandbox, config, image.config, undo)
                 undo.pop_all()
         except BaseException:
-            self.names.release(key, container_id)
+            self._release_name(container)
             raise
         log.info("container created", id=container_id, pod=sandbox.id, name=container.name, runtime=runtime)
         self.events.publish("created", container)
@@ -328,7 +363,7 @@ class ContainerManager:
         self,
         container: Container,
         sandbox: Sandbox,
-        config: pb.ContainerConfig,
+        config: ContainerConfig,
         image_config: dict,
         undo: contextlib.ExitStack,
     ) -> None:
@@ -338,7 +373,7 @@ class ContainerManager:
         persistent = self.settings.root_dir / container.id
         volatile = self.settings.state_dir / container.id
         rootfs = volatile / "rootfs"
-        container.dir, container.rootfs, container.bundle = str(persistent), str(rootfs), str(volatile)
+        container.dir, container.rootfs, container.run_dir = str(persistent), str(rootfs), str(volatile)
         container.pending = "creating"
         # On record before the first step: after a crash from here on, start-up finds the
         # pending record and takes away whatever of the container exists.
@@ -369,9 +404,9 @@ class ContainerManager:
             shm_path=sandbox.shm_path or None,
             # Set once in the pod's namespaces, which the container joins (cri_runtime.oci.sysctl).
             sysctls={},
-            privileged=pb.PodSandboxConfig.FromString(sandbox.config).linux.security_context.privileged,
+            privileged=sandbox.config.security.privileged,
         )
-        if config.linux.security_context.privileged and not context.privileged:
+        if config.security.privileged and not context.privileged:
             raise InvalidArgument("a privileged container needs a privileged pod sandbox")
         oci_spec = spec.build_container_spec(
             container_id=container.id,
@@ -395,16 +430,7 @@ class ContainerManager:
         user = process.get("user", {})
         container.user = [int(user.get("uid", 0)), int(user.get("gid", 0)), *user.get("additionalGids", [])]
         spec.ensure_working_dir(rootfs, process.get("cwd", "/"), container.user[0], container.user[1])
-        container.mounts = [
-            {
-                "container_path": m.container_path,
-                "host_path": m.host_path,
-                "readonly": m.readonly,
-                "propagation": m.propagation,
-            }
-            for m in config.mounts
-        ]
-        bundle = volatile / "bundle"
+        bundle = container.bundle_dir
         bundle.mkdir(mode=0o700)
         (bundle / "config.json").write_text(json.dumps(oci_spec))
         if container.log_path:
@@ -425,27 +451,19 @@ class ContainerManager:
         with self._guard:
             self.containers[container.id] = container
 
-    def _pid_mode(self, sandbox: Sandbox, config: pb.ContainerConfig) -> spec.PidMode:
-        mode = config.linux.security_context.namespace_options.pid
-        if mode == pb.NamespaceMode.POD and not sandbox.init_pid:
+    def _pid_mode(self, sandbox: Sandbox, config: ContainerConfig) -> spec.PidMode:
+        mode = config.security.namespace_options.pid
+        if mode == "pod" and not sandbox.init_pid:
             # The pod has no shared PID namespace (kubelet's default): one of its own, as
             # with containerd, whose pause container would otherwise be the one shared.
             return "container"
-        modes: dict[int, spec.PidMode] = {
-            pb.NamespaceMode.POD: "pod",
-            pb.NamespaceMode.CONTAINER: "container",
-            pb.NamespaceMode.NODE: "node",
-            pb.NamespaceMode.TARGET: "target",
-        }
-        if mode not in modes:
-            raise InvalidArgument(f"linux.security_context.namespace_options.pid {mode} is not a known mode")
-        return modes[mode]
+        return mode
 
-    def _pid_ns_path(self, sandbox: Sandbox, config: pb.ContainerConfig) -> str | None:
-        options = config.linux.security_context.namespace_options
-        if options.pid == pb.NamespaceMode.POD:
+    def _pid_ns_path(self, sandbox: Sandbox, config: ContainerConfig) -> str | None:
+        options = config.security.namespace_options
+        if options.pid == "pod":
             return f"/proc/{sandbox.init_pid}/ns/pid" if sandbox.init_pid else None
-        if options.pid == pb.NamespaceMode.TARGET:
+        if options.pid == "target":
             target = self.get(options.target_id)
             if target.state != "running" or not target.pid:
                 raise FailedPrecondition(f"target container {options.target_id} is not running")
@@ -530,13 +548,13 @@ class ContainerManager:
                 failpoints.hit("container.remove_recorded")
             self.executor(container).delete(container.id)
             failpoints.hit("container.remove_after_delete")
-            mounts.unmount_all_under(Path(container.bundle))
-            shutil.rmtree(container.bundle, ignore_errors=True)
+            mounts.unmount_all_under(Path(container.run_dir))
+            shutil.rmtree(container.run_dir, ignore_errors=True)
             shutil.rmtree(container.dir, ignore_errors=True)
             self.db.delete(container)
             with self._guard:
                 self.containers.pop(container.id, None)
-            self.names.release(self._name_key(container), container.id)
+            self._release_name(container)
             self.images.release_layers(container.layers)
         log.info("container removed", id=container.id)
         self.events.publish("deleted", container)
@@ -547,7 +565,7 @@ class ContainerManager:
 
     # --- UpdateContainerResources --------------------------------------------------------
 
-    def update_resources(self, container_id: str, wanted: pb.LinuxContainerResources) -> None:
+    def update_resources(self, container_id: str, wanted: LinuxResources) -> None:
         """Change a container's cgroup limits, all or nothing.
 
         The runtime writes one cgroup file after another; when a later one is refused (a memory
@@ -561,16 +579,25 @@ class ContainerManager:
                 raise FailedPrecondition(
                     f"container {container.id} is {container.state}; only a live container can be updated"
                 )
-            bundle_config = Path(container.bundle) / "bundle" / "config.json"
+            bundle_config = container.bundle_dir / "config.json"
             oci_spec = json.loads(bundle_config.read_text())
             current = oci_spec.get("linux", {}).get("resources", {})
             previous = _restorable(current, resources)
             executor = self.executor(container)
             try:
                 executor.update_resources(container.id, resources)
-            except Exception:
-                with contextlib.suppress(Exception):
+            except Exception as failure:
+                try:
                     executor.update_resources(container.id, previous)
+                except Exception as exc:
+                    # The cgroup may now hold some of the new limits and some of the old.
+                    log.error(
+                        "cannot roll back a failed resource update",
+                        id=container.id,
+                        update_error=str(failure),
+                        rollback=previous,
+                        error=str(exc),
+                    )
                 raise
             merged = dict(current)
             for key, value in resources.items():
@@ -580,9 +607,7 @@ class ContainerManager:
             tmp = bundle_config.with_suffix(".tmp")
             tmp.write_text(json.dumps(oci_spec))
             os.replace(tmp, bundle_config)
-            config = pb.ContainerConfig.FromString(container.config)
-            config.linux.resources.CopyFrom(wanted)
-            container.config = config.SerializeToString()
+            container.config = replace(container.config, resources=wanted)
             self.db.save(container)
         log.info("container resources updated", id=container.id, resources=resources)
 

@@ -2,13 +2,15 @@
 
 Each step of RunPodSandbox pushes its undo; a failure unwinds them so that nothing
 half-made survives (no mount, netns, cgroup, CNI allocation, directory or DB row).
+
+The manager knows nothing of containers: cri_runtime.runtime.pods stops and removes a pod's
+containers before it asks for the pod's own stop or removal, and holds the pod's lock meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -17,23 +19,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
-from cri_runtime import failpoints
-from cri_runtime.api import api_pb2 as pb
+from cri_runtime import errors, failpoints
 from cri_runtime.errors import InvalidArgument, NotFound, PycriError, Unavailable
 from cri_runtime.host import cgroups, mounts
 from cri_runtime.network import netns
 from cri_runtime.network.cni import CNI, PortMapping
 from cri_runtime.oci import spec, sysctl
-from cri_runtime.runtime.locks import KeyedLocks
+from cri_runtime.runtime.model import LinuxResources, PodMetadata, PodSandboxConfig
 from cri_runtime.runtime.names import NameIndex
 from cri_runtime.runtime.state import Sandbox, StateDB
-
-if TYPE_CHECKING:
-    from cri_runtime.runtime.containers import ContainerManager
 
 log = structlog.get_logger("pycri.sandbox")
 
@@ -41,7 +38,6 @@ DEFAULT_CGROUP_PARENT = "/pycri"
 SHM_SIZE = 64 * 1024 * 1024
 CATATONIT = "/usr/bin/catatonit"
 PODINIT = Path(__file__).with_name("podinit.py")
-PROTOCOLS = {pb.Protocol.TCP: "tcp", pb.Protocol.UDP: "udp", pb.Protocol.SCTP: "sctp"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +47,7 @@ class SandboxSettings:
     runtimes: tuple[str, ...]
 
 
-def _metadata_name(meta: pb.PodSandboxMetadata) -> str:
+def _metadata_name(meta: PodMetadata) -> str:
     return f"{meta.name}_{meta.namespace}_{meta.uid}_{meta.attempt}"
 
 
@@ -62,8 +58,6 @@ class SandboxManager:
         self.cni = cni
         self.sandboxes: dict[str, Sandbox] = {}
         self.names = NameIndex()
-        self.locks = KeyedLocks()
-        self.containers: ContainerManager | None = None
         self._guard = threading.Lock()
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
 
@@ -99,7 +93,8 @@ class SandboxManager:
 
     # --- RunPodSandbox --------------------------------------------------------------
 
-    def run(self, config: pb.PodSandboxConfig, runtime_handler: str) -> Sandbox:
+    def run(self, sandbox_id: str, config: PodSandboxConfig, runtime_handler: str) -> Sandbox:
+        """RunPodSandbox under the ID the caller chose (and holds the pod's lock for)."""
         meta = config.metadata
         for field_name in ("name", "namespace", "uid"):
             if not getattr(meta, field_name):
@@ -111,11 +106,10 @@ class SandboxManager:
                 f"runtime handler {runtime_handler!r} is not configured; "
                 f"available: {', '.join(self.settings.runtimes)}"
             )
-        sandbox_id = secrets.token_hex(32)
         name = _metadata_name(meta)
         self.names.reserve(name, sandbox_id, "pod sandbox")
         try:
-            with self.locks.hold(sandbox_id), contextlib.ExitStack() as undo:
+            with contextlib.ExitStack() as undo:
                 sandbox = self._create(sandbox_id, config, runtime_handler, undo)
                 undo.pop_all()
         except BaseException:
@@ -125,18 +119,17 @@ class SandboxManager:
         return sandbox
 
     def _create(
-        self, sandbox_id: str, config: pb.PodSandboxConfig, runtime_handler: str, undo: contextlib.ExitStack
+        self, sandbox_id: str, config: PodSandboxConfig, runtime_handler: str, undo: contextlib.ExitStack
     ) -> Sandbox:
         meta = config.metadata
-        linux = config.linux
-        options = linux.security_context.namespace_options
-        host_network = options.network == pb.NamespaceMode.NODE
-        host_ipc = options.ipc == pb.NamespaceMode.NODE
+        options = config.security.namespace_options
+        host_network = options.network == "node"
+        host_ipc = options.ipc == "node"
         pod_sysctls = sysctl.pod_sysctls(
-            linux.sysctls, own_net=not host_network, own_ipc=not host_ipc, own_uts=not host_network
+            config.sysctls, own_net=not host_network, own_ipc=not host_ipc, own_uts=not host_network
         )
         try:
-            cgroup_path = cgroups.normalize(linux.cgroup_parent or f"{DEFAULT_CGROUP_PARENT}/{sandbox_id}")
+            cgroup_path = cgroups.normalize(config.cgroup_parent or f"{DEFAULT_CGROUP_PARENT}/{sandbox_id}")
         except ValueError as exc:
             raise InvalidArgument(f"pod linux.cgroup_parent: {exc}") from exc
         directory = self.settings.state_dir / sandbox_id
@@ -150,14 +143,11 @@ class SandboxManager:
             annotations=dict(config.annotations),
             runtime_handler=runtime_handler,
             created_at_ns=time.time_ns(),
-            config=config.SerializeToString(),
+            config=config,
             state="ready",
             # As containerd and CRI-O: no hostname asked for means the node's.
             hostname=config.hostname or os.uname().nodename,
             log_directory=config.log_directory,
-            network_mode=options.network,
-            pid_mode=options.pid,
-            ipc_mode=options.ipc,
             dir=str(directory),
             cgroup_path=cgroup_path,
             # The directories the cgroup step will make, known before it makes them.
@@ -189,18 +179,18 @@ class SandboxManager:
         try:
             created = cgroups.create(sandbox.cgroup_path)
         except NotADirectoryError as exc:
-            raise InvalidArgument(f"pod linux.cgroup_parent {linux.cgroup_parent!r}: {exc}") from None
+            raise InvalidArgument(f"pod linux.cgroup_parent {config.cgroup_parent!r}: {exc}") from None
         undo.callback(_remove_pod_cgroup, sandbox.cgroup_path, [str(p) for p in created])
-        self._apply_pod_limits(sandbox.cgroup_path, linux)
+        self._apply_pod_limits(sandbox.cgroup_path, config.resources, config.overhead)
         failpoints.hit("sandbox.after_cgroup")
-        if options.pid == pb.NamespaceMode.POD:
+        if options.pid == "pod":
             sandbox.init_pid = self._start_pod_init(pinned, directory)
             undo.callback(_kill_init, sandbox.init_pid)
             failpoints.hit("sandbox.after_init")
         # Network: CNI ADD in the pinned netns.
         if not host_network:
             ports = [
-                PortMapping(PROTOCOLS.get(p.protocol, "tcp"), p.container_port, p.host_port, p.host_ip)
+                PortMapping(p.protocol, p.container_port, p.host_port, p.host_ip)
                 for p in config.port_mappings
                 if p.host_port
             ]
@@ -235,11 +225,14 @@ class SandboxManager:
             self.sandboxes[sandbox_id] = sandbox
         return sandbox
 
-    def _apply_pod_limits(self, cgroup_path: str, linux: pb.LinuxPodSandboxConfig) -> None:
+    def _apply_pod_limits(
+        self, cgroup_path: str, resources: LinuxResources | None, overhead: LinuxResources | None
+    ) -> None:
         """The pod's resources plus its overhead, as kubelet sizes a pod cgroup."""
-        resources, overhead = linux.resources, linux.overhead
-        if not (linux.HasField("resources") or linux.HasField("overhead")):
+        if resources is None and overhead is None:
             return
+        resources = resources or LinuxResources()
+        overhead = overhead or LinuxResources()
         for name in ("cpu_shares", "cpu_quota", "cpu_period", "memory_limit_in_bytes"):
             if getattr(resources, name) < 0 and name != "cpu_quota":
                 raise InvalidArgument(f"pod linux.resources.{name} must not be negative")
@@ -257,7 +250,7 @@ class SandboxManager:
                 memory=memory + overhead.memory_limit_in_bytes if memory else 0,
             )
         except OSError as exc:
-            raise InvalidArgument(str(exc)) from exc
+            raise errors.from_os_error(exc, f"setting the pod's limits on {cgroup_path}") from exc
 
     def _start_pod_init(self, pinned: netns.PodNamespaces, directory: Path) -> int:
         args = [sys.executable, "-S", "-E", str(PODINIT), "--tag", str(directory)]
@@ -285,7 +278,7 @@ class SandboxManager:
         )
 
     def _write_pod_files(
-        self, sandbox: Sandbox, config: pb.PodSandboxConfig, directory: Path, host_network: bool
+        self, sandbox: Sandbox, config: PodSandboxConfig, directory: Path, host_network: bool
     ) -> None:
         (directory / "hostname").write_text(sandbox.hostname + "\n")
         if host_network:
@@ -302,7 +295,7 @@ class SandboxManager:
             if sandbox.ip:
                 lines.append(f"{sandbox.ip}\t{sandbox.hostname}")
             (directory / "hosts").write_text("\n".join(lines) + "\n")
-        dns = config.dns_config
+        dns = config.dns
         if dns.servers or dns.searches or dns.options:
             text = "".join(f"nameserver {s}\n" for s in dns.servers)
             if dns.searches:
@@ -316,34 +309,28 @@ class SandboxManager:
             (directory / "resolv.conf").write_text("")
 
     # --- StopPodSandbox / RemovePodSandbox ------------------------------------------
+    # Called by cri_runtime.runtime.pods with the pod's lock held exclusive: begin_* records the
+    # intent, the pod's containers are stopped or removed, then finish_* does the pod's part.
 
-    def stop(self, sandbox_id: str) -> None:
-        sandbox = self.find(sandbox_id)
-        if sandbox is None:
-            return  # CRI: stopping a pod that is gone is not an error
-        with self.locks.hold(sandbox.id):
-            if sandbox.state == "ready" and not sandbox.pending:
-                # Recorded first: a crash half-way leaves a pod that start-up stops again,
-                # never one that says ready with its network gone.
-                sandbox.pending = "stopping"
-                sandbox.state = "notready"
-                self.db.save(sandbox)
-                failpoints.hit("sandbox.stop_recorded")
-        self._finish_stop(sandbox)
-        log.info("pod sandbox stopped", id=sandbox.id)
-
-    def _finish_stop(self, sandbox: Sandbox) -> None:
-        if self.containers is not None:
-            self.containers.stop_all_in_pod(sandbox.id)
-        with self.locks.hold(sandbox.id):
-            self._teardown(sandbox)
-            if sandbox.pending == "stopping":
-                sandbox.pending = ""
+    def begin_stop(self, sandbox: Sandbox) -> None:
+        if sandbox.state == "ready" and not sandbox.pending:
+            # Recorded first: a crash half-way leaves a pod that start-up stops again,
+            # never one that says ready with its network gone.
+            sandbox.pending = "stopping"
+            sandbox.state = "notready"
             self.db.save(sandbox)
+            failpoints.hit("sandbox.stop_recorded")
+
+    def finish_stop(self, sandbox: Sandbox) -> None:
+        self._teardown(sandbox)
+        if sandbox.pending == "stopping":
+            sandbox.pending = ""
+        self.db.save(sandbox)
+        log.info("pod sandbox stopped", id=sandbox.id)
 
     def _teardown(self, sandbox: Sandbox) -> None:
         """Release what a stopped pod no longer needs; every step tolerates being repeated."""
-        errors: list[str] = []
+        failures: list[str] = []
         if sandbox.network_ready:
             try:
                 self._cni_delete(sandbox)
@@ -351,13 +338,16 @@ class SandboxManager:
                 sandbox.network_ready = False
                 self.db.save(sandbox)
             except PycriError as exc:
-                errors.append(str(exc))
+                failures.append(str(exc))
         if sandbox.init_pid:
             _kill_init(sandbox.init_pid)
             sandbox.init_pid = 0
         directory = Path(sandbox.dir)
-        with contextlib.suppress(OSError):
+        try:
             mounts.unmount(directory / "shm")
+        except OSError as exc:
+            # Not mounted (host IPC, or a teardown repeated after a crash) is the usual case.
+            log.debug("pod shm not unmounted", id=sandbox.id, path=str(directory / "shm"), error=str(exc))
         netns.remove_pod_namespaces(
             netns.PodNamespaces(
                 Path(sandbox.netns_path) if sandbox.netns_path else None,
@@ -365,71 +355,56 @@ class SandboxManager:
                 Path(sandbox.utsns_path) if sandbox.utsns_path else None,
             )
         )
-        if errors:
-            raise Unavailable("; ".join(errors))
+        if failures:
+            raise Unavailable("; ".join(failures))
 
-    def remove(self, sandbox_id: str) -> None:
-        sandbox = self.find(sandbox_id)
-        if sandbox is None:
-            return
-        with self.locks.hold(sandbox.id):
-            if sandbox.pending != "removing":
-                sandbox.pending = "removing"
-                sandbox.state = "notready"
-                self.db.save(sandbox)
-                failpoints.hit("sandbox.remove_recorded")
-        self._finish_remove(sandbox)
-        log.info("pod sandbox removed", id=sandbox.id)
+    def begin_remove(self, sandbox: Sandbox) -> None:
+        if sandbox.pending != "removing":
+            sandbox.pending = "removing"
+            sandbox.state = "notready"
+            self.db.save(sandbox)
+            failpoints.hit("sandbox.remove_recorded")
 
-    def _finish_remove(self, sandbox: Sandbox) -> None:
+    def finish_remove(self, sandbox: Sandbox) -> None:
         """Everything of the pod goes; each step tolerates having been done before a crash."""
-        if self.containers is not None:
-            self.containers.remove_all_in_pod(sandbox.id)
-        with self.locks.hold(sandbox.id):
-            self._teardown(sandbox)
-            failpoints.hit("sandbox.remove_after_teardown")
-            _remove_pod_cgroup(sandbox.cgroup_path, sandbox.cgroup_created)
-            directory = Path(sandbox.dir)
-            mounts.unmount_all_under(directory)
-            shutil.rmtree(directory, ignore_errors=True)
-            self.db.delete(sandbox)
-            with self._guard:
-                self.sandboxes.pop(sandbox.id, None)
-            self.names.release(sandbox_name(sandbox), sandbox.id)
+        self._teardown(sandbox)
+        failpoints.hit("sandbox.remove_after_teardown")
+        _remove_pod_cgroup(sandbox.cgroup_path, sandbox.cgroup_created)
+        directory = Path(sandbox.dir)
+        mounts.unmount_all_under(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        self.db.delete(sandbox)
+        with self._guard:
+            self.sandboxes.pop(sandbox.id, None)
+        self.names.release(sandbox_name(sandbox), sandbox.id)
+        log.info("pod sandbox removed", id=sandbox.id)
 
     # --- start-up -------------------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Finish what a crash interrupted: pods being created are taken away, pods being
-        stopped or removed are stopped or removed. Runs before pycri serves, after the
-        containers were restored (a pod's stop or removal takes its containers along)."""
-        for sandbox in self.all():
-            try:
-                if sandbox.state == "ready" and not sandbox.pending and not _intact(sandbox):
-                    # Its namespaces or its init are gone (a reboot, someone's umount): the pod
-                    # cannot run containers any more. Say so, and free what it held.
-                    log.warning("pod lost its namespaces or init; marking it not ready", id=sandbox.id)
-                    sandbox.state = "notready"
-                    sandbox.pending = "stopping"
-                    self.db.save(sandbox)
-                if sandbox.pending == "creating":
-                    self._discard(sandbox)
-                elif sandbox.pending == "stopping":
-                    self._finish_stop(sandbox)
-                    log.info("finished stopping a pod after a crash", id=sandbox.id)
-                elif sandbox.pending == "removing":
-                    self._finish_remove(sandbox)
-                    log.info("finished removing a pod after a crash", id=sandbox.id)
-            except Exception as exc:
-                log.error("cannot finish a pod's interrupted operation", id=sandbox.id, error=str(exc))
+    def check_intact(self, sandbox: Sandbox) -> None:
+        """A ready pod whose namespaces or init are gone (a reboot, someone's umount) cannot run
+        containers any more: record it as being stopped, so that start-up frees what it held."""
+        if sandbox.state == "ready" and not sandbox.pending and not _intact(sandbox):
+            log.warning("pod lost its namespaces or init; marking it not ready", id=sandbox.id)
+            sandbox.state = "notready"
+            sandbox.pending = "stopping"
+            self.db.save(sandbox)
 
-    def _discard(self, sandbox: Sandbox) -> None:
+    def discard(self, sandbox: Sandbox) -> None:
         """A pod whose RunPodSandbox never returned: CNI DEL if the ADD began, then what only
         the record knows (the cgroup directories it made). The start-up sweep takes the rest:
         the pod init, mounts, netns pins and the directory, all found by the pod's ID."""
-        with contextlib.suppress(PycriError):
-            netns_path = Path(sandbox.dir) / "ns" / "net"
+        netns_path = Path(sandbox.dir) / "ns" / "net"
+        try:
             self.cni.delete(sandbox.id, netns_path if netns_path.exists() else None)
+        except PycriError as exc:
+            # The sweep removes the pin and the CNI cache; an IPAM lease may stay behind.
+            log.warning(
+                "CNI DEL of a pod whose creation a crash interrupted failed",
+                id=sandbox.id,
+                netns=str(netns_path),
+                error=str(exc),
+            )
         _remove_pod_cgroup(sandbox.cgroup_path, sandbox.cgroup_created)
         self.db.delete(sandbox)
         with self._guard:
@@ -470,8 +445,10 @@ def _remove_pod_cgroup(path: str, created: list[str]) -> None:
     for parent in sorted(
         (Path(p) for p in created if p not in mine), key=lambda p: len(p.parts), reverse=True
     ):
-        with contextlib.suppress(OSError):  # busy: another pod lives there
+        try:
             parent.rmdir()
+        except OSError as exc:  # busy (another pod lives there) is expected
+            log.debug("pod cgroup parent kept", path=str(parent), error=str(exc))
 
 
 def _kill_init(pid: int) -> None:

@@ -350,8 +350,6 @@ class StreamingServer:
             log.info("exec", id=container.id, cmd=pending.cmd, tty=pending.options.tty)
             await remotecommand.run_exec(channels, executor, container.id, pending.cmd)
         else:
-            from cri_runtime.api import api_pb2 as pb
-
-            tty = pb.ContainerConfig.FromString(container.config).tty
+            tty = container.config.tty
             log.info("attach", id=container.id, tty=tty)
             await remotecommand.run_attach(channels, executor, container.id, tty)

@@ -1,0 +1,152 @@
+"""Pods and their containers together: the work that spans both managers, under one lock per pod.
+
+SandboxManager knows pods, ContainerManager containers; neither knows the other. This module
+does what needs both: a container is created only in a ready pod; stopping a pod stops its
+containers and then the pod; removing a pod removes its containers and then the pod; start-up
+reconciles containers before the pods that hold them.
+
+Each pod has a read/write lock (cri_runtime.runtime.locks.KeyedRWLocks). Container calls hold
+their pod's lock shared, so they run together; RunPodSandbox, StopPodSandbox and
+RemovePodSandbox hold it exclusive, so that no container is made in a pod that is going away,
+and none outlives its pod. Different pods never wait for each other. The callers are worker
+threads (the servicer runs each call with run_in_executor), so the locks are thread locks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+import structlog
+
+from cri_runtime.errors import FailedPrecondition, NotFound
+from cri_runtime.oci.conmon import ExecResult
+from cri_runtime.runtime.containers import ContainerManager
+from cri_runtime.runtime.locks import KeyedRWLocks
+from cri_runtime.runtime.model import ContainerConfig, LinuxResources, PodSandboxConfig
+from cri_runtime.runtime.sandboxes import SandboxManager
+from cri_runtime.runtime.state import Container, Sandbox
+
+log = structlog.get_logger("pycri.pods")
+
+
+class Pods:
+    def __init__(self, sandboxes: SandboxManager, containers: ContainerManager) -> None:
+        self.sandboxes = sandboxes
+        self.containers = containers
+        self.locks = KeyedRWLocks()
+
+    # --- pods -------------------------------------------------------------------------------
+
+    def run_pod(self, config: PodSandboxConfig, runtime_handler: str) -> Sandbox:
+        sandbox_id = secrets.token_hex(32)
+        with self.locks.exclusive(sandbox_id):
+            return self.sandboxes.run(sandbox_id, config, runtime_handler)
+
+    def _current(self, sandbox: Sandbox) -> bool:
+        """Whether ``sandbox`` is still on record: another call may have removed it while this
+        one waited for the pod's lock."""
+        return self.sandboxes.find(sandbox.id) is sandbox
+
+    def stop_pod(self, pod_id: str) -> None:
+        sandbox = self.sandboxes.find(pod_id)
+        if sandbox is None:
+            return  # CRI: stopping a pod that is gone is not an error
+        with self.locks.exclusive(sandbox.id):
+            if not self._current(sandbox):
+                return
+            self.sandboxes.begin_stop(sandbox)
+            self.containers.stop_all_in_pod(sandbox.id)
+            self.sandboxes.finish_stop(sandbox)
+
+    def remove_pod(self, pod_id: str) -> None:
+        sandbox = self.sandboxes.find(pod_id)
+        if sandbox is None:
+            return  # CRI: removing a removed pod succeeds
+        with self.locks.exclusive(sandbox.id):
+            if not self._current(sandbox):
+                return
+            self.sandboxes.begin_remove(sandbox)
+            self.containers.remove_all_in_pod(sandbox.id)
+            self.sandboxes.finish_remove(sandbox)
+
+    # --- containers ---------------------------------------------------------------------------
+
+    def create_container(self, pod_id: str, config: ContainerConfig) -> Container:
+        sandbox = self.sandboxes.get(pod_id)
+        with self.locks.shared(sandbox.id):
+            if not self._current(sandbox):
+                raise NotFound(f"pod sandbox {pod_id!r} not found")
+            if sandbox.state != "ready" or sandbox.pending:
+                raise FailedPrecondition(
+                    f"pod sandbox {sandbox.id} is not ready; cannot create a container in it"
+                )
+            return self.containers.create(sandbox, config)
+
+    def start_container(self, container_id: str) -> None:
+        container = self.containers.get(container_id)
+        with self.locks.shared(container.pod_id):
+            self.containers.start(container.id)
+
+    def stop_container(self, container_id: str, timeout: float) -> None:
+        container = self.containers.find(container_id)
+        if container is None:
+            return  # CRI: stopping a container that is gone is not an error
+        with self.locks.shared(container.pod_id):
+            self.containers.stop(container.id, timeout)
+
+    def remove_container(self, container_id: str) -> None:
+        container = self.containers.find(container_id)
+        if container is None:
+            return  # CRI: removing a removed container succeeds
+        with self.locks.shared(container.pod_id):
+            self.containers.remove(container.id)
+
+    def update_container_resources(self, container_id: str, resources: LinuxResources) -> None:
+        container = self.containers.get(container_id)
+        with self.locks.shared(container.pod_id):
+            self.containers.update_resources(container.id, resources)
+
+    def reopen_container_log(self, container_id: str) -> None:
+        container = self.containers.get(container_id)
+        with self.locks.shared(container.pod_id):
+            self.containers.reopen_log(container.id)
+
+    def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
+        """ExecSync; the pod's lock is held to set the exec up, not while the command runs (it
+        may run for as long as its timeout, and a pod's removal must not wait for it)."""
+        container = self.containers.get(container_id)
+        with self.locks.shared(container.pod_id):
+            container = self.containers.get(container.id)
+            if container.state != "running":
+                raise FailedPrecondition(f"container {container.id} is {container.state}, not running")
+        return self.containers.exec_sync(container.id, cmd, timeout)
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    def restore(self, sandboxes: Sequence[Sandbox], containers: Sequence[Container]) -> None:
+        """Take the records of a previous run, then finish or undo what a crash interrupted:
+        containers first (a pod's stop or removal takes its containers along), then pods."""
+        self.sandboxes.restore(list(sandboxes))
+        by_id = {s.id: s for s in self.sandboxes.all()}
+        self.containers.restore(list(containers), by_id)
+        self.containers.recover(by_id)
+        for sandbox in self.sandboxes.all():
+            try:
+                with self.locks.exclusive(sandbox.id):
+                    self._recover_pod(sandbox)
+            except Exception as exc:
+                log.error("cannot finish a pod's interrupted operation", id=sandbox.id, error=str(exc))
+
+    def _recover_pod(self, sandbox: Sandbox) -> None:
+        self.sandboxes.check_intact(sandbox)
+        if sandbox.pending == "creating":
+            self.sandboxes.discard(sandbox)
+        elif sandbox.pending == "stopping":
+            self.containers.stop_all_in_pod(sandbox.id)
+            self.sandboxes.finish_stop(sandbox)
+            log.info("finished stopping a pod after a crash", id=sandbox.id)
+        elif sandbox.pending == "removing":
+            self.containers.remove_all_in_pod(sandbox.id)
+            self.sandboxes.finish_remove(sandbox)
+            log.info("finished removing a pod after a crash", id=sandbox.id)
