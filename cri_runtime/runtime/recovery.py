@@ -4,33 +4,43 @@ After the managers have finished or undone their pending records (state.Pending)
 container pycri knows is in the state DB. Anything else under pycri's own directories, cgroups
 and processes belongs to an object that died with a crash: a conmon whose container record was
 never committed (or already deleted), a pod init, an overlay or netns pin, a CNI attachment, a
-cgroup. The sweep is driven by IDs, so it needs no memory of what the crashed run was doing.
+cgroup, a veth left on pycri's bridge. The sweep is driven by IDs, so it needs no memory of what
+the crashed run was doing.
 
 Only what is provably pycri's is touched: processes whose argv or environment names pycri's state
 directory, mounts and directories under it, cgroups under pycri's default parent or below a
-known pod's cgroup.
+known pod's cgroup, veths on pycri's built-in bridge (named for this instance; a conflist's
+bridge may be shared with other runtimes, so its ports are left alone).
+
+What cannot be collected is logged, with what it is and why, and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 
 from cri_runtime.host import cgroups, mounts
+from cri_runtime.network import netns
 from cri_runtime.network.cni import CNI
 from cri_runtime.oci.conmon import Executor
 
 log = structlog.get_logger("pycri.recovery")
 
 _OBJECT_ID = re.compile(r"[0-9a-f]{64}")
+_NSID_NOT_ASSIGNED = 0xFFFFFFFF  # NETNSA_NSID as pyroute2 decodes it (u32) when there is none
 
 
 @dataclass
@@ -52,6 +62,7 @@ class Swept:
     networks: list[str] = field(default_factory=list)
     directories: list[str] = field(default_factory=list)
     cgroups: list[str] = field(default_factory=list)
+    veths: list[str] = field(default_factory=list)  # host ends removed from pycri's bridge
 
     def total(self) -> int:
         return sum(
@@ -63,6 +74,7 @@ class Swept:
                 self.networks,
                 self.directories,
                 self.cgroups,
+                self.veths,
             )
         )
 
@@ -74,6 +86,7 @@ def _processes() -> list[tuple[int, list[bytes], bytes]]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
+        comm = b""
         try:
             with open(f"/proc/{entry.name}/comm", "rb") as fh:
                 comm = fh.read().strip()
@@ -85,7 +98,15 @@ def _processes() -> list[tuple[int, list[bytes], bytes]]:
             if comm == b"catatonit":
                 with open(f"/proc/{entry.name}/environ", "rb") as fh:
                     environ = fh.read()
-        except OSError:
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it exited meanwhile: nothing left to collect
+        except OSError as exc:
+            log.warning(
+                "cannot read a process to tell whether it is pycri's; leaving it",
+                pid=int(entry.name),
+                comm=comm.decode(errors="replace"),
+                error=str(exc),
+            )
             continue
         if argv and argv[0]:  # a zombie has no argv: dead already
             found.append((int(entry.name), argv, environ))
@@ -128,8 +149,13 @@ def sweep(
             continue
         tagged = Path(tag.decode(errors="replace"))
         if tagged.parent == sandboxes_dir and tagged.name not in known.sandboxes:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue  # it exited meanwhile
+            except OSError as exc:
+                log.warning("cannot kill an orphaned pod init", pid=pid, pod=tagged.name, error=str(exc))
+                continue
             swept.inits.append(pid)
     # 2. Containers the OCI runtime or conmon still has: delete them (kills what runs).
     for name, executor in executors.items():
@@ -142,6 +168,7 @@ def sweep(
             try:
                 executor.delete(cid)
             except Exception as exc:
+                # Left for the next start: the runtime keeps its state, the sweep finds it again.
                 log.warning("cannot delete an orphaned container", id=cid, runtime=name, error=str(exc))
                 continue
             (swept.conmons if cid in orphan_cids[name] else swept.runtime_states).append(cid)
@@ -149,12 +176,20 @@ def sweep(
     for pod_id in cni.recorded_pods():
         if pod_id in known.sandboxes:
             continue
-        netns = sandboxes_dir / pod_id / "ns" / "net"
+        pinned_netns = sandboxes_dir / pod_id / "ns" / "net"
+        netns_arg = pinned_netns if pinned_netns.exists() else None
         try:
-            cni.delete(pod_id, netns if netns.exists() else None)
+            cni.delete(pod_id, netns_arg)
             swept.networks.append(pod_id)
         except Exception as exc:
-            log.warning("cannot release an orphaned pod network", id=pod_id, error=str(exc))
+            # The CNI record stays, so the next start retries the DEL (IPAM, NAT rules); the
+            # pod's veth goes with its netns when step 4 unpins it, or at step 6.
+            log.warning(
+                "cannot release an orphaned pod network (CNI DEL failed; record kept)",
+                id=pod_id,
+                netns=str(netns_arg or ""),
+                error=str(exc),
+            )
     # 4. Mounts (overlays, netns pins, shm) and directories of unknown objects.
     for parent, ids in (
         (sandboxes_dir, known.sandboxes),
@@ -171,8 +206,9 @@ def sweep(
                 except OSError as exc:
                     log.warning("cannot unmount an orphan's mounts", path=str(path), error=str(exc))
                     continue
-                shutil.rmtree(path, ignore_errors=True)
-                swept.directories.append(str(path))
+                shutil.rmtree(path, onerror=_log_rmtree_error(entry.name))
+                if not path.exists():
+                    swept.directories.append(str(path))
     # 5. Cgroups: unknown pods under pycri's default parent, unknown containers under known pods.
     places = [(default_cgroup_parent, known.sandboxes)] + [(p, known.containers) for p in known.pod_cgroups]
     hierarchies = cgroups.hierarchies()
@@ -186,6 +222,14 @@ def sweep(
                 swept.cgroups.append(cgroup)
             except OSError as exc:
                 log.warning("cannot remove an orphaned cgroup", cgroup=cgroup, error=str(exc))
+    # 6. Veths on pycri's bridge whose pod is unknown (or whose netns is going away).
+    known_pins = [sandboxes_dir / pod_id / "ns" / "net" for pod_id in sorted(known.sandboxes)]
+    try:
+        swept.veths = netns.in_thread(
+            lambda: remove_stale_veths(cni.builtin_bridge, known_pins), "pycri-sweep-veths"
+        )
+    except (OSError, NetlinkError) as exc:
+        log.warning("cannot look for stale veths", bridge=cni.builtin_bridge, error=str(exc))
     if swept.total():
         log.info(
             "collected leftovers of a crashed run",
@@ -195,8 +239,75 @@ def sweep(
             networks=len(swept.networks),
             directories=len(swept.directories),
             cgroups=len(swept.cgroups),
+            veths=len(swept.veths),
         )
     return swept
+
+
+def _netnsid(ipr: Any, pin: Path) -> int | None:
+    """The ID the current network namespace gives the namespace pinned at ``pin``; None if none."""
+    try:
+        fd = os.open(pin, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # a stopped pod: no namespace, so no veth of its own
+    except OSError as exc:
+        log.warning("cannot open a known pod's netns pin", path=str(pin), error=str(exc))
+        return None
+    try:
+        reply = ipr.get_netnsid(fd=fd)
+    except NetlinkError as exc:
+        if exc.code != errno.EINVAL:  # EINVAL: a plain file, the pin's mount is gone
+            log.warning("cannot get the ID of a known pod's netns", path=str(pin), error=str(exc))
+        return None
+    finally:
+        os.close(fd)
+    nsid = reply.get("nsid") if reply else None
+    return None if nsid is None or nsid == _NSID_NOT_ASSIGNED else int(nsid)
+
+
+def remove_stale_veths(bridge: str, known_pins: list[Path]) -> list[str]:
+    """Delete the veths on ``bridge`` whose other end is not in a netns pinned at ``known_pins``.
+
+    Runs in the host's network namespace, in a thread without an event loop (pyroute2's sync
+    API runs one). A pod's veth has its other end in the pod's netns, which the kernel names
+    by an ID (IFLA_LINK_NETNSID); a port whose peer lives elsewhere (a netns nothing pycri
+    knows still holds, or one being torn down) is a leftover, and deleting one end takes the
+    pair. Ports that are no veth, or whose peer is in this namespace, are not a pod's: kept.
+    Returns the names removed.
+    """
+    removed: list[str] = []
+    with netns.netlink() as ipr:
+        found = ipr.link_lookup(ifname=bridge)
+        if not found:
+            return removed  # no bridge (a conflist network, or no pod yet): no ports
+        # The dump comes first: it assigns the IDs of the peers' namespaces that lookups use.
+        ports = [
+            link
+            for link in ipr.link("dump")
+            if link.get("master") == found[0]
+            and link.get(("linkinfo", "kind")) == "veth"
+            and link.get("link_netnsid") is not None
+        ]
+        if not ports:
+            return removed
+        live = {nsid for pin in known_pins if (nsid := _netnsid(ipr, pin)) is not None}
+        for port in ports:
+            name = port.get("ifname")
+            peer_nsid = port.get("link_netnsid")
+            if peer_nsid in live:
+                continue
+            try:
+                ipr.link("del", index=port["index"])
+            except NetlinkError as exc:
+                if exc.code == errno.ENODEV:
+                    continue  # gone meanwhile, with its namespace
+                log.warning("cannot delete a stale veth", veth=name, bridge=bridge, error=str(exc))
+                continue
+            log.info(
+                "removed a stale veth from pycri's bridge", veth=name, bridge=bridge, peer_netnsid=peer_nsid
+            )
+            removed.append(name)
+    return removed
 
 
 def _ids_in(directory: Path) -> set[str]:
@@ -207,10 +318,30 @@ def _ids_in(directory: Path) -> set[str]:
 
 
 def _monitor_runtime(directory: Path) -> str | None:
+    """The runtime a monitor directory names; None if it names none (each runtime then tries it)."""
+    path = directory / "monitor.json"
     try:
-        return str(json.loads((directory / "monitor.json").read_text())["runtime"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return str(json.loads(path.read_text())["runtime"])
+    except FileNotFoundError:
+        return None  # made before its monitor.json was written
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning(
+            "unreadable monitor record; every runtime will try the container", path=str(path), error=repr(exc)
+        )
         return None
+
+
+def _log_rmtree_error(object_id: str) -> Callable[[Any, str, Any], None]:
+    def report(function: Any, path: str, exc_info: Any) -> None:
+        log.warning(
+            "cannot remove part of an orphan's directory",
+            id=object_id,
+            path=path,
+            call=getattr(function, "__name__", str(function)),
+            error=str(exc_info[1]),
+        )
+
+    return report
 
 
 def _cgroup_children(path: str, hierarchies: list[Path]) -> set[str]:
