@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cri_runtime.daemon.client import CRIClient
+from cri_runtime.network.netns import netlink
 
 
 @dataclass
@@ -160,3 +161,13 @@ def force_cleanup(daemon: Daemon) -> None:
             with contextlib.suppress(OSError, ValueError):
                 cgroups.remove(f"/pycri/{pod.name}")
     shutil.rmtree(daemon.state, ignore_errors=True)
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    """The names of the links attached to ``bridge`` (none when there is no such bridge), as the
+    kernel lists them over netlink: a host leak check for pod veths."""
+    with netlink() as ipr:
+        found = ipr.link_lookup(ifname=bridge)
+        if not found:
+            return []
+        return sorted(link.get("ifname") for link in ipr.link("dump") if link.get("master") == found[0])
