@@ -16,6 +16,8 @@ import signal
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
+from google.protobuf.message import DecodeError
+
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.errors import InvalidArgument
 from cri_runtime.runtime import model
@@ -242,13 +244,21 @@ def container_config(config: pb.ContainerConfig, *, strict: bool = True) -> mode
 
 
 def legacy_sandbox_config(data: bytes) -> model.PodSandboxConfig:
-    """A PodSandboxConfig as an older pycri stored it (serialized protobuf)."""
-    return pod_sandbox_config(pb.PodSandboxConfig.FromString(data))
+    """A PodSandboxConfig as an older pycri stored it (serialized protobuf); ValueError if it
+    is not one."""
+    try:
+        return pod_sandbox_config(pb.PodSandboxConfig.FromString(data))
+    except DecodeError as exc:
+        raise ValueError(f"not a serialized PodSandboxConfig: {exc}") from exc
 
 
 def legacy_container_config(data: bytes) -> model.ContainerConfig:
-    """A ContainerConfig as an older pycri stored it (serialized protobuf), which it had accepted."""
-    return container_config(pb.ContainerConfig.FromString(data), strict=False)
+    """A ContainerConfig as an older pycri stored it (serialized protobuf), which it had accepted;
+    ValueError if it is not one."""
+    try:
+        return container_config(pb.ContainerConfig.FromString(data), strict=False)
+    except DecodeError as exc:
+        raise ValueError(f"not a serialized ContainerConfig: {exc}") from exc
 
 
 # --- answers ------------------------------------------------------------------------------------
