@@ -1,15 +1,21 @@
-"""Shared fixtures: a real pycri daemon and a real registry on 127.0.0.1."""
+"""Shared fixtures: a real pycri daemon and a real registry on 127.0.0.1, and the pod
+environment (a daemon with CNI and the test image pulled) for runc and for crun."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cri_runtime.daemon.client import CRIClient
-from tests.support.daemon import Daemon
+from cri_runtime.oci import runtimes as oci_runtimes
+from tests.support.daemon import Daemon, force_cleanup
+from tests.support.images import Image, busybox_layer, layer_from_files, push_image
+from tests.support.pods import RUNTIMES, Env, host_leftovers
 from tests.support.registry import Registry, start_registry
 
 
@@ -57,3 +63,47 @@ def daemon(daemon_factory) -> Daemon:  # type: ignore[no-untyped-def]
 def cri(daemon: Daemon) -> Iterator[CRIClient]:
     with daemon.client() as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def pod_image(registry: Registry) -> str:
+    extra = layer_from_files([("www/index.html", "hello from the pod\n"), ("data/", "")])
+    image = Image.build([busybox_layer(), extra], cmd=["sh"], env=["PATH=/bin:/usr/bin", "FROM_IMAGE=yes"])
+    push_image(registry, "test/pods", "1", image)
+    return f"{registry.host}/test/pods:1"
+
+
+@pytest.fixture(params=RUNTIMES)
+def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path: Path) -> Iterator[Env]:  # type: ignore[no-untyped-def]
+    """A daemon on its own bridge and subnet, the test image pulled; afterwards the host must hold
+    nothing of it: no process, mount, bridge port or cgroup."""
+    runtime = request.param
+    if runtime == "crun" and not oci_runtimes.probe("crun").usable:
+        pytest.skip(f"crun cannot run here: {oci_runtimes.probe('crun').reason}")
+    third = 100 + RUNTIMES.index(runtime)
+    bridge = f"pyt{secrets.token_hex(3)}"
+    net_dir = tmp_path / "net.d"
+    net_dir.mkdir()
+    daemon = daemon_factory(
+        f'default_runtime = "{runtime}"\n[network]\nconf_dir = "{net_dir}"\n'
+        f'pod_subnet = "198.18.{third}.0/24"\nbridge = "{bridge}"\n',
+        name=f"pods-{runtime}",
+    )
+    pods: list[str] = []
+    try:
+        environment = Env(daemon, daemon.client(), pod_image, tmp_path / "logs", f"198.18.{third}.", pods)
+        environment.cri.pull(pod_image)
+        yield environment
+        # A test may have restarted the daemon and replaced the client.
+        for pod in environment.cri.list_pods():
+            environment.cri.stop_pod(pod.id)
+            environment.cri.remove_pod(pod.id)
+        environment.cri.close()
+        daemon.stop()
+    finally:
+        daemon.kill()
+        leftovers = host_leftovers(daemon, bridge, pods)
+        # Judge first, then clean whatever was left, so one failure does not spoil the next test.
+        force_cleanup(daemon)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    assert leftovers == {"processes": [], "mounts": [], "bridge ports": [], "cgroups": []}

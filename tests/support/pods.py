@@ -1,0 +1,79 @@
+"""A pycri daemon with CNI and pulled test image, as the pod tests drive it, and the small helpers
+those tests share (waiting for an exit, exec with output, where a pod's cgroup is)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from cri_runtime.api import api_pb2 as pb
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host.mounts import mounts_under
+from tests.support.daemon import Daemon
+from tests.support.host import processes_of
+from tests.support.wait import wait_for
+
+# The OCI runtimes the pod tests run with, each on its own daemon and subnet.
+RUNTIMES = ["runc", "crun"]
+
+
+@dataclass
+class Env:
+    daemon: Daemon
+    cri: CRIClient
+    image: str
+    logs: Path
+    subnet_prefix: str
+    pods: list[str]
+
+    def pod(self, name: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("log_directory", str(self.logs / name))
+        pod_id = self.cri.run_pod(name, **kwargs)
+        self.pods.append(pod_id)
+        return pod_id
+
+    def run(self, pod: str, name: str, args: list[str], **kwargs) -> str:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("log_path", f"{name}.log")
+        cid = self.cri.create_container(pod, name, self.image, command=args, **kwargs)
+        self.cri.start_container(cid)
+        return cid
+
+
+def host_leftovers(daemon: Daemon, bridge: str, pods: list[str]) -> dict[str, object]:
+    links = subprocess.run(
+        ["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True
+    ).stdout
+    return {
+        "processes": processes_of(daemon.workdir),
+        "mounts": mounts_under(daemon.workdir),
+        "bridge ports": links.splitlines(),
+        "cgroups": [str(path) for pod in pods for path in Path("/sys/fs/cgroup").glob(f"*/pycri/{pod}")],
+    }
+
+
+def wait_exited(cri: CRIClient, cid: str, timeout: float = 15) -> pb.ContainerStatus:
+    def exited() -> pb.ContainerStatus | None:
+        status = cri.container_status(cid).status
+        return status if status.state == pb.ContainerState.CONTAINER_EXITED else None
+
+    status = wait_for(exited, timeout=timeout)
+    assert status is not None, f"container {cid} did not exit in {timeout}s"
+    return status
+
+
+def exec_out(cri: CRIClient, cid: str, *cmd: str) -> str:
+    result = cri.exec_sync(cid, list(cmd), timeout=10)
+    assert result.exit_code == 0, (cmd, result.stderr)
+    return result.stdout.decode()
+
+
+def container_pid(cri: CRIClient, cid: str) -> int:
+    """The host PID of the container's first process, as pycri reports it."""
+    return int(json.loads(cri.container_status(cid, verbose=True).info["info"])["pid"])
+
+
+def pod_cgroup(cri: CRIClient, pod: str) -> str:
+    """The pod's cgroup path, relative to each hierarchy; a container's is ``<pod's>/<container id>``."""
+    return str(json.loads(cri.pod_status(pod, verbose=True).info["info"])["cgroupPath"])
