@@ -16,27 +16,39 @@ from cri_runtime.daemon.client import CRIClient
 from cri_runtime.errors import ResourceExhausted
 from cri_runtime.runtime.events import EventHub
 from cri_runtime.runtime.state import Container
-from tests.test_pods import Env, env, pod_image, wait_exited  # noqa: F401 - fixtures
+from tests.support.pods import Env, wait_exited
+from tests.support.wait import wait_for
 
 E = pb.ContainerEventType
 
 
 class Watcher:
-    """One GetContainerEvents stream read by a thread into a queue."""
+    """One GetContainerEvents stream read by a thread into a queue. A watcher made with
+    ``read=False`` reads only its first event (to show its stream is open), then nothing."""
 
     def __init__(self, endpoint: str, read: bool = True) -> None:
         self.client = CRIClient(endpoint)
         self.stream = self.client.runtime.GetContainerEvents(pb.GetEventsRequest())
         self.events: queue.Queue[pb.ContainerEventResponse | grpc.RpcError] = queue.Queue()
-        if read:
-            threading.Thread(target=self._read, daemon=True).start()
+        self.seen: set[str] = set()  # container IDs it had events of
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._read, args=(read,), daemon=True).start()
 
-    def _read(self) -> None:
+    def _read(self, keep_reading: bool) -> None:
         try:
             for event in self.stream:
                 self.events.put(event)
+                with self.arrived:
+                    self.seen.add(event.container_id)
+                    self.arrived.notify_all()
+                if not keep_reading:
+                    return
         except grpc.RpcError as exc:
             self.events.put(exc)
+
+    def sees_one_of(self, ids: list[str], timeout: float) -> bool:
+        with self.arrived:
+            return self.arrived.wait_for(lambda: not self.seen.isdisjoint(ids), timeout)
 
     def take(self, cid: str, count: int, timeout: float = 15) -> list[pb.ContainerEventResponse]:
         found: list[pb.ContainerEventResponse] = []
@@ -54,20 +66,37 @@ class Watcher:
 
 
 @pytest.fixture
-def watchers(env: Env) -> Iterator[list[Watcher]]:  # noqa: F811
+def watchers(env: Env) -> Iterator[list[Watcher]]:
     made: list[Watcher] = []
     yield made
     for watcher in made:
         watcher.close()
 
 
-def test_two_watchers_see_created_started_stopped_deleted_in_order(
-    env: Env,  # noqa: F811
-    watchers: list[Watcher],
-) -> None:
+def wait_until_open(env: Env, watchers: list[Watcher]) -> set[str]:
+    """Wait until every watcher's stream is open on the server: the events of a probe container,
+    created and removed in a pod of its own, reach them all. A stream that opened after a probe
+    cannot see it, so each try makes a new one. Returns the probes' IDs, whose events the streams
+    also hold."""
+    pod = env.pod("probes")
+    probes: list[str] = []
+
+    def all_open() -> bool:
+        probe = env.cri.create_container(
+            pod, f"probe{len(probes)}", env.image, command=["true"], log_path=f"probe{len(probes)}.log"
+        )
+        probes.append(probe)
+        env.cri.remove_container(probe)
+        return all(watcher.sees_one_of(probes, timeout=2) for watcher in watchers)
+
+    assert wait_for(all_open, timeout=60, interval=0)
+    return set(probes)
+
+
+def test_two_watchers_see_created_started_stopped_deleted_in_order(env: Env, watchers: list[Watcher]) -> None:
     for _ in range(2):
         watchers.append(Watcher(env.daemon.endpoint))
-    time.sleep(0.3)  # the streams are open on the server
+    wait_until_open(env, watchers)
     pod = env.pod("evented")
     sibling = env.run(pod, "sibling", ["sleep", "100"])
     cid = env.run(pod, "quick", ["sh", "-c", "exit 5"])
@@ -95,15 +124,12 @@ def test_two_watchers_see_created_started_stopped_deleted_in_order(
         assert cid not in deleted and deleted[sibling].state == pb.ContainerState.CONTAINER_RUNNING
 
 
-def test_a_watcher_that_never_reads_does_not_slow_the_runtime(
-    env: Env,  # noqa: F811
-    watchers: list[Watcher],
-) -> None:
+def test_a_watcher_that_never_reads_does_not_slow_the_runtime(env: Env, watchers: list[Watcher]) -> None:
     stuck = Watcher(env.daemon.endpoint, read=False)
     watchers.append(stuck)
     reader = Watcher(env.daemon.endpoint)
     watchers.append(reader)
-    time.sleep(0.3)
+    probes = wait_until_open(env, watchers)
     pod = env.pod("busy")
     started = time.monotonic()
     ids = []
@@ -117,12 +143,12 @@ def test_a_watcher_that_never_reads_does_not_slow_the_runtime(
         assert len(reader.take(cid, 4)) == 4
     # 15 create/start/remove rounds: seconds, not the stream's timeouts.
     assert elapsed < 30, elapsed
-    # The stuck watcher's stream is still there to be read, in order.
-    first = next(iter(stuck.stream))
+    # The stuck watcher's stream is still there to be read, in order (after the probes' events).
+    first = next(event for event in stuck.stream if event.container_id not in probes)
     assert first.container_id == ids[0] and first.container_event_type == E.CONTAINER_CREATED_EVENT
 
 
-def test_pod_sandbox_status_carries_the_containers_and_a_timestamp(env: Env) -> None:  # noqa: F811
+def test_pod_sandbox_status_carries_the_containers_and_a_timestamp(env: Env) -> None:
     pod = env.pod("status")
     cid = env.run(pod, "c", ["sleep", "100"])
     before = time.time_ns()
