@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the env fixture imported from test_pods is the tests' parameter
 """Pod and container stats and metrics, as kubelet reads them over CRI, from real pods.
 
 Each test runs a real pycri daemon with runc and with crun, real containers that burn CPU,
@@ -7,7 +6,7 @@ fill memory and exchange traffic with the host, and compares what CRI reports wi
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import socket
 import time
@@ -20,14 +19,14 @@ import pytest
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host import cgroups
-from tests import test_pods
-from tests.test_pods import Env, env, exec_out, wait_exited  # noqa: F401 - env is a fixture
+from tests.support.host import cgroup_cpu_ns
+from tests.support.pods import Env, container_pid, exec_out, pod_cgroup, wait_exited
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
 
-pod_image = test_pods.pod_image
-
 MB = 1024 * 1024
+NS_PER_SECOND = 1_000_000_000
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -52,10 +51,6 @@ def by_id(stats: pb.PodSandboxStats) -> dict[str, pb.ContainerStats]:
     return {c.attributes.id: c for c in stats.linux.containers}
 
 
-def pod_cgroup(cri: CRIClient, pod: str) -> str:
-    return str(json.loads(cri.pod_status(pod, verbose=True).info["info"])["cgroupPath"])
-
-
 def processes_in(cgroup_path: str) -> tuple[int, int]:
     """(processes in the cgroup and all below, processes directly in it), from the kernel."""
     hierarchies = cgroups.controllers()
@@ -65,14 +60,13 @@ def processes_in(cgroup_path: str) -> tuple[int, int]:
     return total, own
 
 
-def wait_for(check, timeout: float = 15, interval: float = 0.2):  # type: ignore[no-untyped-def]
-    """Poll ``check`` until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(interval)
+def sockets_of(pid: int) -> int:
+    """How many sockets the process holds open, from its file descriptors."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
 
 
 def code_of(call, *args) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
@@ -88,20 +82,41 @@ def test_pod_stats_show_a_busy_containers_cpu_rate_and_growing_working_set(env: 
     pod = env.pod("busy-pod", labels={"app": "busy"})
     burner = env.run(pod, "burner", ["sh", "-c", "while :; do :; done"])
     holder = env.run(pod, "holder", ["sleep", "1000"])
-    time.sleep(1)
     first = pod_stats(env.cri, pod)
     assert first.attributes.id == pod
     assert first.attributes.metadata.name == "busy-pod" and first.attributes.labels["app"] == "busy"
     assert set(by_id(first)) == {burner, holder}
-    time.sleep(1.5)
+    # A rate is over the time between two samples. However loaded the machine, wait until the
+    # kernel has counted a second of CPU for the busy loop (polling the kernel, not pycri, whose
+    # samples would move the rate's start), then compare what CRI says with the kernel's counters.
+    cgroup = pod_cgroup(env.cri, pod)
+    counters = {"pod": cgroup, "burner": f"{cgroup}/{burner}", "holder": f"{cgroup}/{holder}"}
+    start = {name: cgroup_cpu_ns(path) for name, path in counters.items()}
+    assert wait_for(lambda: cgroup_cpu_ns(counters["burner"]) - start["burner"] >= NS_PER_SECOND, timeout=120)
     second = pod_stats(env.cri, pod)
-    # CPU: rising totals, and a rate from the previous sample (a busy loop takes a good part of a core).
-    assert second.linux.cpu.usage_core_nano_seconds.value > first.linux.cpu.usage_core_nano_seconds.value
-    assert second.linux.cpu.usage_nano_cores.value > 200_000_000
+    end = {name: cgroup_cpu_ns(path) for name, path in counters.items()}
+    samples = {
+        "pod": (first.linux.cpu, second.linux.cpu),
+        "burner": (by_id(first)[burner].cpu, by_id(second)[burner].cpu),
+        "holder": (by_id(first)[holder].cpu, by_id(second)[holder].cpu),
+    }
+    for name, (before, after) in samples.items():
+        # The totals are the kernel's: read before its counter at the start, after it at the end.
+        assert before.usage_core_nano_seconds.value <= start[name], name
+        assert after.usage_core_nano_seconds.value <= end[name], name
+        # The rate is what the totals say over the time between the two samples.
+        used = after.usage_core_nano_seconds.value - before.usage_core_nano_seconds.value
+        elapsed = after.timestamp - before.timestamp
+        assert after.usage_nano_cores.value == pytest.approx(
+            used * NS_PER_SECOND / elapsed, rel=0.01, abs=1
+        ), name
     burning = by_id(second)[burner]
-    assert burning.cpu.usage_core_nano_seconds.value > by_id(first)[burner].cpu.usage_core_nano_seconds.value
-    assert burning.cpu.usage_nano_cores.value > 200_000_000
+    assert burning.cpu.usage_core_nano_seconds.value >= start["burner"] + NS_PER_SECOND
+    assert second.linux.cpu.usage_core_nano_seconds.value >= start["pod"] + NS_PER_SECOND
+    # A busy loop next to a sleeping process: the busy one has the higher rate, and the pod's
+    # rate includes it (the pod was sampled a moment after its containers, over the same time).
     assert by_id(second)[holder].cpu.usage_nano_cores.value < burning.cpu.usage_nano_cores.value
+    assert second.linux.cpu.usage_nano_cores.value > by_id(second)[holder].cpu.usage_nano_cores.value
     # The pod's CPU is its containers' and then some: never less than the busy one's.
     assert second.linux.cpu.usage_core_nano_seconds.value >= burning.cpu.usage_core_nano_seconds.value
     # Memory: 40 MB written into the pod's /dev/shm by a process in the holder's cgroup.
@@ -126,7 +141,7 @@ def test_pod_process_count_matches_the_kernel(env: Env) -> None:
         total, own = processes_in(cgroup)
         return (total, own) if total - own == 4 else None
 
-    counted = wait_for(settled)
+    counted = wait_for(settled, timeout=15)
     assert counted, processes_in(cgroup)
     stats = pod_stats(env.cri, pod)
     assert stats.linux.process.timestamp > 0
@@ -225,7 +240,7 @@ def test_container_stats_report_limits_swap_and_the_writable_layer(env: Env) -> 
         stats = container_stats(env.cri, cid)
         return stats if stats.writable_layer.used_bytes.value >= 3_000_000 else None
 
-    stats = wait_for(layer_filled)
+    stats = wait_for(layer_filled, timeout=15)
     assert stats, "the container's file never showed in its writable layer"
     memory = stats.memory
     assert memory.working_set_bytes.value > 0 and memory.rss_bytes.value >= 0
@@ -280,7 +295,10 @@ def test_metrics_are_described_labelled_and_match_the_stats(env: Env) -> None:
     busy = env.run(pod, "busy", ["sh", "-c", "while :; do :; done"])
     filler = env.run(pod, "filler", ["sh", "-c", "dd if=/dev/zero of=/dev/shm/f bs=1M count=30; sleep 1000"])
     listener = env.run(pod, "listener", ["nc", "-l", "-p", "8080"])
-    time.sleep(2)
+    # The filler has written its 30 MB, the listener listens.
+    assert wait_for(lambda: container_stats(env.cri, filler).memory.working_set_bytes.value >= 30 * MB)
+    listener_pid = container_pid(env.cri, listener)
+    assert wait_for(lambda: sockets_of(listener_pid) >= 1)
     before = container_stats(env.cri, busy).cpu.usage_core_nano_seconds.value
     response = env.cri.runtime.ListPodSandboxMetrics(pb.ListPodSandboxMetricsRequest(), timeout=30)
     after = container_stats(env.cri, busy).cpu.usage_core_nano_seconds.value
