@@ -23,14 +23,10 @@ import pytest
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.streaming.spdy import DICTIONARY
-from tests import test_pods
-from tests.test_pods import Env, wait_exited
+from tests.support.pods import Env, wait_exited
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
-
-# The daemon-and-pod fixtures of test_pods, for both runtimes.
-pod_image = test_pods.pod_image
-env = test_pods.env
 
 
 # --- clients -----------------------------------------------------------------------------
@@ -226,8 +222,10 @@ class SpdyClient:
                 self.fin.add(first)
 
     def read_until(self, done, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+        """Read frames until ``done()``; fails if the server closes the connection first."""
         deadline = time.monotonic() + timeout
-        while not done() and not self.eof:
+        while not done():
+            assert not self.eof, f"the server closed the connection first; data: {self.data}"
             assert time.monotonic() < deadline, "timed out waiting for the server"
             self.read_frame()
 
@@ -260,6 +258,11 @@ def spdy_exec(
 def daemon_fds(env: Env) -> int:
     assert env.daemon.process is not None
     return len(os.listdir(f"/proc/{env.daemon.process.pid}/fd"))
+
+
+def processes_in_container(env: Env, cid: str) -> list[str]:
+    """The command names of the processes running in the container, as its ps sees them."""
+    return str(env.cri.exec_sync(cid, ["ps", "-o", "comm"], timeout=5).stdout.decode()).split()[1:]
 
 
 def daemon_threads(env: Env) -> int:
@@ -365,15 +368,17 @@ def fetch_twice(client: SpdyClient) -> list[bytes]:
 def test_port_forward_reaches_httpd_in_the_pod_with_concurrent_connections(env: Env) -> None:
     pod = env.pod("forward")
     env.run(pod, "web", ["busybox", "httpd", "-f", "-p", "8080", "-h", "/www"])
-    url = env.cri.runtime.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod, port=[8080]), timeout=10).url
-    deadline = time.monotonic() + 10
-    while True:
-        bodies = fetch_twice(SpdyClient(url, ["portforward.k8s.io"]))
-        if all(b"hello from the pod" in body for body in bodies) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)  # httpd may not listen yet; a new URL for the next try
-        url = env.cri.runtime.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod), timeout=10).url
-    assert all(body.startswith(b"HTTP/1.") and b"hello from the pod" in body for body in bodies), bodies
+    bodies: list[bytes] = []
+
+    def served() -> bool:  # httpd may not listen yet; each try needs a new URL
+        url = env.cri.runtime.PortForward(
+            pb.PortForwardRequest(pod_sandbox_id=pod, port=[8080]), timeout=10
+        ).url
+        bodies[:] = fetch_twice(SpdyClient(url, ["portforward.k8s.io"]))
+        return all(b"hello from the pod" in body for body in bodies)
+
+    assert wait_for(served, interval=0.2), bodies
+    assert all(body.startswith(b"HTTP/1.") for body in bodies), bodies
     # The same over WebSocket: the SPDY session tunnelled in binary messages.
     url = env.cri.runtime.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod), timeout=10).url
     ws = WsClient(url, ["SPDY/3.1+portforward.k8s.io"])
@@ -451,26 +456,18 @@ def test_malformed_input_ends_only_that_session_and_leaks_nothing(env: Env) -> N
         elif attempt == 4:  # a client that goes away with the exec'd cat still reading stdin
             ws = WsClient(url, ["v4.channel.k8s.io"])
             ws.send_channel(0, b"some input")
-            time.sleep(0.5)
+            assert wait_for(lambda: "cat" in processes_in_container(env, cid))
             ws.sock.close()
         else:  # a client that sends nothing after the upgrade
             client = SpdyClient(url, ["v4.channel.k8s.io"])
             client.sock.close()
     stdout, _, error = spdy_exec(env, cid, ["echo", "still serving"])
     assert stdout == b"still serving\n" and json.loads(error)["status"] == "Success"
-    deadline = time.monotonic() + 10
-    while daemon_fds(env) > before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert daemon_fds(env) <= before
+    assert wait_for(lambda: daemon_fds(env) <= before), (daemon_fds(env), before)
     # Blocking work runs in the default thread pool, which is bounded (min(32, cpus + 4)).
     assert daemon_threads(env) <= threads_before + min(32, (os.cpu_count() or 1) + 4)
-    # The exec whose client left was killed: no cat is left in the container.
-    while time.monotonic() < deadline:
-        ps = env.cri.exec_sync(cid, ["ps", "-o", "comm"], timeout=5).stdout.decode().split()
-        if "cat" not in ps:
-            break
-        time.sleep(0.1)
-    assert "cat" not in ps
+    # The execs whose clients left were killed: no cat is left in the container.
+    assert wait_for(lambda: "cat" not in processes_in_container(env, cid)), processes_in_container(env, cid)
 
 
 def test_websocket_exec_tty_starts_with_the_clients_size(env: Env) -> None:
@@ -501,7 +498,10 @@ def test_attach_to_a_tty_container_resizes_its_terminal(env: Env) -> None:
     stdout = client.open({"streamtype": "stdout"})
     resize = client.open({"streamtype": "resize"})
     client.send(resize, json.dumps({"Width": 120, "Height": 40}).encode())
+    # The container prints its terminal's size every 0.2 s: the new size shows while it runs.
     client.read_until(lambda: b"40 120" in client.data.get(stdout, b""))
+    assert b"40 120" in client.data[stdout]
+    assert env.cri.container_status(cid).status.state == pb.ContainerState.CONTAINER_RUNNING
     client.sock.close()
 
 
@@ -516,7 +516,7 @@ def test_tokens_are_single_use_expire_and_belong_to_one_kind() -> None:
     assert tokens.take("exec", token) == "request"
     assert tokens.take("exec", token) is None
     token = tokens.put("exec", "request")
-    time.sleep(0.3)
+    time.sleep(0.3)  # expiry is what is checked: the token outlives its 0.2 s
     assert tokens.take("exec", token) is None
 
 
@@ -548,10 +548,7 @@ def _processes_running(argv: bytes) -> list[str]:
 def test_daemon_stop_ends_open_sessions_and_their_processes(env: Env) -> None:
     cid = env.run(env.pod("shutdown"), "c", ["sleep", "1000"])
     client = WsClient(exec_url(env, cid, ["sleep", "999"], stdout=True), ["v5.channel.k8s.io"])
-    deadline = time.monotonic() + 10
-    while not _processes_running(b"sleep\x00999\x00") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _processes_running(b"sleep\x00999\x00")
+    assert wait_for(lambda: _processes_running(b"sleep\x00999\x00"))
     env.cri.close()
     assert env.daemon.stop() == 0
     assert client.receive_all() == {}  # the server went away without a status
@@ -601,7 +598,7 @@ def test_streaming_over_tls_when_configured(daemon_factory, pod_image: str, tmp_
         f'[streaming]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n',
         name="tls",
     )
-    tls_env = test_pods.Env(daemon, daemon.client(), pod_image, tmp_path / "logs", "198.18.110.", [])
+    tls_env = Env(daemon, daemon.client(), pod_image, tmp_path / "logs", "198.18.110.", [])
     try:
         tls_env.cri.pull(pod_image)
         pod = tls_env.pod("tls")
