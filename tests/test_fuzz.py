@@ -57,9 +57,9 @@ from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host import cgroups
 from cri_runtime.host.mounts import mounts_under
 from tests.support.daemon import Daemon, force_cleanup
+from tests.support.host import processes_of
 from tests.support.images import Image, busybox_layer, push_image
 from tests.support.registry import Registry
-from tests.test_pods import processes_of
 
 pytestmark = pytest.mark.root
 
