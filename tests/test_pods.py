@@ -4,145 +4,22 @@ crun/runc, driven through the gRPC socket of a real pycri daemon."""
 from __future__ import annotations
 
 import json
+import os
 import re
-import secrets
-import subprocess
+import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
 from cri_runtime.api import api_pb2 as pb
-from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host.mounts import mounts_under
-from cri_runtime.oci import runtimes as oci_runtimes
-from tests.support.daemon import Daemon, force_cleanup
-from tests.support.images import Image, busybox_layer, layer_from_files, push_image
-from tests.support.registry import Registry
+from tests.support.host import catches, cgroup_cpu_ns, ignores, memory_usage_bytes, process_gone, processes_of
+from tests.support.pods import Env, container_pid, exec_out, pod_cgroup, wait_exited
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
-
-RUNTIMES = ["runc", "crun"]
-
-
-@dataclass
-class Env:
-    daemon: Daemon
-    cri: CRIClient
-    image: str
-    logs: Path
-    subnet_prefix: str
-    pods: list[str]
-
-    def pod(self, name: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
-        kwargs.setdefault("log_directory", str(self.logs / name))
-        pod_id = self.cri.run_pod(name, **kwargs)
-        self.pods.append(pod_id)
-        return pod_id
-
-    def run(self, pod: str, name: str, args: list[str], **kwargs) -> str:  # type: ignore[no-untyped-def]
-        kwargs.setdefault("log_path", f"{name}.log")
-        cid = self.cri.create_container(pod, name, self.image, command=args, **kwargs)
-        self.cri.start_container(cid)
-        return cid
-
-
-@pytest.fixture(scope="module")
-def pod_image(registry: Registry) -> str:
-    extra = layer_from_files([("www/index.html", "hello from the pod\n"), ("data/", "")])
-    image = Image.build([busybox_layer(), extra], cmd=["sh"], env=["PATH=/bin:/usr/bin", "FROM_IMAGE=yes"])
-    push_image(registry, "test/pods", "1", image)
-    return f"{registry.host}/test/pods:1"
-
-
-def processes_of(workdir: Path) -> list[str]:
-    """Live conmon monitors and pod inits that belong to the daemon in ``workdir``.
-
-    Scoped to this daemon, so other pycri instances on the machine do not disturb the check;
-    zombies (waiting for this VM's slow init to reap them) are not alive.
-    """
-    found = []
-    marker = str(workdir).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes()
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        comm, _, rest = stat.partition("(")[2].rpartition(")")
-        if rest.split()[0] == "Z":
-            continue
-        if (comm == "conmon" and marker in argv) or (comm == "catatonit" and marker in environ):
-            found.append(f"{comm}:{entry.name}")
-    return found
-
-
-def host_leftovers(daemon: Daemon, bridge: str, pods: list[str]) -> dict[str, object]:
-    links = subprocess.run(
-        ["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True
-    ).stdout
-    return {
-        "processes": processes_of(daemon.workdir),
-        "mounts": mounts_under(daemon.workdir),
-        "bridge ports": links.splitlines(),
-        "cgroups": [str(path) for pod in pods for path in Path("/sys/fs/cgroup").glob(f"*/pycri/{pod}")],
-    }
-
-
-@pytest.fixture(params=RUNTIMES)
-def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path: Path) -> Iterator[Env]:  # type: ignore[no-untyped-def]
-    runtime = request.param
-    if runtime == "crun" and not oci_runtimes.probe("crun").usable:
-        pytest.skip(f"crun cannot run here: {oci_runtimes.probe('crun').reason}")
-    third = 100 + RUNTIMES.index(runtime)
-    bridge = f"pyt{secrets.token_hex(3)}"
-    net_dir = tmp_path / "net.d"
-    net_dir.mkdir()
-    daemon = daemon_factory(
-        f'default_runtime = "{runtime}"\n[network]\nconf_dir = "{net_dir}"\n'
-        f'pod_subnet = "198.18.{third}.0/24"\nbridge = "{bridge}"\n',
-        name=f"pods-{runtime}",
-    )
-    pods: list[str] = []
-    try:
-        environment = Env(daemon, daemon.client(), pod_image, tmp_path / "logs", f"198.18.{third}.", pods)
-        environment.cri.pull(pod_image)
-        yield environment
-        # A test may have restarted the daemon and replaced the client.
-        for pod in environment.cri.list_pods():
-            environment.cri.stop_pod(pod.id)
-            environment.cri.remove_pod(pod.id)
-        environment.cri.close()
-        daemon.stop()
-    finally:
-        daemon.kill()
-        leftovers = host_leftovers(daemon, bridge, pods)
-        # Judge first, then clean whatever was left, so one failure does not spoil the next test.
-        force_cleanup(daemon)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-    assert leftovers == {"processes": [], "mounts": [], "bridge ports": [], "cgroups": []}
-
-
-def wait_exited(cri: CRIClient, cid: str, timeout: float = 15) -> pb.ContainerStatus:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = cri.container_status(cid).status
-        if status.state == pb.ContainerState.CONTAINER_EXITED:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"container {cid} did not exit in {timeout}s")
-
-
-def exec_out(cri: CRIClient, cid: str, *cmd: str) -> str:
-    result = cri.exec_sync(cid, list(cmd), timeout=10)
-    assert result.exit_code == 0, (cmd, result.stderr)
-    return result.stdout.decode()
 
 
 def test_pod_gets_an_ip_from_the_subnet_and_reports_it(env: Env) -> None:
@@ -160,13 +37,12 @@ def test_two_containers_share_the_pods_loopback_and_shm(env: Env) -> None:
     pod = env.pod("sharing")
     server = env.run(pod, "server", ["busybox", "httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/www"])
     client = env.run(pod, "client", ["sh", "-c", "echo shared > /dev/shm/token; sleep 100"])
-    deadline = time.monotonic() + 10
-    while True:
+
+    def fetched() -> bytes:  # empty while httpd does not listen yet
         result = env.cri.exec_sync(client, ["wget", "-qO-", "http://127.0.0.1:8080/index.html"], timeout=5)
-        if result.exit_code == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert result.stdout == b"hello from the pod\n"
+        return result.stdout if result.exit_code == 0 else b""
+
+    assert wait_for(fetched) == b"hello from the pod\n"
     assert exec_out(env.cri, server, "cat", "/dev/shm/token") == "shared\n"
 
 
@@ -226,7 +102,8 @@ def test_exit_codes_and_cri_format_logs(env: Env) -> None:
 def test_stop_honours_the_timeout_then_kills(env: Env) -> None:
     pod = env.pod("stubborn")
     cid = env.run(pod, "ignore-term", ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"])
-    time.sleep(0.3)
+    pid = container_pid(env.cri, cid)
+    assert wait_for(lambda: ignores(pid, signal.SIGTERM))  # the trap is set
     started = time.monotonic()
     env.cri.stop_container(cid, timeout=2)
     elapsed = time.monotonic() - started
@@ -420,7 +297,8 @@ def container_cgroup(env: Env, pod: str, cid: str, controller: str) -> Path:
 def test_update_container_resources_applies_and_is_all_or_nothing(env: Env) -> None:
     pod = env.pod("resize")
     cid = env.run(pod, "c", ["sh", "-c", "head -c 20000000 /dev/zero > /dev/shm/fill; sleep 100"])
-    time.sleep(0.5)
+    cgroup = f"{pod_cgroup(env.cri, pod)}/{cid}"
+    assert wait_for(lambda: memory_usage_bytes(cgroup) >= 20_000_000), memory_usage_bytes(cgroup)
     memory = container_cgroup(env, pod, cid, "memory")
     cpu = container_cgroup(env, pod, cid, "cpu")
     resources = pb.LinuxContainerResources(cpu_shares=512, memory_limit_in_bytes=256 * 1024 * 1024)
@@ -450,14 +328,18 @@ def test_reopen_container_log_starts_a_new_file(env: Env) -> None:
         pod, "ticker", ["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done"]
     )
     log_path = Path(env.cri.container_status(cid).status.log_path)
-    time.sleep(0.5)
+
+    def ticks_in_log() -> bool:
+        return log_path.exists() and "tick" in log_path.read_text()
+
+    assert wait_for(ticks_in_log)
     rotated = log_path.with_name(log_path.name + ".1")
     log_path.rename(rotated)
     env.cri.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid), timeout=10)
     frozen = rotated.read_text()
-    time.sleep(0.5)
+    # Ticks written after the reopen go to the new file, none to the rotated one.
+    assert wait_for(ticks_in_log)
     assert rotated.read_text() == frozen
-    assert "tick" in log_path.read_text()
     env.cri.stop_container(cid, timeout=0)
     with pytest.raises(grpc.RpcError) as err:
         env.cri.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid), timeout=10)
@@ -467,11 +349,15 @@ def test_reopen_container_log_starts_a_new_file(env: Env) -> None:
 def test_containers_run_on_across_a_daemon_restart(env: Env) -> None:
     pod = env.pod("survivor")
     keeper = env.run(pod, "keeper", ["sleep", "100"])
-    quitter = env.run(pod, "quitter", ["sh", "-c", "sleep 1; exit 4"])
+    quitter = env.run(pod, "quitter", ["sh", "-c", "trap 'exit 4' USR1; while true; do sleep 0.1; done"])
+    quitter_pid = container_pid(env.cri, quitter)
+    assert wait_for(lambda: catches(quitter_pid, signal.SIGUSR1))  # the trap is set
     before = env.cri.container_status(keeper).status
     env.cri.close()
     env.daemon.stop()
-    time.sleep(1.5)  # the quitter exits while pycri is down
+    # The quitter exits while pycri is down.
+    os.kill(quitter_pid, signal.SIGUSR1)
+    assert wait_for(lambda: process_gone(quitter_pid))
     env.daemon.start()
     env.cri = env.daemon.client()
     after = env.cri.container_status(keeper).status
@@ -492,15 +378,31 @@ def test_container_stats_report_cpu_memory_and_writable_layer(env: Env) -> None:
         labels={"s": "1"},
     )
     idle = env.run(pod, "idle", ["sleep", "100"])
-    time.sleep(1)
-    first = env.cri.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=busy), timeout=10).stats
+
+    def stats() -> pb.ContainerStats:
+        return env.cri.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=busy), timeout=10).stats
+
+    def warmed_up() -> pb.ContainerStats | None:
+        found = stats()
+        used = found.cpu.usage_core_nano_seconds.value > 100_000_000
+        return found if used and found.writable_layer.used_bytes.value >= 5_000_000 else None
+
+    first = wait_for(warmed_up, timeout=60)
+    assert first is not None, stats()
     assert first.attributes.id == busy and first.attributes.metadata.name == "busy"
-    assert first.cpu.timestamp > 0 and first.cpu.usage_core_nano_seconds.value > 100_000_000
-    assert first.memory.working_set_bytes.value > 0
-    assert first.writable_layer.used_bytes.value >= 5_000_000
-    time.sleep(0.5)
-    second = env.cri.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=busy), timeout=10).stats
-    assert second.cpu.usage_nano_cores.value > 100_000_000  # a busy loop uses a good part of a core
+    assert first.cpu.timestamp > 0 and first.memory.working_set_bytes.value > 0
+    # The rate is over the time between two samples: wait (polling the kernel, not pycri, whose
+    # samples would move the rate's start) until the loop has used another half second of CPU.
+    cgroup = f"{pod_cgroup(env.cri, pod)}/{busy}"
+    start = cgroup_cpu_ns(cgroup)
+    assert wait_for(lambda: cgroup_cpu_ns(cgroup) - start >= 500_000_000, timeout=60)
+    second = stats()
+    end = cgroup_cpu_ns(cgroup)
+    used = second.cpu.usage_core_nano_seconds.value - first.cpu.usage_core_nano_seconds.value
+    elapsed = second.cpu.timestamp - first.cpu.timestamp
+    assert first.cpu.usage_core_nano_seconds.value <= start
+    assert start + 500_000_000 <= second.cpu.usage_core_nano_seconds.value <= end  # the kernel's counter
+    assert second.cpu.usage_nano_cores.value == pytest.approx(used * 1_000_000_000 / elapsed, rel=0.01)
     listed = env.cri.runtime.ListContainerStats(pb.ListContainerStatsRequest(), timeout=10).stats
     assert {s.attributes.id for s in listed} == {busy, idle}
     chosen = env.cri.runtime.ListContainerStats(
