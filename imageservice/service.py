@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import structlog
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
@@ -17,6 +17,8 @@ from imageservice.cancel import Cancellation
 from imageservice.db import ImageRecord
 from imageservice.registry import Credentials
 from imageservice.store import ImageStore
+
+log = structlog.get_logger("pycri.images")
 
 STREAM_PAGE = 100
 
@@ -124,8 +126,14 @@ class ImageService(pb_grpc.ImageServiceServicer):
             # The caller's deadline passed or it went away: stop the pull and wait for its
             # cleanup, so that nothing half-stored outlives this call.
             cancel.set()
-            with contextlib.suppress(Exception):
+            try:
                 await work
+            except DeadlineExceeded:
+                pass  # the pull saw the cancellation: what it stored is gone
+            except Exception as late:
+                # The caller hears of its deadline; a pull that failed otherwise meanwhile
+                # (its cleanup, say) is told here, or nobody would know.
+                log.warning("pull failed while being cancelled", image=name, error=str(late))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise DeadlineExceeded(f"PullImage {name}: deadline exceeded; pull cancelled") from None

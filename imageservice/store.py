@@ -13,7 +13,6 @@ across a download or an unpack.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -25,7 +24,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,8 +486,12 @@ class ImageStore:
             # Let cancelled jobs finish cleaning up, so the caller's error means "nothing left".
             for job in pending:
                 if job.cancel.is_set():
-                    with contextlib.suppress(FutureTimeout, Exception):
-                        job.future.exception(timeout=10)
+                    try:
+                        job.future.exception(timeout=10)  # returns the job's error, raises none
+                    except CancelledError:
+                        pass  # never started: nothing to clean
+                    except FutureTimeout:
+                        log.warning("layer download still cleaning up after 10s", chain_id=job.chain_id)
             raise
 
     def _release_job(self, job: _LayerJob) -> None:
