@@ -10,7 +10,7 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -25,7 +25,6 @@ from cri_runtime.cri.convert import (
     sandbox_status,
     sandbox_to_proto,
 )
-from cri_runtime.daemon.config import Config
 from cri_runtime.errors import FailedPrecondition, InvalidArgument
 from cri_runtime.network.cni import CNI
 from cri_runtime.oci.runtimes import RuntimeInfo
@@ -36,6 +35,16 @@ from cri_runtime.runtime.sandboxes import SandboxManager
 from cri_runtime.runtime.state import Container
 from cri_runtime.stats import cadvisor, collectors
 from cri_runtime.streaming.server import StreamingServer, check_streams
+
+
+class DaemonConfig(Protocol):
+    """What the servicer reads of the daemon's configuration (cri_runtime.daemon.config.Config)."""
+
+    @property
+    def cgroup_driver(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
 
 RUNTIME_NAME = "pycri"
 RUNTIME_API_VERSION = "v1"
@@ -83,7 +92,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
     def __init__(
         self,
-        config: Config,
+        config: DaemonConfig,
         runtimes: dict[str, RuntimeInfo],
         default: RuntimeInfo | None,
         why: str,

@@ -18,10 +18,10 @@ from pathlib import Path
 import grpc
 import structlog
 
-from cri_runtime.api import api_pb2_grpc as pb_grpc
 from cri_runtime.cri import convert
 from cri_runtime.cri.rpc import RpcInterceptor
 from cri_runtime.cri.runtime_service import RuntimeService
+from cri_runtime.cri.servicers import add_servicers
 from cri_runtime.cri.status import status_code
 from cri_runtime.daemon import metrics
 from cri_runtime.daemon.config import Config
@@ -137,8 +137,7 @@ async def serve(
     await streaming.start()
     metrics_server = await metrics.start_server(config.metrics_address)
     runtime_service.streaming = streaming
-    pb_grpc.add_RuntimeServiceServicer_to_server(runtime_service, server)
-    pb_grpc.add_ImageServiceServicer_to_server(image_service, server)
+    add_servicers(server, runtime_service, image_service)
     server.add_generic_rpc_handlers((_admin_handler(store),))
     # The socket is born 0660 (umask) so there is no moment when others may connect.
     old_umask = os.umask(0o117)

@@ -27,7 +27,7 @@ from cri_runtime.errors import InvalidArgument, NotFound, PycriError, Unavailabl
 from cri_runtime.host import cgroups, mounts
 from cri_runtime.network import netns
 from cri_runtime.network.cni import CNI, PortMapping
-from cri_runtime.oci import spec, sysctl
+from cri_runtime.oci import podinit, spec, sysctl
 from cri_runtime.runtime.model import LinuxResources, PodMetadata, PodSandboxConfig
 from cri_runtime.runtime.names import NameIndex
 from cri_runtime.runtime.state import Sandbox, StateDB
@@ -37,7 +37,7 @@ log = structlog.get_logger("pycri.sandbox")
 DEFAULT_CGROUP_PARENT = "/pycri"
 SHM_SIZE = 64 * 1024 * 1024
 CATATONIT = "/usr/bin/catatonit"
-PODINIT = Path(__file__).with_name("podinit.py")
+PODINIT = Path(podinit.__file__)  # run as a script, in a process of its own
 
 
 @dataclass(frozen=True)
