@@ -5,7 +5,9 @@ never left half-alive, and nothing else lost; the host must hold nothing that no
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
+import signal
 import sqlite3
 import subprocess
 import time
@@ -20,9 +22,11 @@ from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host.mounts import mounts_under
 from tests.support.daemon import Daemon, force_cleanup
+from tests.support.host import catches, parent_pid, process_gone, processes_of
 from tests.support.images import Image, busybox_layer, layer_from_files, push_image
+from tests.support.pods import container_pid, exec_out, wait_exited
 from tests.support.registry import Registry
-from tests.test_pods import exec_out, processes_of, wait_exited
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -267,7 +271,8 @@ def test_crash_after_the_runtime_started_the_container_reports_it_running(node: 
 def test_exit_during_a_crash_inside_stop_container_reports_the_real_code(node: Node) -> None:
     pod = node.pod("stopper")
     cid = node.container(pod, "c", ["sh", "-c", "trap 'exit 3' TERM; while :; do sleep 0.1; done"])
-    time.sleep(0.3)  # the trap is set
+    pid = container_pid(node.cri, cid)
+    assert wait_for(lambda: catches(pid, signal.SIGTERM))  # the trap is set
     node.arm("container.stop_after_kill")
     node.crash_on(node.cri.stop_container, cid, 30)
     status = wait_exited(node.cri, cid)
@@ -332,13 +337,18 @@ def test_kill_9_between_calls_keeps_every_pod_and_container(node: Node) -> None:
     pod = node.pod("survivor")
     ip = node.cri.pod_status(pod).status.network.ip
     keeper = node.container(pod, "keeper", ["sleep", "100"])
-    quitter = node.container(pod, "quitter", ["sh", "-c", "sleep 1; exit 7"])
+    quitter = node.container(pod, "quitter", ["sh", "-c", "trap 'exit 7' USR1; while :; do sleep 0.1; done"])
+    quitter_pid = container_pid(node.cri, quitter)
+    assert wait_for(lambda: catches(quitter_pid, signal.SIGUSR1))  # the trap is set
     created = node.container(pod, "created", ["sleep", "100"], start=False)
     before = node.cri.container_status(keeper).status
     node.cri.close()
     node.daemon.kill()
-    killed_at = time.time_ns()
-    time.sleep(2)  # the quitter exits while pycri is down
+    # The quitter exits while pycri is down; its conmon, its parent, records the exit and ends.
+    conmon_pid = parent_pid(quitter_pid)
+    os.kill(quitter_pid, signal.SIGUSR1)
+    assert wait_for(lambda: process_gone(quitter_pid) and process_gone(conmon_pid))
+    exited_by = time.time_ns()
     node.daemon.start()
     node.cri = node.daemon.client()
     after = node.cri.container_status(keeper).status
@@ -347,7 +357,7 @@ def test_kill_9_between_calls_keeps_every_pod_and_container(node: Node) -> None:
     gone = node.cri.container_status(quitter).status
     assert gone.state == pb.ContainerState.CONTAINER_EXITED
     assert gone.exit_code == 7
-    assert gone.finished_at < killed_at + 2_000_000_000
+    assert gone.started_at < gone.finished_at <= exited_by  # the real exit, not the restart
     assert node.cri.container_status(created).status.state == pb.ContainerState.CONTAINER_CREATED
     node.cri.start_container(created)
     assert exec_out(node.cri, created, "echo", "late") == "late\n"
