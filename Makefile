@@ -34,6 +34,7 @@ lint: deps
 	$(VENV)/bin/ruff check cri_runtime imageservice tests bench
 	$(VENV)/bin/ruff format --check cri_runtime imageservice tests bench
 	$(VENV)/bin/mypy cri_runtime imageservice
+	$(VENV)/bin/lint-imports
 
 test: deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)

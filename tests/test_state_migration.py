@@ -13,10 +13,10 @@ from typing import Any
 import grpc
 import pytest
 
+from cri_runtime import model
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.cri import convert
 from cri_runtime.errors import FailedPrecondition
-from cri_runtime.runtime import model
 from cri_runtime.runtime.state import SCHEMA_VERSION, LegacyConfigs, StateDB
 from tests.support.daemon import Daemon
 

@@ -18,9 +18,9 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
+from cri_runtime import model
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.errors import InvalidArgument
-from cri_runtime.runtime import model
 from cri_runtime.runtime.state import Container, Sandbox
 
 K = TypeVar("K")

@@ -51,8 +51,8 @@ from cri_runtime.errors import (
     PermissionDenied,
     PycriError,
 )
-from cri_runtime.oci import sysctl
-from cri_runtime.oci.sysctl import Sysctl
+from cri_runtime.host import sysctl
+from cri_runtime.host.sysctl import Sysctl
 
 # <sched.h>, <sys/mount.h>, <linux/nsfs.h>, <linux/netdevice.h>
 CLONE_NEWNET = 0x40000000

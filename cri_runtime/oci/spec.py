@@ -1,7 +1,7 @@
 """The OCI runtime spec (config.json) of a CRI container, built the way containerd's CRI plugin builds it.
 
 :func:`build_container_spec` is a pure function of the container's config (pycri's
-cri_runtime.runtime.model.ContainerConfig, converted from the CRI request by the servicer), the
+cri_runtime.model.ContainerConfig, converted from the CRI request by the servicer), the
 image config, the pod's context and the mounted root file system. It reads only the image's /etc/passwd and
 /etc/group (resolved inside the root file system, never following a symlink out of it), the
 seccomp profile a Localhost profile names, and the stat of host device nodes. What it cannot do
@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cri_runtime.errors import InvalidArgument, Unimplemented
-from cri_runtime.oci import seccomp
-from cri_runtime.runtime.model import (
+from cri_runtime.model import (
     Capabilities,
     ContainerConfig,
     ContainerSecurity,
@@ -49,6 +48,7 @@ from cri_runtime.runtime.model import (
     LinuxResources,
     Mount,
 )
+from cri_runtime.oci import seccomp
 
 OCI_VERSION = "1.1.0"
 DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -33,11 +33,11 @@ from cri_runtime.errors import (
     ResourceExhausted,
 )
 from cri_runtime.host import cgroups, mounts
+from cri_runtime.model import ContainerConfig, LinuxResources
 from cri_runtime.oci import spec
 from cri_runtime.oci.conmon import ExecResult, Executor
 from cri_runtime.runtime.events import EventHub
 from cri_runtime.runtime.locks import KeyedLocks
-from cri_runtime.runtime.model import ContainerConfig, LinuxResources
 from cri_runtime.runtime.names import NameIndex
 from cri_runtime.runtime.state import Container, Sandbox, StateDB
 from imageservice.store import ImageStore
@@ -402,7 +402,7 @@ class ContainerManager:
             resolv_path=str(Path(sandbox.dir) / "resolv.conf"),
             hostname_path=str(Path(sandbox.dir) / "hostname"),
             shm_path=sandbox.shm_path or None,
-            # Set once in the pod's namespaces, which the container joins (cri_runtime.oci.sysctl).
+            # Set once in the pod's namespaces, which the container joins (cri_runtime.host.sysctl).
             sysctls={},
             privileged=sandbox.config.security.privileged,
         )

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 import structlog
 
 from cri_runtime.errors import FailedPrecondition, NotFound
+from cri_runtime.model import ContainerConfig, LinuxResources, PodSandboxConfig
 from cri_runtime.oci.conmon import ExecResult
 from cri_runtime.runtime.containers import ContainerManager
 from cri_runtime.runtime.locks import KeyedRWLocks
-from cri_runtime.runtime.model import ContainerConfig, LinuxResources, PodSandboxConfig
 from cri_runtime.runtime.sandboxes import SandboxManager
 from cri_runtime.runtime.state import Container, Sandbox
 

@@ -13,8 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -22,13 +20,13 @@ from pathlib import Path
 
 import structlog
 
-from cri_runtime import errors, failpoints
-from cri_runtime.errors import InvalidArgument, NotFound, PycriError, Unavailable
-from cri_runtime.host import cgroups, mounts
+from cri_runtime import failpoints
+from cri_runtime.errors import InvalidArgument, NotFound, PycriError
+from cri_runtime.host import cgroups, mounts, sysctl
+from cri_runtime.model import LinuxResources, PodMetadata, PodSandboxConfig
 from cri_runtime.network import netns
 from cri_runtime.network.cni import CNI, PortMapping
-from cri_runtime.oci import podinit, spec, sysctl
-from cri_runtime.runtime.model import LinuxResources, PodMetadata, PodSandboxConfig
+from cri_runtime.oci import podinit, spec
 from cri_runtime.runtime.names import NameIndex
 from cri_runtime.runtime.state import Sandbox, StateDB
 
@@ -36,8 +34,6 @@ log = structlog.get_logger("pycri.sandbox")
 
 DEFAULT_CGROUP_PARENT = "/pycri"
 SHM_SIZE = 64 * 1024 * 1024
-CATATONIT = "/usr/bin/catatonit"
-PODINIT = Path(podinit.__file__)  # run as a script, in a process of its own
 
 
 @dataclass(frozen=True)
@@ -241,32 +237,17 @@ class SandboxManager:
         if memory and memory + overhead.memory_limit_in_bytes < spec.MIN_MEMORY:
             # The child cgroup of every container is charged to it: below this none can be made.
             raise InvalidArgument(f"pod memory limit {memory} (with overhead) is below {spec.MIN_MEMORY}")
-        try:
-            cgroups.apply_limits(
-                cgroup_path,
-                cpu_shares=resources.cpu_shares + overhead.cpu_shares if resources.cpu_shares else 0,
-                cpu_quota=quota,
-                cpu_period=resources.cpu_period,
-                memory=memory + overhead.memory_limit_in_bytes if memory else 0,
-            )
-        except OSError as exc:
-            raise errors.from_os_error(exc, f"setting the pod's limits on {cgroup_path}") from exc
+        # A refused write is already the domain error its errno calls for (cgroups.apply_limits).
+        cgroups.apply_limits(
+            cgroup_path,
+            cpu_shares=resources.cpu_shares + overhead.cpu_shares if resources.cpu_shares else 0,
+            cpu_quota=quota,
+            cpu_period=resources.cpu_period,
+            memory=memory + overhead.memory_limit_in_bytes if memory else 0,
+        )
 
     def _start_pod_init(self, pinned: netns.PodNamespaces, directory: Path) -> int:
-        args = [sys.executable, "-S", "-E", str(PODINIT), "--tag", str(directory)]
-        for flag, path in (("--net", pinned.net), ("--ipc", pinned.ipc), ("--uts", pinned.uts)):
-            if path is not None:
-                args += [flag, str(path)]
-        args += ["--", CATATONIT, "-P"]
-        try:
-            result = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise Unavailable(f"cannot start the pod's PID namespace init: {exc}") from exc
-        if result.returncode != 0:
-            raise Unavailable(
-                f"cannot start the pod's PID namespace init ({CATATONIT}): {result.stderr.strip()}"
-            )
-        return int(result.stdout.strip())
+        return podinit.start(str(directory), net=pinned.net, ipc=pinned.ipc, uts=pinned.uts)
 
     def _cni_delete(self, sandbox: Sandbox) -> None:
         self.cni.delete(
@@ -330,7 +311,7 @@ class SandboxManager:
 
     def _teardown(self, sandbox: Sandbox) -> None:
         """Release what a stopped pod no longer needs; every step tolerates being repeated."""
-        failures: list[str] = []
+        failures: list[PycriError] = []
         if sandbox.network_ready:
             try:
                 self._cni_delete(sandbox)
@@ -338,7 +319,7 @@ class SandboxManager:
                 sandbox.network_ready = False
                 self.db.save(sandbox)
             except PycriError as exc:
-                failures.append(str(exc))
+                failures.append(exc)
         if sandbox.init_pid:
             _kill_init(sandbox.init_pid)
             sandbox.init_pid = 0
@@ -356,7 +337,9 @@ class SandboxManager:
             )
         )
         if failures:
-            raise Unavailable("; ".join(failures))
+            # The first failure's kind (a missing plugin is FailedPrecondition, a plugin error
+            # Unavailable) is what the caller can act on.
+            raise type(failures[0])("; ".join(map(str, failures)))
 
     def begin_remove(self, sandbox: Sandbox) -> None:
         if sandbox.pending != "removing":

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import structlog
 
 from cri_runtime.errors import DataLoss, FailedPrecondition
-from cri_runtime.runtime.model import ContainerConfig, PodSandboxConfig, from_json, to_json
+from cri_runtime.model import ContainerConfig, PodSandboxConfig, from_json, to_json
 
 log = structlog.get_logger("pycri.state")
 
