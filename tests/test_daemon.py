@@ -7,7 +7,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +15,7 @@ import pytest
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
 from tests.support.daemon import Daemon
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -117,17 +117,18 @@ def test_every_rpc_is_logged_with_method_and_status(daemon: Daemon) -> None:
         client.version()
         with pytest.raises(grpc.RpcError):
             client.runtime.CheckpointContainer(pb.CheckpointContainerRequest(container_id="abc"), timeout=5)
-    # The event is written as the call completes, which may be just after the client has its answer.
-    deadline = time.monotonic() + 5
-    while True:
-        events = [
-            json.loads(line) for line in daemon.log_path.read_text().splitlines() if line.startswith("{")
+
+    def logged_rpcs() -> list[dict]:
+        """The rpc events in the daemon's log, once the failed call's is among them."""
+        lines = daemon.log_path.read_text().splitlines()
+        rpcs = [
+            e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == "rpc"
         ]
-        rpcs = [e for e in events if e.get("event") == "rpc"]
-        failed = [e for e in rpcs if e["method"].endswith("/CheckpointContainer")]
-        if failed or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return rpcs if any(e["method"].endswith("/CheckpointContainer") for e in rpcs) else []
+
+    # The event is written as the call completes, which may be just after the client has its answer.
+    rpcs = wait_for(logged_rpcs)
+    failed = [e for e in rpcs if e["method"].endswith("/CheckpointContainer")]
     assert any(e["method"].endswith("/Version") and e["code"] == "OK" and "ms" in e for e in rpcs)
     assert failed and failed[0]["code"] == "UNIMPLEMENTED" and failed[0]["container_id"] == "abc"
 

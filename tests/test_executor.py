@@ -23,6 +23,7 @@ from cri_runtime.errors import AlreadyExists, DeadlineExceeded, FailedPreconditi
 from cri_runtime.oci import runtimes as oci_runtimes
 from cri_runtime.oci.conmon import Executor
 from tests.support.rootfs import busybox_rootfs, minimal_spec
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -90,15 +91,6 @@ def _cri_lines(path: Path) -> list[tuple[str, str, str]]:
         assert match, f"not a CRI log line: {line!r}"
         records.append((match.group(2), match.group(3), match.group(4)))
     return records
-
-
-def _wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 @pytest.fixture(scope="module")
@@ -331,12 +323,12 @@ def test_reopen_log_moves_new_lines_to_a_new_file(harness: Harness) -> None:
     container_id, log_path = harness.run(
         ["sh", "-c", "i=0; while :; do echo line$i; i=$((i+1)); sleep 0.02; done"]
     )
-    assert _wait_for(lambda: log_path.exists() and log_path.stat().st_size > 0)
+    assert wait_for(lambda: log_path.exists() and log_path.stat().st_size > 0)
     rotated = log_path.with_name("container.log.1")
     log_path.rename(rotated)
     harness.executor.reopen_log(container_id)
     assert log_path.exists()
-    assert _wait_for(lambda: log_path.stat().st_size > 0)
+    assert wait_for(lambda: log_path.stat().st_size > 0)
     old_count = len(_cri_lines(rotated))
     new_records = _cri_lines(log_path)
     assert old_count > 0 and new_records
@@ -389,7 +381,7 @@ def test_create_that_times_out_kills_conmon_the_runtime_and_its_hooks(harness: H
 def test_reopen_log_of_an_exited_container_is_refused(harness: Harness) -> None:
     container_id, _ = harness.run(["true"])
     assert harness.executor.wait_exit(container_id, 10) is not None
-    assert _wait_for(lambda: harness.executor.conmon_pid(container_id) is None)
+    assert wait_for(lambda: harness.executor.conmon_pid(container_id) is None)
     with pytest.raises(FailedPrecondition):
         harness.executor.reopen_log(container_id)
 
