@@ -7,7 +7,6 @@ import os
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.support.images import (
     user_image,
 )
 from tests.support.registry import Registry, start_registry
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -45,15 +45,6 @@ def layer_dirs(daemon: Daemon) -> set[str]:
 
 def leftovers(daemon: Daemon) -> list[str]:
     return [p.name for p in (daemon.root / "tmp").iterdir()]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:  # type: ignore[no-untyped-def]
