@@ -32,6 +32,13 @@
       (RUNNING with its started_at, EXITED with its exit code; all checked, any wrong answer
       is an error), median of ``--recovery-runs`` cycles on the same pods.
 
+7. Concurrency (``bench/concurrency.py``, issue 11), both daemons afresh, same kind of pods:
+   a pod start while ``--concurrency-stops`` StopContainer(``--stop-timeout``) calls of
+   containers ignoring SIGTERM wait, and while ``--concurrency-execs`` ExecSync calls run,
+   against an idle start; read RPC p50/p99 and idle CPU (``--idle-seconds``) with
+   ``--concurrency-containers`` running; per-call medians of a pod lifecycle at parallelism
+   ``--concurrency-workers`` and 1.
+
 Sections can be left out with ``--skip-<section>`` or picked with ``--only`` (e.g.
 ``--only recovery`` or ``--only pods,streaming``).
 
@@ -60,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import pods, recovery, streaming
+from bench import concurrency, pods, recovery, streaming
 from bench.images import BigImages, build_and_push_big, build_and_push_many
 from bench.measure import RegistryLogWindow, RssSampler, blob_gets, median, percentile, read_status_kib
 from bench.runtimes import ContainerdRuntime, PodNetwork, PycriRuntime, Runtime
@@ -92,7 +99,7 @@ def log(msg: str) -> None:
 
 
 # What --only names; each has a --skip-<section>. "pull" is tests 1 and 2.
-SECTIONS = ("pull", "list", "pods", "streaming", "recovery")
+SECTIONS = ("pull", "list", "pods", "streaming", "recovery", "concurrency")
 
 
 def _sections(value: str) -> list[str]:
@@ -157,9 +164,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=3,
         help="kill -9 / restart cycles on the same pods; median reported (default 3)",
     )
+    concurrency.add_args(p)
     p.add_argument("--skip-pods", action="store_true", help="skip test 4 (pods and containers)")
     p.add_argument("--skip-streaming", action="store_true", help="skip test 5 (exec, port-forward)")
     p.add_argument("--skip-recovery", action="store_true", help="skip test 6 (kill -9 recovery, idle RSS)")
+    p.add_argument(
+        "--skip-concurrency",
+        action="store_true",
+        help="skip test 7 (concurrency: stops, execs, reads, lifecycle)",
+    )
     p.add_argument("--skip-containerd", action="store_true", help="measure pycri only")
     p.add_argument("--skip-pull", action="store_true", help="skip tests 1 and 2")
     p.add_argument("--skip-list", action="store_true", help="skip test 3")
@@ -196,6 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--list-containers must be at least --containers-per-pod")
     if min(args.recovery_pods, args.recovery_runs) < 1:
         p.error("--recovery-pods and --recovery-runs must be positive")
+    concurrency.check_args(p, args)
     if args.only is not None:
         for section in SECTIONS:
             setattr(args, f"skip_{section}", section not in args.only)
@@ -687,6 +701,8 @@ def build_rows(
         rows += build_streaming_rows(args, results)
     if not args.skip_recovery:
         rows += [Row(**row) for row in recovery.table_rows(args, results)]
+    if not args.skip_concurrency:
+        rows += [Row(**row) for row in concurrency.table_rows(args, results)]
     return rows
 
 
@@ -1008,6 +1024,21 @@ def main(argv: list[str] | None = None) -> int:
                 recovery.recovery_bench(
                     args,
                     base / "recovery",
+                    reg,
+                    names,
+                    results,
+                    errors,
+                    make_runtime=lambda name, work, images: make_pod_runtime(
+                        name, work, reg.host, images, args
+                    ),
+                    networks=POD_NETWORKS,
+                    iptables_rules=_iptables_rules,
+                    routes_overlapping=_routes_overlapping,
+                )
+            if not args.skip_concurrency:
+                concurrency.concurrency_bench(
+                    args,
+                    base / "concurrency",
                     reg,
                     names,
                     results,
