@@ -2,6 +2,8 @@
 
 The database is the record of what is present; layer directories on disk count only
 when a row names them. WAL mode with synchronous=FULL: a committed pull survives a crash.
+Every write is a durable commit (an fsync): callers make them outside any lock that
+queries take (see imageservice.store). The connection has its own lock.
 """
 
 from __future__ import annotations
@@ -168,8 +170,12 @@ class ImageDB:
             )
 
     def remove_layer(self, chain_id: str) -> None:
+        self.remove_layers([chain_id])
+
+    def remove_layers(self, chain_ids: list[str]) -> None:
+        """Forget several layers in one transaction (one durable commit, not one each)."""
         with self._transaction() as conn:
-            conn.execute("DELETE FROM layers WHERE chain_id = ?", (chain_id,))
+            conn.executemany("DELETE FROM layers WHERE chain_id = ?", [(c,) for c in chain_ids])
 
     def save_image(self, record: ImageRecord) -> None:
         """Insert or update ``record`` and point its names at it, in one transaction.

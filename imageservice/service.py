@@ -1,4 +1,9 @@
-"""The CRI ImageService: protobuf in, ImageStore calls, protobuf out. No I/O of its own."""
+"""The CRI ImageService: protobuf in, ImageStore calls, protobuf out. No I/O of its own.
+
+ListImages, StreamImages and ImageStatus read the store's in-memory view (no lock, no disk),
+so they answer on the event loop; every call that touches the disk or SQLite (pulls,
+removals, ImageFsInfo) runs in a worker thread.
+"""
 
 from __future__ import annotations
 
@@ -151,7 +156,8 @@ class ImageService(pb_grpc.ImageServiceServicer):
     async def ImageFsInfo(
         self, request: pb.ImageFsInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ImageFsInfoResponse:
-        usage = self.store.fs_usage()
+        loop = asyncio.get_running_loop()
+        usage = await loop.run_in_executor(None, self.store.fs_usage)
         fs = pb.FilesystemUsage(
             timestamp=usage.timestamp_ns,
             fs_id=pb.FilesystemIdentifier(mountpoint=usage.mountpoint),

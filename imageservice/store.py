@@ -7,8 +7,21 @@ On disk, under the persistent root:
 
 A layer directory is made in tmp/ and renamed into place only once complete and verified,
 so a crash never leaves a half layer that counts as present; tmp/ is emptied at start.
-Threads: pulls run in worker threads; one lock guards the in-memory index, never held
-across a download or an unpack.
+
+Threads and locks (pulls, removals and imports run in worker threads; queries run anywhere,
+the event loop included, and never touch the disk):
+- ``_view``: the images and their names, an immutable snapshot that writers replace whole.
+  ``list_images``, ``resolve``, ``get`` and ``layer_dirs`` read it with no lock at all.
+- ``_state_lock``: guards the small mutable maps (``_view`` swaps, ``_layers``, ``_pins``,
+  ``_jobs``). Held only for dictionary work, never across a file system call or SQLite, so
+  ``hold_layers`` (CreateContainer) and ``release_layers`` never wait for a disk.
+- ``_writer_lock``: serialises the writers' durable steps (a layer's rename, directory fsync
+  and SQLite commit; an image's commit; a removal's commit; a collection's deletions). A
+  writer commits first and publishes to the maps afterwards, so nobody sees what is not yet
+  durable. Order: ``_writer_lock`` before ``_state_lock``, never the other way round.
+A layer is deleted only after a decision taken under ``_state_lock`` that no image, pull or
+container holds it; the same decision drops it from ``_layers``, so that a hold or a pull
+coming afterwards either is seen by it or no longer finds the layer.
 """
 
 from __future__ import annotations
@@ -23,10 +36,10 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -115,6 +128,15 @@ class PullObserver(Protocol):
 
 
 @dataclass(frozen=True)
+class _ImageIndex:
+    """The images and their names at one moment. Never changed once published: writers
+    build a new one (the records in it are never changed either) and swap it in."""
+
+    images: Mapping[str, ImageRecord]
+    names: Mapping[str, str]  # repo tag or repo digest -> image id
+
+
+@dataclass(frozen=True)
 class FsUsage:
     mountpoint: str
     used_bytes: int
@@ -135,10 +157,10 @@ class ImageStore:
         self._pinned = {str(parse_reference(name)) for name in config.pinned_images}
         self._clear_tmp()
         self.db = ImageDB(root / "pycri.db")
-        self._lock = threading.Lock()
-        self._images: dict[str, ImageRecord] = {}
-        self._names: dict[str, str] = {}  # repo tag or repo digest -> image id
-        self._layers: dict[str, LayerRecord] = {}
+        self._state_lock = threading.Lock()
+        self._writer_lock = threading.Lock()
+        self._view = _ImageIndex({}, {})
+        self._layers: dict[str, LayerRecord] = {}  # committed layers only
         self._pins: Counter[str] = Counter()  # chain id -> pulls and containers using it
         self._jobs: dict[str, _LayerJob] = {}
         self._workers = ThreadPoolExecutor(config.max_concurrent_downloads, thread_name_prefix="layer")
@@ -158,13 +180,16 @@ class ImageStore:
                 log.warning("layer recorded but missing on disk; forgetting it", chain_id=chain_id)
                 self.db.remove_layer(chain_id)
                 del self._layers[chain_id]
+        images: dict[str, ImageRecord] = {}
         for record in self.db.load_images():
             missing = [layer.chain_id for layer in record.layers if layer.chain_id not in self._layers]
             if missing:
                 log.warning("image lost layers; dropping its record", image=record.id, missing=missing)
                 self.db.delete_image(record.id)
                 continue
-            self._index(record)
+            record.pinned = self._is_pinned(record)
+            images[record.id] = record
+        self._view = _index_of(images)
         # Layer directories nothing records are leftovers of a crash between rename and commit.
         known = {c.removeprefix("sha256:") for c in self._layers}
         for entry in self.layers_dir.iterdir():
@@ -173,12 +198,12 @@ class ImageStore:
 
     def collect_unused(self) -> None:
         """Remove layers nothing uses; call once containers have re-taken their holds."""
-        with self._lock:
+        with self._state_lock:
             candidates = list(self._layers)
         self._collect_layers(candidates)
 
     def close(self) -> None:
-        with self._lock:
+        with self._state_lock:
             jobs = list(self._jobs.values())
         for job in jobs:
             job.cancel.set()
@@ -187,46 +212,41 @@ class ImageStore:
 
     # --- queries ---------------------------------------------------------------
 
-    def _index(self, record: ImageRecord) -> None:
-        record.pinned = any(name in self._pinned for name in (*record.repo_tags, *record.repo_digests))
-        self._images[record.id] = record
-        for name in (*record.repo_tags, *record.repo_digests):
-            self._names[name] = record.id
+    def _is_pinned(self, record: ImageRecord) -> bool:
+        return any(name in self._pinned for name in (*record.repo_tags, *record.repo_digests))
 
     def list_images(self) -> list[ImageRecord]:
-        with self._lock:
-            return list(self._images.values())
+        return list(self._view.images.values())
 
     def resolve(self, text: str) -> ImageRecord | None:
         """Find an image by ID (full or ``sha256:`` hex), tag, digest reference or short ID."""
         if not text:
             raise InvalidArgument("image reference is empty")
-        with self._lock:
-            if looks_like_image_id(text):
-                full_id = "sha256:" + text.removeprefix("sha256:")
-                if full_id in self._images:
-                    return self._images[full_id]
+        view = self._view  # one snapshot for the whole lookup
+        if looks_like_image_id(text):
+            full_id = "sha256:" + text.removeprefix("sha256:")
+            if full_id in view.images:
+                return view.images[full_id]
         ref = None
         try:
             ref = parse_reference(text)
         except InvalidArgument:
             if not looks_like_image_id(text) and not _is_hex_prefix(text):
                 raise
-        with self._lock:
-            image_id: str | None = None
-            if ref is not None:
-                if ref.digest:
-                    # Only this repository's digest: another repository's image with the same
-                    # manifest is not what the caller named (containerd matches exactly too).
-                    image_id = self._names.get(f"{ref.repository}@{ref.digest}")
-                elif ref.tagged:
-                    image_id = self._names.get(ref.tagged)
-                if image_id:
-                    return self._images[image_id]
-            if _is_hex_prefix(text) and len(text) >= 12:
-                matches = [i for i in self._images if i.removeprefix("sha256:").startswith(text)]
-                if len(matches) == 1:
-                    return self._images[matches[0]]
+        image_id: str | None = None
+        if ref is not None:
+            if ref.digest:
+                # Only this repository's digest: another repository's image with the same
+                # manifest is not what the caller named (containerd matches exactly too).
+                image_id = view.names.get(f"{ref.repository}@{ref.digest}")
+            elif ref.tagged:
+                image_id = view.names.get(ref.tagged)
+            if image_id:
+                return view.images[image_id]
+        if _is_hex_prefix(text) and len(text) >= 12:
+            matches = [i for i in view.images if i.removeprefix("sha256:").startswith(text)]
+            if len(matches) == 1:
+                return view.images[matches[0]]
         return None
 
     def get(self, text: str) -> ImageRecord:
@@ -237,16 +257,17 @@ class ImageStore:
 
     def layer_dirs(self, image_id: str) -> list[Path]:
         """The image's unpacked layer directories, lowest first (overlayfs wants them reversed)."""
-        with self._lock:
-            record = self._images.get(image_id)
-            if record is None:
-                raise NotFound(f"image {image_id!r} is not present")
-            return [self._layer_path(layer.chain_id) / "diff" for layer in record.layers]
+        record = self._view.images.get(image_id)
+        if record is None:
+            raise NotFound(f"image {image_id!r} is not present")
+        return [self._layer_path(layer.chain_id) / "diff" for layer in record.layers]
 
     def hold_layers(self, image_id: str) -> list[str]:
         """Keep an image's layers while a container uses them; pair with ``release_layers``."""
-        with self._lock:
-            record = self._images.get(image_id)
+        # Under the state lock, so that a collection either sees this hold or has already
+        # taken the image out of the view (and then this raises NotFound).
+        with self._state_lock:
+            record = self._view.images.get(image_id)
             if record is None:
                 raise NotFound(f"image {image_id!r} is not present")
             chains = [layer.chain_id for layer in record.layers]
@@ -255,16 +276,18 @@ class ImageStore:
 
     def hold_chains(self, chains: list[str]) -> None:
         """Re-take holds recorded before a restart (a container's layers)."""
-        with self._lock:
+        with self._state_lock:
             self._pins.update(chains)
 
     def release_layers(self, chains: list[str]) -> None:
-        with self._lock:
+        with self._state_lock:
             self._pins.subtract(chains)
         self._collect_layers(chains)
 
     def fs_usage(self) -> FsUsage:
-        with self._lock:
+        """What the layers cost (recorded when each was unpacked) plus the layers directory
+        itself. Touches the disk (one lstat): call it from a worker thread."""
+        with self._state_lock:
             used = sum(layer.size for layer in self._layers.values())
             inodes = sum(layer.inodes for layer in self._layers.values())
         own, _ = disk_usage_of_dir(self.layers_dir)
@@ -276,41 +299,62 @@ class ImageStore:
 
     def remove(self, text: str) -> str | None:
         """Remove the image ``text`` names, with every tag; None when there was none."""
-        record = self.resolve(text)
-        if record is None:
-            return None
-        with self._lock:
-            if self._images.get(record.id) is not record:
-                return None  # a concurrent removal got there first
+        with self._writer_lock:
+            # Resolved under the writer lock: only writers change the view, so it stays put.
+            record = self.resolve(text)
+            if record is None:
+                return None
             self.db.delete_image(record.id)
-            del self._images[record.id]
-            for name in (*record.repo_tags, *record.repo_digests):
-                if self._names.get(name) == record.id:
-                    del self._names[name]
+            images = {k: v for k, v in self._view.images.items() if k != record.id}
+            with self._state_lock:
+                self._view = _index_of(images)
         failpoints.hit("image.remove_after_record")
         log.info("image removed", image=record.id, tags=record.repo_tags)
         self._collect_layers([layer.chain_id for layer in record.layers])
         return record.id
 
+    def _collectable(self, candidates: Iterable[str]) -> list[str]:
+        """The layers among ``candidates`` no image, pull or container uses. Caller holds
+        ``_state_lock``."""
+        used = {layer.chain_id for rec in self._view.images.values() for layer in rec.layers}
+        out = []
+        for chain_id in set(candidates):
+            job = self._jobs.get(chain_id)
+            if chain_id in used or self._pins[chain_id] > 0 or (job and not job.future.done()):
+                continue
+            if chain_id in self._layers:
+                out.append(chain_id)
+        return out
+
     def _collect_layers(self, candidates: Iterable[str]) -> None:
         """Delete the layers among ``candidates`` that no image, pull or container uses."""
-        doomed: list[str] = []
-        with self._lock:
-            used = {layer.chain_id for rec in self._images.values() for layer in rec.layers}
-            for chain_id in set(candidates):
-                job = self._jobs.get(chain_id)
-                if chain_id in used or self._pins[chain_id] > 0 or (job and not job.future.done()):
-                    continue
-                if chain_id not in self._layers:
-                    continue
-                self.db.remove_layer(chain_id)
-                del self._layers[chain_id]
-                # Renamed away under the lock so that no pull sees a half-deleted layer.
-                trash = self.tmp_dir / f"trash-{uuid.uuid4().hex}"
-                os.rename(self._layer_path(chain_id), trash)
-                doomed.append(str(trash))
-        for path in doomed:
-            _remove_tree(Path(path))
+        candidates = set(candidates)
+        with self._state_lock:
+            if not self._collectable(candidates):
+                return  # the usual case (a container's layers still belong to an image): no wait
+        with self._writer_lock:
+            with self._state_lock:
+                doomed = self._collectable(candidates)
+                # Gone from the maps at once: a hold or a pull from now on no longer finds
+                # these layers (a pull downloads them anew, and publishes after we are done).
+                dropped = {chain_id: self._layers.pop(chain_id) for chain_id in doomed}
+            if not doomed:
+                return
+            try:
+                self.db.remove_layers(doomed)
+            except BaseException:
+                with self._state_lock:
+                    self._layers.update(dropped)
+                raise
+            trash: list[Path] = []
+            for chain_id in doomed:
+                # Renamed away under the writer lock, so that no pull publishes onto a
+                # half-deleted layer; the slow removal happens after.
+                path = self.tmp_dir / f"trash-{uuid.uuid4().hex}"
+                os.rename(self._layer_path(chain_id), path)
+                trash.append(path)
+        for path in trash:
+            _remove_tree(path)
 
     # --- pulling -----------------------------------------------------------------
 
@@ -352,7 +396,7 @@ class ImageStore:
         self._check_platform(ref, config_bytes)
         chains = chain_ids(diff_ids)
         image_id = config_desc.digest
-        with self._lock:
+        with self._state_lock:
             self._pins.update(chains)
         try:
             self._fetch_layers(session, ref, layer_descs, diff_ids, chains, cancel)
@@ -365,7 +409,7 @@ class ImageStore:
                 ref, top.digest, image_id, config_bytes, size, layer_descs, diff_ids, chains
             )
         finally:
-            with self._lock:
+            with self._state_lock:
                 self._pins.subtract(chains)
             # On failure this removes what this pull alone brought in; on success it finds nothing.
             self._collect_layers(chains)
@@ -450,7 +494,8 @@ class ImageStore:
         cancel: threading.Event,
     ) -> None:
         jobs: list[_LayerJob] = []
-        with self._lock:
+        started: list[_LayerJob] = []
+        with self._state_lock:
             for desc, diff_id, chain_id in zip(descs, diff_ids, chains, strict=True):
                 if chain_id in self._layers:
                     continue
@@ -465,9 +510,12 @@ class ImageStore:
                     )
                     job = _LayerJob(chain_id, future, job_cancel)
                     self._jobs[chain_id] = job
-                    future.add_done_callback(functools.partial(self._job_done, chain_id))
+                    started.append(job)
                 job.waiters += 1
                 jobs.append(job)
+        for job in started:
+            # Outside the lock: a future already done runs the callback here, and it locks.
+            job.future.add_done_callback(functools.partial(self._job_done, job))
         pending = list(jobs)
         try:
             while pending:
@@ -495,15 +543,16 @@ class ImageStore:
             raise
 
     def _release_job(self, job: _LayerJob) -> None:
-        with self._lock:
+        with self._state_lock:
             job.waiters -= 1
             if job.waiters <= 0:
                 # Nobody wants this layer any more: stop downloading it.
                 job.cancel.set()
 
-    def _job_done(self, chain_id: str, _future: object) -> None:
-        with self._lock:
-            self._jobs.pop(chain_id, None)
+    def _job_done(self, job: _LayerJob, _future: object) -> None:
+        with self._state_lock:
+            if self._jobs.get(job.chain_id) is job:
+                del self._jobs[job.chain_id]
 
     def _download_and_unpack(
         self, session: RegistrySession, desc: Descriptor, diff_id: str, chain_id: str
@@ -526,15 +575,14 @@ class ImageStore:
             failpoints.hit("image.after_download")
             # What the layer costs on disk, as du counts it (ImageFsInfo adds these up).
             layer = LayerRecord(chain_id, diff_id, *disk_usage(unpacked))
-            with self._lock:
+            with self._writer_lock:
+                # A pull that gives up on this layer after this check waits for the job to
+                # end, then collects what it published.
                 if session.cancel.is_set():
                     raise DeadlineExceeded(f"download of layer {desc.digest} cancelled")
-                os.rename(unpacked, self._layer_path(chain_id))
-                _fsync_dir(self.layers_dir)
-                self.db.add_layer(layer)
-                self._layers[chain_id] = layer
+                published = self._publish_layer(unpacked, layer)
                 failpoints.hit("image.after_layer")
-            return layer
+            return published
         finally:
             _remove_tree(work)
 
@@ -550,11 +598,15 @@ class ImageStore:
         chains: list[str],
     ) -> ImageRecord:
         repo_digest = f"{ref.repository}@{manifest_digest}" if manifest_digest and ref.domain else None
-        with self._lock:
-            for chain_id in chains:
-                if chain_id not in self._layers:
-                    raise FailedPrecondition(f"image {ref}: layer {chain_id} vanished during the pull")
-            existing = self._images.get(image_id)
+        with self._writer_lock:
+            # Only writers change the view and the layers, so what we read here stays true
+            # until we publish; readers go on using the old view meanwhile.
+            view = self._view
+            with self._state_lock:
+                vanished = [chain_id for chain_id in chains if chain_id not in self._layers]
+            if vanished:
+                raise FailedPrecondition(f"image {ref}: layer {vanished[0]} vanished during the pull")
+            existing = view.images.get(image_id)
             layers = [
                 LayerRef(chain, diff, desc.digest, desc.size)
                 for chain, diff, desc in zip(chains, diff_ids, descs, strict=True)
@@ -567,7 +619,6 @@ class ImageStore:
                 layers=existing.layers if existing else layers,
                 repo_tags=list(existing.repo_tags) if existing else [],
                 repo_digests=list(existing.repo_digests) if existing else [],
-                pinned=existing.pinned if existing else False,
                 created_at=existing.created_at if existing else time.time(),
             )
             # With both a tag and a digest the digest decides and the tag is dropped, as in containerd.
@@ -575,17 +626,25 @@ class ImageStore:
                 record.repo_tags.append(ref.tagged)
             if repo_digest and repo_digest not in record.repo_digests:
                 record.repo_digests.append(repo_digest)
-            self.db.save_image(record)
-            # A tag moved from another image: that image keeps only its other names.
+            record.pinned = self._is_pinned(record)
+            images = dict(view.images)
+            images[image_id] = record
+            # A tag moved from another image: that image keeps only its other names (a new
+            # record: the old one may be in a reader's hands).
             for name in (*record.repo_tags, *record.repo_digests):
-                previous = self._names.get(name)
-                if previous and previous != image_id and previous in self._images:
-                    other = self._images[previous]
-                    if name in other.repo_tags:
-                        other.repo_tags.remove(name)
-                    if name in other.repo_digests:
-                        other.repo_digests.remove(name)
-            self._index(record)
+                previous = view.names.get(name)
+                if previous and previous != image_id and previous in images:
+                    other = images[previous]
+                    moved = replace(
+                        other,
+                        repo_tags=[t for t in other.repo_tags if t != name],
+                        repo_digests=[d for d in other.repo_digests if d != name],
+                    )
+                    moved.pinned = self._is_pinned(moved)
+                    images[previous] = moved
+            self.db.save_image(record)
+            with self._state_lock:
+                self._view = _index_of(images)
             return record
 
     def import_image(
@@ -606,11 +665,11 @@ class ImageStore:
         diff_ids = self._parse_config(anonymous, config_bytes, len(layer_blobs))
         chains = chain_ids(diff_ids)
         refs = [parse_reference(n) for n in names] or [anonymous]
-        with self._lock:
+        with self._state_lock:
             self._pins.update(chains)
         try:
             for (desc, blob), diff_id, chain_id in zip(layer_blobs, diff_ids, chains, strict=True):
-                with self._lock:
+                with self._state_lock:
                     present = chain_id in self._layers
                 if not present:
                     self._unpack_local(blob, desc, diff_id, chain_id, cancel)
@@ -622,7 +681,7 @@ class ImageStore:
             ]
             return records[-1]
         finally:
-            with self._lock:
+            with self._state_lock:
                 self._pins.subtract(chains)
             self._collect_layers(chains)
 
@@ -643,18 +702,34 @@ class ImageStore:
                 )
             _syncfs(work)
             layer = LayerRecord(chain_id, diff_id, *disk_usage(work / "layer"))
-            with self._lock:
-                if chain_id in self._layers:
-                    return
-                os.rename(work / "layer", self._layer_path(chain_id))
-                _fsync_dir(self.layers_dir)
-                self.db.add_layer(layer)
-                self._layers[chain_id] = layer
+            with self._writer_lock:
+                self._publish_layer(work / "layer", layer)
         finally:
             _remove_tree(work)
 
+    def _publish_layer(self, unpacked: Path, layer: LayerRecord) -> LayerRecord:
+        """Move an unpacked, synced layer into place and record it; the layer already
+        present when another pull or import got there first. Caller holds ``_writer_lock``
+        (which alone adds or removes layers), never ``_state_lock``."""
+        with self._state_lock:
+            present = self._layers.get(layer.chain_id)
+        if present is not None:
+            return present
+        os.rename(unpacked, self._layer_path(layer.chain_id))
+        _fsync_dir(self.layers_dir)
+        self.db.add_layer(layer)
+        # Published only once durable: a reader never counts a layer a crash would lose.
+        with self._state_lock:
+            self._layers[layer.chain_id] = layer
+        return layer
+
     def _layer_path(self, chain_id: str) -> Path:
         return self.layers_dir / chain_id.removeprefix("sha256:")
+
+
+def _index_of(images: dict[str, ImageRecord]) -> _ImageIndex:
+    names = {name: r.id for r in images.values() for name in (*r.repo_tags, *r.repo_digests)}
+    return _ImageIndex(images, names)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
