@@ -318,6 +318,8 @@ def test_run_pod_sandbox_with_an_ipc_sysctl_in_the_nodes_ipc_namespace_is_invali
     [
         ("/kubepods/a\nb", "holds a NUL byte or a newline"),
         ("/kubepods/" + "a" * 300, "longer than 255 bytes"),
+        ("/kubepods/../../escape", "climbs out of the hierarchy"),
+        ("kubepods/..", "climbs out of the hierarchy"),
     ],
 )
 def test_run_pod_sandbox_with_a_bad_cgroup_parent_is_invalid(
@@ -328,6 +330,17 @@ def test_run_pod_sandbox_with_a_bad_cgroup_parent_is_invalid(
     code, message = refused(grpc_stub.RunPodSandbox, pb.RunPodSandboxRequest(config=config))
     assert code == C.INVALID_ARGUMENT
     assert said in message
+
+
+@pytest.mark.usefixtures("nothing_made")
+def test_run_pod_sandbox_with_an_unknown_port_protocol_is_invalid(
+    grpc_stub: pb_grpc.RuntimeServiceStub,
+) -> None:
+    config = pod_config()
+    config.port_mappings.add(protocol=7, container_port=80, host_port=8080)
+    code, message = refused(grpc_stub.RunPodSandbox, pb.RunPodSandboxRequest(config=config))
+    assert code == C.INVALID_ARGUMENT
+    assert "unknown protocol 7" in message
 
 
 # --- pod lookups --------------------------------------------------------------------------------

@@ -134,7 +134,12 @@ def pod_sandbox_config(config: pb.PodSandboxConfig) -> model.PodSandboxConfig:
         log_directory=config.log_directory,
         dns=model.DNSConfig(tuple(dns.servers), tuple(dns.searches), tuple(dns.options)),
         port_mappings=tuple(
-            model.PortMapping(_enum(_PROTOCOLS, p.protocol), p.container_port, p.host_port, p.host_ip)
+            model.PortMapping(
+                _enum(_PROTOCOLS, p.protocol, f"port_mappings: unknown protocol {p.protocol}"),
+                p.container_port,
+                p.host_port,
+                p.host_ip,
+            )
             for p in config.port_mappings
         ),
         labels=dict(config.labels),

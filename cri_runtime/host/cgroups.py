@@ -48,9 +48,10 @@ def normalize(path: str) -> str:
         raise ValueError("empty cgroup path")
     if "\0" in path or "\n" in path:
         raise ValueError(f"cgroup path {path!r} holds a NUL byte or a newline")
-    normal = os.path.normpath("/" + path.lstrip("/"))
-    if ".." in normal.split("/"):
+    # Checked before normpath, which would fold "/kubepods/../../escape" into "/escape".
+    if ".." in path.split("/"):
         raise ValueError(f"cgroup path {path!r} climbs out of the hierarchy")
+    normal = os.path.normpath("/" + path.lstrip("/"))
     if any(len(part.encode()) > 255 for part in normal.split("/")):
         raise ValueError(f"cgroup path {path!r} has a component longer than 255 bytes")
     return normal
