@@ -10,9 +10,11 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
+import structlog
 
 from cri_runtime import __version__
 from cri_runtime.api import api_pb2 as pb
@@ -46,6 +48,8 @@ class DaemonConfig(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+log = structlog.get_logger("pycri.runtime_service")
+
 RUNTIME_NAME = "pycri"
 RUNTIME_API_VERSION = "v1"
 T = TypeVar("T")
@@ -53,6 +57,21 @@ T = TypeVar("T")
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+def _log_if_abandoned(task: asyncio.Future[Any]) -> None:
+    """A shielded task whose caller went away: nobody else will see how it ended."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a call finished with an error after its caller left", error=str(task.exception()))
+
+
+def _read_spec(path: Path) -> Any:
+    """The container's OCI spec as written to its bundle, or None once the bundle is gone."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
 
 
 def _labels_match(labels: dict[str, str], selector: Any) -> bool:
@@ -133,7 +152,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             runtime_ready.reason = "NoOCIRuntime"
             runtime_ready.message = self.default_reason
         if self.cni is not None:
-            ready, message = self.cni.ready()
+            ready, message = await _in_thread(self.cni.ready)  # reads the conf dir and plugin dirs
         else:
             ready, message = False, "no CNI configured"
         network_ready = pb.RuntimeCondition(type="NetworkReady", status=ready)
@@ -269,7 +288,16 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     async def StopContainer(
         self, request: pb.StopContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopContainerResponse:
-        await _in_thread(self._pods().stop_container, request.container_id, float(request.timeout))
+        # Shielded: a caller that goes away does not cut the stop short; it finishes (the grace
+        # period, then SIGKILL) and releases what it holds, while this call returns at once.
+        stop = asyncio.ensure_future(
+            self._pods().stop_container_async(request.container_id, float(request.timeout))
+        )
+        try:
+            await asyncio.shield(stop)
+        except asyncio.CancelledError:
+            stop.add_done_callback(_log_if_abandoned)
+            raise
         return pb.StopContainerResponse()
 
     async def RemoveContainer(
@@ -301,11 +329,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
                 "runtime": container.runtime,
                 "rootfs": container.rootfs,
             }
-            try:
-                with open(container.bundle_dir / "config.json") as fh:
-                    info["runtimeSpec"] = json.load(fh)
-            except OSError:
-                pass
+            spec = await _in_thread(_read_spec, container.bundle_dir / "config.json")
+            if spec is not None:
+                info["runtimeSpec"] = spec
             response.info["info"] = json.dumps(info)
         return response
 
@@ -313,7 +339,7 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self, request: pb.ExecSyncRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExecSyncResponse:
         timeout = float(request.timeout) if request.timeout > 0 else None
-        result = await _in_thread(self._pods().exec_sync, request.container_id, list(request.cmd), timeout)
+        result = await self._pods().exec_sync_async(request.container_id, list(request.cmd), timeout)
         return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
     async def UpdateContainerResources(

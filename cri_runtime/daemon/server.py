@@ -10,8 +10,10 @@ import signal
 import socket
 import ssl
 import stat
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,16 +110,20 @@ async def serve(
             "cgroup_driver = systemd is not supported yet; "
             "use cgroupfs (and cgroupDriver: cgroupfs in kubelet)"
         )
-    prepare_socket(socket_path)
+    loop = asyncio.get_running_loop()
+    _prepare_loop(loop)
+    # Start-up touches the disk, runs the runtimes' --version and recovers state: off the loop.
+    await loop.run_in_executor(None, prepare_socket, socket_path)
     for directory in (Path(config.root), Path(config.state)):
         directory.mkdir(parents=True, exist_ok=True, mode=0o711)
-    runtimes = oci_runtimes.detect()
+    runtimes = await loop.run_in_executor(None, oci_runtimes.detect)
     default, why = oci_runtimes.choose_default(config.default_runtime, runtimes)
     (log.info if default else log.warning)("oci runtime", decision=why)
-    store = ImageStore(Path(config.root), config.image)
+    store = await loop.run_in_executor(None, ImageStore, Path(config.root), config.image)
     store.pull_observer = metrics.METRICS
     image_service = ImageService(store)
-    runtime = build_runtime(config, store, runtimes, default)
+    runtime = await loop.run_in_executor(None, build_runtime, config, store, runtimes, default)
+    runtime.containers.start_watcher(loop)
     metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)
     server = grpc.aio.server(
         interceptors=[RpcInterceptor(metrics.METRICS.observe_rpc)],
@@ -151,7 +157,6 @@ async def serve(
     if ready:
         ready()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
@@ -171,6 +176,22 @@ async def serve(
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
         log.info("stopped")
+
+
+# Worker threads do bounded work only (file system, SQLite, runtime calls with timeouts): waits of
+# unbounded length (stop grace periods, exec timeouts, exits) are awaited on the loop. Sized so that
+# many pods set up at once do not queue behind each other on two cores.
+WORKER_THREADS = 32
+
+
+def _prepare_loop(loop: asyncio.AbstractEventLoop) -> None:
+    loop.set_default_executor(ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="cri"))
+    if sys.version_info < (3, 12):
+        # 3.11's default child watcher parks a thread in waitpid() per subprocess (each ExecSync);
+        # a pidfd watcher waits on the loop instead (3.12 does this by itself).
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(loop)
+        asyncio.set_child_watcher(watcher)
 
 
 def _streaming_tls(config: Config) -> ssl.SSLContext | None:
@@ -246,7 +267,6 @@ def build_runtime(
     pods = Pods(sandboxes, containers)
     recover(db, root, state, pods, executors, cni)
     store.collect_unused()
-    containers.start_watcher()
     return Runtime(db, cni, pods)
 
 

@@ -37,6 +37,7 @@ ctrl.c, ctr_logging.c, cgroup.c):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -49,6 +50,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -844,6 +846,14 @@ class Executor:
         started are killed inside the container. Each of stdout and stderr keeps at most
         ``max_output`` bytes; the rest is read and dropped so the process never blocks.
         """
+        argv, process_file, pid_file = self._exec_files(container_id, cmd)
+        try:
+            return self._run_exec(container_id, argv, pid_file, timeout, max_output)
+        finally:
+            self._remove_exec_files(process_file, pid_file)
+
+    def _exec_files(self, container_id: str, cmd: list[str]) -> tuple[list[str], Path, Path]:
+        """Write the exec's process file; return the runtime's argv, the process and pid files."""
         if not cmd:
             raise InvalidArgument("exec command is empty")
         directory = self.container_dir(container_id)
@@ -861,12 +871,107 @@ class Executor:
             "--pid-file", str(pid_file),
             container_id,
         ]  # fmt: skip
+        return argv, process_file, pid_file
+
+    @staticmethod
+    def _remove_exec_files(*paths: Path) -> None:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    async def exec_async(
+        self,
+        container_id: str,
+        cmd: list[str],
+        timeout: float | None,
+        *,
+        max_output: int = 16 * 1024 * 1024,
+    ) -> ExecResult:
+        """``exec_sync`` for the event loop: the command's run time, however long, costs no thread.
+
+        Only bounded steps (writing the process file, killing a timed-out process tree, reading the
+        runtime's state after a failure) run on worker threads. A caller that goes away (the task is
+        cancelled) gets its exec killed, as a timeout would, before the cancellation goes on.
+        """
+        loop = asyncio.get_running_loop()
+        argv, process_file, pid_file = await loop.run_in_executor(None, self._exec_files, container_id, cmd)
         try:
-            return self._run_exec(container_id, argv, pid_file, timeout, max_output)
+            return await self._run_exec_async(container_id, argv, pid_file, timeout, max_output)
         finally:
-            for path in (process_file, pid_file):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            self._remove_exec_files(process_file, pid_file)
+
+    async def _run_exec_async(
+        self, container_id: str, argv: list[str], pid_file: Path, timeout: float | None, max_output: int
+    ) -> ExecResult:
+        loop = asyncio.get_running_loop()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise _binary_error(
+                exc, self.runtime_path, self.runtime_name, f"cannot exec in container {container_id}"
+            ) from exc
+        assert proc.stdout is not None and proc.stderr is not None
+        kept = (bytearray(), bytearray())
+        truncated = False
+
+        async def drain(stream: asyncio.StreamReader, buffer: bytearray) -> None:
+            nonlocal truncated
+            while chunk := await stream.read(65536):
+                room = max_output - len(buffer)
+                if len(chunk) > room:
+                    truncated = True  # the rest is read and dropped, so the process never blocks
+                    chunk = chunk[: max(0, room)]
+                buffer += chunk
+
+        readers = asyncio.gather(drain(proc.stdout, kept[0]), drain(proc.stderr, kept[1]))
+        timed_out = False
+        try:
+            await asyncio.wait_for(asyncio.shield(readers), timeout if timeout and timeout > 0 else None)
+        except TimeoutError:
+            timed_out = True
+        except asyncio.CancelledError:
+            await asyncio.shield(self._stop_exec(loop, proc, pid_file, readers))
+            raise
+        if timed_out:
+            await self._stop_exec(loop, proc, pid_file, readers)
+        try:
+            exit_code = await asyncio.wait_for(
+                proc.wait(), EXEC_DRAIN_GRACE if timed_out else RUNTIME_CALL_TIMEOUT
+            )
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            exit_code = await proc.wait()
+        stdout, stderr = bytes(kept[0]), bytes(kept[1])
+        if not timed_out and exit_code != 0 and not pid_file.exists():
+            # No pid file: the runtime never started the process; its stderr is its own error.
+            await loop.run_in_executor(None, self._raise_exec_failure, container_id, stderr)
+        return ExecResult(stdout, stderr, exit_code, timed_out, truncated)
+
+    async def _stop_exec(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        proc: asyncio.subprocess.Process,
+        pid_file: Path,
+        readers: asyncio.Future[Any],
+    ) -> None:
+        """Kill a timed-out (or abandoned) exec's process tree, then stop reading its pipes."""
+        await loop.run_in_executor(None, self._kill_exec_pid, proc.pid, proc.returncode, pid_file)
+        try:
+            await asyncio.wait_for(asyncio.shield(readers), EXEC_DRAIN_GRACE)
+        except TimeoutError:
+            # A process that escaped the kill (re-parented out of the tree) still holds the
+            # pipes; stop reading rather than wait for it.
+            readers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await readers
 
     def _run_exec(
         self, container_id: str, argv: list[str], pid_file: Path, timeout: float | None, max_output: int
@@ -932,6 +1037,16 @@ class Executor:
 
     def _kill_exec(self, proc: subprocess.Popen[bytes], pid_file: Path) -> None:
         """Kill a timed-out exec: the process in the container and its descendants, then the runtime."""
+        self._kill_exec_pid(proc.pid, None, pid_file, proc.poll)
+
+    def _kill_exec_pid(
+        self,
+        runtime_pid: int,
+        returncode: int | None,
+        pid_file: Path,
+        poll: Callable[[], int | None] | None = None,
+    ) -> None:
+        """Kill an exec given the pid of the runtime running it (``runtime exec``)."""
         pid = None
         # The runtime writes the pid file once the process exists; on a loaded machine that can
         # take a while, and killing the runtime before then could orphan the process.
@@ -939,7 +1054,8 @@ class Executor:
         while pid is None and time.monotonic() < give_up:
             pid = self._read_pid(pid_file)
             if pid is None:
-                if proc.poll() is not None and time.monotonic() > give_up - 4.8:
+                ended = (poll() if poll is not None else returncode) is not None or _process_gone(runtime_pid)
+                if ended and time.monotonic() > give_up - 4.8:
                     break  # the runtime is gone and never wrote the pid: nothing was started
                 time.sleep(0.01)
         if pid is not None:
@@ -947,7 +1063,7 @@ class Executor:
         else:
             # Still starting: killing the runtime stops it before the process exists.
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.kill(runtime_pid, signal.SIGKILL)
 
     def _raise_exec_failure(self, container_id: str, stderr: bytes) -> None:
         error = _clean_runtime_error(stderr.decode(errors="replace"))

@@ -1,8 +1,9 @@
 """ContainerManager: containers as an overlay root file system, an OCI spec, and a conmon
 monitor running the OCI runtime.
 
-A background watcher reads conmon's exit files, so that ContainerStatus and
-ListContainers answer from memory without a subprocess per call.
+Exits are noticed by cri_runtime.runtime.exits (a pidfd per running container's conmon, on the
+event loop), so that ContainerStatus and ListContainers answer from memory without a subprocess
+per call, and nothing polls while containers run.
 
 The manager knows nothing of pods beyond the Sandbox record it is handed: cri_runtime.runtime.pods
 checks that the pod is ready and holds the pod's lock around each call.
@@ -10,6 +11,7 @@ checks that the pod is ready and holds the pod's lock around each call.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -37,6 +39,7 @@ from cri_runtime.model import ContainerConfig, LinuxResources
 from cri_runtime.oci import spec
 from cri_runtime.oci.conmon import ExecResult, Executor
 from cri_runtime.runtime.events import EventHub
+from cri_runtime.runtime.exits import ExitWatcher
 from cri_runtime.runtime.locks import KeyedLocks
 from cri_runtime.runtime.names import NameIndex
 from cri_runtime.runtime.state import Container, Sandbox, StateDB
@@ -45,8 +48,8 @@ from imageservice.store import ImageStore
 log = structlog.get_logger("pycri.container")
 
 EXEC_OUTPUT_CAP = 16 * 1024 * 1024
-WATCH_INTERVAL = 0.1
-FULL_CHECK_TICKS = 30
+# After SIGKILL, how long a stop waits for conmon to report the exit before recording it itself.
+KILL_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,7 @@ class ContainerManager:
         self._name_keys: dict[str, str] = {}
         self.locks = KeyedLocks()
         self._guard = threading.Lock()
-        self._stop_watch = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self.exits = ExitWatcher(self._check_exit)
         self.events = EventHub()
         for directory in (settings.root_dir, settings.state_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -244,14 +246,40 @@ class ContainerManager:
         info = executor.exit_info(container.id)
         self._record_exit(container, info)
 
-    def start_watcher(self) -> None:
-        self._watcher = threading.Thread(target=self._watch, name="exit-watcher", daemon=True)
-        self._watcher.start()
+    def start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch every running container's exit on ``loop`` from now on."""
+        self.exits.start(loop)
+        for container in self.all():
+            if container.state == "running":
+                self.exits.watch(container.id, self.executor(container).conmon_pid(container.id))
 
     def close(self) -> None:
-        self._stop_watch.set()
-        if self._watcher is not None:
-            self._watcher.join(2)
+        self.exits.close()
+
+    def _check_exit(self, container_id: str) -> bool | int | None:
+        """Called by the exit watcher, on a worker thread, when a monitor ended: record the exit.
+
+        No per-container lock here: a StopContainer may hold it, and recording the same exit twice
+        is harmless (the code comes from the same file). Returns True once exited, None if the
+        container is gone, else the pid to watch next (the monitor died, the container runs on).
+        """
+        container = self.find(container_id)
+        if container is None:
+            return None
+        if container.state != "running":
+            return True
+        executor = self.executor(container)
+        info = executor.exit_info(container.id)
+        if info is not None:
+            if container.state == "running":
+                self._record_exit(container, info)
+                log.info("container exited", id=container.id, exit_code=container.exit_code)
+            return True
+        monitor = executor.conmon_pid(container.id)
+        if monitor is not None:
+            return monitor
+        log.warning("container's monitor is gone; watching its process", id=container.id, pid=container.pid)
+        return container.pid or None
 
     # --- lookups -----------------------------------------------------------------
 
@@ -483,6 +511,7 @@ class ContainerManager:
             container.started_at_ns = started
             container.state = "running"
             self.db.save(container)
+            self.exits.watch(container.id, self.executor(container).conmon_pid(container.id))
         log.info("container started", id=container.id)
         self.events.publish("started", container)
 
@@ -493,23 +522,41 @@ class ContainerManager:
         self._stop(container, timeout)
 
     def _stop(self, container: Container, timeout: float) -> None:
+        """Stop and wait on this thread (pod stop and removal, recovery: timeout 0, bounded)."""
+        if self.stop_begin(container, timeout) == "signalled":
+            self.executor(container).wait_exit(container.id, timeout)
+        self.stop_finish(container)
+
+    def stop_begin(self, container: Container, timeout: float) -> str:
+        """The first, bounded, step of a stop: "done" (it was not running), "signalled" (the stop
+        signal was sent: wait up to ``timeout`` for the exit, then ``stop_finish``), or "killed"
+        (SIGKILL sent: ``stop_finish``). The grace period is waited for by the caller, off this
+        thread when it can (cri_runtime.runtime.pods)."""
         with self.locks.hold(container.id):
             if container.state == "exited":
-                return
+                return "done"
             executor = self.executor(container)
             if container.state == "created":
                 # Never started: there is nothing to signal; it is exited as far as CRI goes.
                 executor.kill(container.id, signal.SIGKILL)
-            else:
-                if timeout > 0:
-                    executor.kill(container.id, _signal_number(container.stop_signal))
-                    failpoints.hit("container.stop_after_kill")
-                    if executor.wait_exit(container.id, timeout) is None:
-                        executor.kill(container.id, signal.SIGKILL, all_processes=True)
-                else:
-                    executor.kill(container.id, signal.SIGKILL, all_processes=True)
-            info = executor.wait_exit(container.id, 10)
-            self._record_exit(container, info)
+                self._record_exit(container, executor.wait_exit(container.id, KILL_WAIT))
+                return "done"
+            if timeout > 0:
+                executor.kill(container.id, _signal_number(container.stop_signal))
+                failpoints.hit("container.stop_after_kill")
+                return "signalled"
+            executor.kill(container.id, signal.SIGKILL, all_processes=True)
+            return "killed"
+
+    def stop_finish(self, container: Container) -> None:
+        """The last step of a stop: SIGKILL what still runs, wait (bounded) and record the exit."""
+        with self.locks.hold(container.id):
+            if container.state == "exited":
+                return
+            executor = self.executor(container)
+            if executor.exit_info(container.id) is None:
+                executor.kill(container.id, signal.SIGKILL, all_processes=True)
+            self._record_exit(container, executor.wait_exit(container.id, KILL_WAIT))
 
     def _record_exit(self, container: Container, info: object) -> None:
         exit_code = getattr(info, "exit_code", 137)
@@ -522,6 +569,7 @@ class ContainerManager:
         container.reason = "OOMKilled" if oom else ("Completed" if exit_code == 0 else "Error")
         container.pid = 0
         self.db.save(container)
+        self.exits.exited(container.id)
         if not was_exited:
             self.events.publish("stopped", container)
 
@@ -556,6 +604,7 @@ class ContainerManager:
                 self.containers.pop(container.id, None)
             self._release_name(container)
             self.images.release_layers(container.layers)
+            self.exits.forget(container.id)
         log.info("container removed", id=container.id)
         self.events.publish("deleted", container)
 
@@ -614,12 +663,30 @@ class ContainerManager:
     # --- ExecSync, logs ---------------------------------------------------------------
 
     def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
+        container = self._exec_target(container_id, cmd)
+        result = self.executor(container).exec_sync(container.id, cmd, timeout, max_output=EXEC_OUTPUT_CAP)
+        return self._exec_outcome(container, cmd, timeout, result)
+
+    async def exec_async(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
+        """ExecSync awaited on the event loop: no thread waits while the command runs."""
+        container = self._exec_target(container_id, cmd)
+        result = await self.executor(container).exec_async(
+            container.id, cmd, timeout, max_output=EXEC_OUTPUT_CAP
+        )
+        return self._exec_outcome(container, cmd, timeout, result)
+
+    def _exec_target(self, container_id: str, cmd: list[str]) -> Container:
         container = self.get(container_id)
         if not cmd:
             raise InvalidArgument("ExecSync: cmd is empty")
         if container.state != "running":
             raise FailedPrecondition(f"container {container.id} is {container.state}, not running")
-        result = self.executor(container).exec_sync(container.id, cmd, timeout, max_output=EXEC_OUTPUT_CAP)
+        return container
+
+    @staticmethod
+    def _exec_outcome(
+        container: Container, cmd: list[str], timeout: float | None, result: ExecResult
+    ) -> ExecResult:
         if result.timed_out:
             raise DeadlineExceeded(
                 f"ExecSync {cmd[0]!r} in container {container.id} exceeded its {timeout:g}s timeout; killed"
@@ -638,30 +705,3 @@ class ContainerManager:
                 f"container {container.id} is {container.state}; its log cannot be reopened"
             )
         self.executor(container).reopen_log(container.id)
-
-    # --- background exit watcher -------------------------------------------------------
-
-    def _watch(self) -> None:
-        """Notice exits: one stat per running container per tick, and the full check (conmon
-        gone without an exit file, e.g. killed) only every FULL_CHECK_TICKS ticks."""
-        tick = 0
-        while not self._stop_watch.wait(WATCH_INTERVAL):
-            tick += 1
-            thorough = tick % FULL_CHECK_TICKS == 0
-            for container in self.all():
-                if container.state != "running":
-                    continue
-                executor = self.executor(container)
-                try:
-                    if not thorough and not executor.exit_file_written(container.id):
-                        continue
-                    info = executor.exit_info(container.id)
-                except Exception as exc:  # a broken file must not stop the watcher
-                    log.warning("exit watcher", id=container.id, error=str(exc))
-                    continue
-                if info is None or container.state != "running":
-                    continue
-                # No per-container lock here: a StopContainer may hold it for its whole
-                # timeout, and recording the same exit twice is harmless.
-                self._record_exit(container, info)
-                log.info("container exited", id=container.id, exit_code=container.exit_code)

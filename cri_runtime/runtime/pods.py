@@ -14,8 +14,11 @@ threads (the servicer runs each call with run_in_executor), so the locks are thr
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import structlog
 
@@ -28,6 +31,13 @@ from cri_runtime.runtime.sandboxes import SandboxManager
 from cri_runtime.runtime.state import Container, Sandbox
 
 log = structlog.get_logger("pycri.pods")
+
+T = TypeVar("T")
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Bounded work (file system, subprocesses with timeouts, SQLite) on the loop's worker pool."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
 
 class Pods:
@@ -115,12 +125,43 @@ class Pods:
     def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
         """ExecSync; the pod's lock is held to set the exec up, not while the command runs (it
         may run for as long as its timeout, and a pod's removal must not wait for it)."""
+        self._exec_ready(container_id)
+        return self.containers.exec_sync(container_id, cmd, timeout)
+
+    def _exec_ready(self, container_id: str) -> None:
         container = self.containers.get(container_id)
         with self.locks.shared(container.pod_id):
             container = self.containers.get(container.id)
             if container.state != "running":
                 raise FailedPrecondition(f"container {container.id} is {container.state}, not running")
-        return self.containers.exec_sync(container.id, cmd, timeout)
+
+    # --- the same calls for the event loop: waits of unbounded length hold no thread ---------
+
+    async def stop_container_async(self, container_id: str, timeout: float) -> None:
+        """StopContainer: the bounded steps (signal, SIGKILL, record) on worker threads under the
+        pod's shared lock; the grace period awaited on the loop (the exit watcher's pidfd), holding
+        no lock and no thread. A pod stop or removal meanwhile ends the wait early."""
+        container = self.containers.find(container_id)
+        if container is None:
+            return  # CRI: stopping a container that is gone is not an error
+        exits = self.containers.exits
+        if not exits.running:
+            await _in_thread(self.stop_container, container_id, timeout)
+            return
+        phase = await _in_thread(self._under_pod_lock, container, self.containers.stop_begin, timeout)
+        if phase == "done":
+            return
+        if phase == "signalled" and await exits.wait(container.id, timeout):
+            return
+        await _in_thread(self._under_pod_lock, container, self.containers.stop_finish)
+
+    async def exec_sync_async(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
+        await _in_thread(self._exec_ready, container_id)
+        return await self.containers.exec_async(container_id, cmd, timeout)
+
+    def _under_pod_lock(self, container: Container, step: Callable[..., T], *args: Any) -> T:
+        with self.locks.shared(container.pod_id):
+            return step(container, *args)
 
     # --- start-up -------------------------------------------------------------------------------
 
