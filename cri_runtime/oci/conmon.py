@@ -45,12 +45,10 @@ import os
 import re
 import secrets
 import select
-import selectors
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -840,17 +838,14 @@ class Executor:
         *,
         max_output: int = 16 * 1024 * 1024,
     ) -> ExecResult:
-        """Run ``cmd`` in the container and collect its output.
+        """Run ``cmd`` in the container and collect its output (``exec_async``, for callers with no
+        event loop of their own).
 
         ``timeout`` None or <= 0 means no limit. On timeout the process and everything it
         started are killed inside the container. Each of stdout and stderr keeps at most
         ``max_output`` bytes; the rest is read and dropped so the process never blocks.
         """
-        argv, process_file, pid_file = self._exec_files(container_id, cmd)
-        try:
-            return self._run_exec(container_id, argv, pid_file, timeout, max_output)
-        finally:
-            self._remove_exec_files(process_file, pid_file)
+        return asyncio.run(self.exec_async(container_id, cmd, timeout, max_output=max_output))
 
     def _exec_files(self, container_id: str, cmd: list[str]) -> tuple[list[str], Path, Path]:
         """Write the exec's process file; return the runtime's argv, the process and pid files."""
@@ -973,80 +968,9 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await readers
 
-    def _run_exec(
-        self, container_id: str, argv: list[str], pid_file: Path, timeout: float | None, max_output: int
-    ) -> ExecResult:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self._env,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise _binary_error(
-                exc, self.runtime_path, self.runtime_name, f"cannot exec in container {container_id}"
-            ) from exc
-        assert proc.stdout is not None and proc.stderr is not None
-        stdout_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
-        kept: dict[int, bytearray] = {stdout_fd: bytearray(), stderr_fd: bytearray()}
-        truncated = timed_out = False
-        deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
-        give_up_at: float | None = None
-        with selectors.DefaultSelector() as selector:
-            for fd in (stdout_fd, stderr_fd):
-                selector.register(fd, selectors.EVENT_READ)
-            while selector.get_map():
-                now = time.monotonic()
-                if deadline is not None and not timed_out and now >= deadline:
-                    timed_out = True
-                    self._kill_exec(proc, pid_file)
-                    give_up_at = time.monotonic() + EXEC_DRAIN_GRACE
-                if give_up_at is not None and now >= give_up_at:
-                    # A process that escaped the kill (re-parented out of the tree) still
-                    # holds the pipes; stop reading rather than wait for it.
-                    break
-                limit = give_up_at if give_up_at is not None else deadline
-                # In slices: a caller's timeout of years is more than poll(2) can be asked to wait.
-                wait = None if limit is None else min(max(0.0, limit - now), 3600.0)
-                for key, _ in selector.select(wait):
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        selector.unregister(key.fd)
-                        continue
-                    buffer = kept[key.fd]
-                    room = max_output - len(buffer)
-                    if len(chunk) > room:
-                        truncated = True
-                        chunk = chunk[: max(0, room)]
-                    buffer += chunk
-        proc.stdout.close()
-        proc.stderr.close()
-        try:
-            exit_code = proc.wait(timeout=EXEC_DRAIN_GRACE if timed_out else RUNTIME_CALL_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            exit_code = proc.wait()
-        stdout, stderr = bytes(kept[stdout_fd]), bytes(kept[stderr_fd])
-        if not timed_out and exit_code != 0 and not pid_file.exists():
-            # No pid file: the runtime never started the process; its stderr is its own error.
-            self._raise_exec_failure(container_id, stderr)
-        return ExecResult(stdout, stderr, exit_code, timed_out, truncated)
-
-    def _kill_exec(self, proc: subprocess.Popen[bytes], pid_file: Path) -> None:
-        """Kill a timed-out exec: the process in the container and its descendants, then the runtime."""
-        self._kill_exec_pid(proc.pid, None, pid_file, proc.poll)
-
-    def _kill_exec_pid(
-        self,
-        runtime_pid: int,
-        returncode: int | None,
-        pid_file: Path,
-        poll: Callable[[], int | None] | None = None,
-    ) -> None:
-        """Kill an exec given the pid of the runtime running it (``runtime exec``)."""
+    def _kill_exec_pid(self, runtime_pid: int, returncode: int | None, pid_file: Path) -> None:
+        """Kill a timed-out exec, given the pid of the runtime running it (``runtime exec``): the
+        process in the container and its descendants, or the runtime if it is still starting."""
         pid = None
         # The runtime writes the pid file once the process exists; on a loaded machine that can
         # take a while, and killing the runtime before then could orphan the process.
@@ -1054,7 +978,7 @@ class Executor:
         while pid is None and time.monotonic() < give_up:
             pid = self._read_pid(pid_file)
             if pid is None:
-                ended = (poll() if poll is not None else returncode) is not None or _process_gone(runtime_pid)
+                ended = returncode is not None or _process_gone(runtime_pid)
                 if ended and time.monotonic() > give_up - 4.8:
                     break  # the runtime is gone and never wrote the pid: nothing was started
                 time.sleep(0.01)

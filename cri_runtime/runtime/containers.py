@@ -662,11 +662,6 @@ class ContainerManager:
 
     # --- ExecSync, logs ---------------------------------------------------------------
 
-    def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
-        container = self._exec_target(container_id, cmd)
-        result = self.executor(container).exec_sync(container.id, cmd, timeout, max_output=EXEC_OUTPUT_CAP)
-        return self._exec_outcome(container, cmd, timeout, result)
-
     async def exec_async(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
         """ExecSync awaited on the event loop: no thread waits while the command runs."""
         container = self._exec_target(container_id, cmd)

@@ -122,12 +122,6 @@ class Pods:
         with self.locks.shared(container.pod_id):
             self.containers.reopen_log(container.id)
 
-    def exec_sync(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
-        """ExecSync; the pod's lock is held to set the exec up, not while the command runs (it
-        may run for as long as its timeout, and a pod's removal must not wait for it)."""
-        self._exec_ready(container_id)
-        return self.containers.exec_sync(container_id, cmd, timeout)
-
     def _exec_ready(self, container_id: str) -> None:
         container = self.containers.get(container_id)
         with self.locks.shared(container.pod_id):
@@ -156,6 +150,8 @@ class Pods:
         await _in_thread(self._under_pod_lock, container, self.containers.stop_finish)
 
     async def exec_sync_async(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
+        """ExecSync; the pod's lock is held to set the exec up, not while the command runs (it
+        may run for as long as its timeout, and a pod's removal must not wait for it)."""
         await _in_thread(self._exec_ready, container_id)
         return await self.containers.exec_async(container_id, cmd, timeout)
 
