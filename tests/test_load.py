@@ -1,9 +1,12 @@
-"""Fifty clients at once, for minutes: does pycri keep up, account for everything and leak nothing?
+"""Two hundred clients at once, for minutes: does pycri keep up, account for everything and leak nothing?
 
 Each client is a thread with its own CRIClient (its own gRPC channel) that loops the life of a
-pod kubelet would drive: RunPodSandbox, CreateContainer (``sleep`` from the busybox test image),
-StartContainer, StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox. No iteration
-starts once the time is up (``PYCRI_LOAD_SECONDS``, default 120; the first 10 s are a warm-up).
+pod kubelet would drive: RunPodSandbox, CreateContainer (from the busybox test image),
+StartContainer, StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox. The stops are
+mixed as on a node: a third of the clients run a container that ignores SIGTERM and stop it with a
+2 s timeout (it is killed when the timeout ends), a third one that exits on SIGTERM, stopped with a
+10 s timeout, the rest ``sleep`` stopped at once (timeout 0). No iteration starts once the time is
+up (``PYCRI_LOAD_SECONDS``, default 120; the first 10 s are a warm-up).
 
 Every answer must be OK. Afterwards nothing is listed and nothing is left on the host (mounts,
 namespace pins, pod cgroups, conmon and pod init processes, bridge ports, IP allocations), the
@@ -38,7 +41,13 @@ from tests.support.registry import Registry
 pytestmark = pytest.mark.root
 
 SUBNET = "198.18.124.0/24"
-CLIENTS = 50
+CLIENTS = 200
+# (command, StopContainer timeout) by client index modulo 3.
+WORKLOADS = (
+    (["sh", "-c", "trap '' TERM; while :; do sleep 1; done"], 2),
+    (["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"], 10),
+    (["sleep", "1000"], 0),
+)
 SECONDS = float(os.environ.get("PYCRI_LOAD_SECONDS", "120"))
 WARMUP_SECONDS = 10.0
 OPS_PER_ITERATION = 7
@@ -95,6 +104,7 @@ class Run:
 def client_loop(
     endpoint: str, index: int, image: str, logs: Path, until: float, run: Run, phase: str
 ) -> None:
+    command, stop_timeout = WORKLOADS[index % len(WORKLOADS)]
     with CRIClient(endpoint, timeout=120) as cri:
         iteration = 0
         while time.monotonic() < until:  # never start an iteration after the time is up
@@ -106,15 +116,13 @@ def client_loop(
                 with run.lock:
                     run.pods.add(pod)
                 step = "CreateContainer"
-                cid = cri.create_container(
-                    pod, "sleeper", image, command=["sleep", "1000"], log_path=f"{name}.log"
-                )
+                cid = cri.create_container(pod, "sleeper", image, command=command, log_path=f"{name}.log")
                 with run.lock:
                     run.containers.add(cid)
                 step = "StartContainer"
                 cri.start_container(cid)
                 step = "StopContainer"
-                cri.stop_container(cid, timeout=0)
+                cri.stop_container(cid, timeout=stop_timeout)
                 step = "RemoveContainer"
                 cri.remove_container(cid)
                 step = "StopPodSandbox"
@@ -230,7 +238,7 @@ def host_leftovers(env: LoadEnv, pods: set[str]) -> dict[str, list[str]]:
 
 
 @pytest.mark.timeout(int(SECONDS) + 600)
-def test_fifty_clients_cycle_pods_and_containers_without_errors_or_leaks(load_env: LoadEnv) -> None:
+def test_two_hundred_clients_cycle_pods_and_containers_without_errors_or_leaks(load_env: LoadEnv) -> None:
     daemon = load_env.daemon
     logs = load_env.tmp / "logs"
     warmup, warmup_seconds = run_clients(daemon, load_env.image, logs, min(WARMUP_SECONDS, SECONDS), "warmup")
