@@ -124,6 +124,16 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self.default_reason = why
         self.pods = pods
         self.cni = cni
+        # ListContainers' messages, built once per container and state (the only field of a
+        # pb.Container that changes in a container's life): kubelet lists every second.
+        self._listed: dict[str, tuple[str, pb.Container]] = {}
+
+    def _listed_container(self, container: Container) -> pb.Container:
+        cached = self._listed.get(container.id)
+        if cached is None or cached[0] != container.state:
+            cached = (container.state, container_to_proto(container))
+            self._listed[container.id] = cached
+        return cached[1]
 
     def _pods(self) -> Pods:
         assert self.pods is not None
@@ -313,7 +323,12 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     ) -> pb.ListContainersResponse:
         _, containers = self._managers()
         wanted = request.filter if request.HasField("filter") else None
-        items = [container_to_proto(c) for c in containers.all() if _container_matches(c, wanted)]
+        present = containers.all()
+        items = [self._listed_container(c) for c in present if _container_matches(c, wanted)]
+        if len(self._listed) > len(present):
+            live = {c.id for c in present}
+            for gone in [cid for cid in self._listed if cid not in live]:
+                del self._listed[gone]
         return pb.ListContainersResponse(containers=items)
 
     async def ContainerStatus(

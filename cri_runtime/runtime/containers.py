@@ -548,7 +548,19 @@ class ContainerManager:
             executor.kill(container.id, signal.SIGKILL, all_processes=True)
             return "killed"
 
-    def stop_finish(self, container: Container) -> None:
+    def stop_kill(self, container: Container) -> str:
+        """After the grace period: SIGKILL everything the container runs ("killed"), unless it
+        exited meanwhile ("done"). The caller then waits for the exit and calls ``stop_finish``."""
+        with self.locks.hold(container.id):
+            if container.state == "exited":
+                return "done"
+            executor = self.executor(container)
+            if executor.exit_info(container.id) is not None:
+                return "killed"  # exited; the watcher records it, or stop_finish does
+            executor.kill(container.id, signal.SIGKILL, all_processes=True)
+            return "killed"
+
+    def stop_finish(self, container: Container, wait: float = KILL_WAIT) -> None:
         """The last step of a stop: SIGKILL what still runs, wait (bounded) and record the exit."""
         with self.locks.hold(container.id):
             if container.state == "exited":
@@ -556,7 +568,7 @@ class ContainerManager:
             executor = self.executor(container)
             if executor.exit_info(container.id) is None:
                 executor.kill(container.id, signal.SIGKILL, all_processes=True)
-            self._record_exit(container, executor.wait_exit(container.id, KILL_WAIT))
+            self._record_exit(container, executor.wait_exit(container.id, wait))
 
     def _record_exit(self, container: Container, info: object) -> None:
         exit_code = getattr(info, "exit_code", 137)

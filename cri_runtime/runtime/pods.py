@@ -25,7 +25,7 @@ import structlog
 from cri_runtime.errors import FailedPrecondition, NotFound
 from cri_runtime.model import ContainerConfig, LinuxResources, PodSandboxConfig
 from cri_runtime.oci.conmon import ExecResult
-from cri_runtime.runtime.containers import ContainerManager
+from cri_runtime.runtime.containers import KILL_WAIT, ContainerManager
 from cri_runtime.runtime.locks import KeyedRWLocks
 from cri_runtime.runtime.sandboxes import SandboxManager
 from cri_runtime.runtime.state import Container, Sandbox
@@ -143,11 +143,14 @@ class Pods:
             await _in_thread(self.stop_container, container_id, timeout)
             return
         phase = await _in_thread(self._under_pod_lock, container, self.containers.stop_begin, timeout)
-        if phase == "done":
+        if phase == "signalled":
+            if await exits.wait(container.id, timeout):
+                return
+            phase = await _in_thread(self._under_pod_lock, container, self.containers.stop_kill)
+        if phase == "done" or await exits.wait(container.id, KILL_WAIT):
             return
-        if phase == "signalled" and await exits.wait(container.id, timeout):
-            return
-        await _in_thread(self._under_pod_lock, container, self.containers.stop_finish)
+        # SIGKILL did not end it in time (a process stuck in the kernel): record what is known.
+        await _in_thread(self._under_pod_lock, container, self.containers.stop_finish, 0.0)
 
     async def exec_sync_async(self, container_id: str, cmd: list[str], timeout: float | None) -> ExecResult:
         """ExecSync; the pod's lock is held to set the exec up, not while the command runs (it
