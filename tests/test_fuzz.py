@@ -56,7 +56,7 @@ from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host import cgroups
 from cri_runtime.host.mounts import mounts_under
-from tests.support.daemon import Daemon, force_cleanup
+from tests.support.daemon import Daemon, bridge_ports, force_cleanup
 from tests.support.host import processes_of
 from tests.support.images import Image, busybox_layer, push_image
 from tests.support.registry import Registry
@@ -414,9 +414,7 @@ def host_state(fz: Fuzz) -> dict[str, Any]:
             return sorted(norm(p.name) for p in directory.iterdir())
         return []
 
-    links = subprocess.run(
-        ["ip", "-o", "link", "show", "master", fz.bridge], capture_output=True, text=True
-    ).stdout.splitlines()
+    links = bridge_ports(fz.bridge)
     return {
         "mounts": sorted(norm(m) for m in mounts_under(fz.daemon.workdir)),
         "namespace pins": sorted(norm(str(p)) for p in state.glob("sandboxes/*/ns/*")),

@@ -33,7 +33,7 @@ import pytest
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host import cgroups
 from cri_runtime.host.mounts import mounts_under
-from tests.support.daemon import Daemon, force_cleanup
+from tests.support.daemon import Daemon, bridge_ports, force_cleanup
 from tests.support.host import processes_of
 from tests.support.images import Image, busybox_layer, push_image
 from tests.support.registry import Registry
@@ -207,9 +207,7 @@ def load_env(registry: Registry, daemon_factory, tmp_path: Path) -> Iterator[Loa
 
 def host_leftovers(env: LoadEnv, pods: set[str]) -> dict[str, list[str]]:
     state = env.daemon.state
-    links = subprocess.run(
-        ["ip", "-o", "link", "show", "master", env.bridge], capture_output=True, text=True
-    ).stdout.splitlines()
+    links = bridge_ports(env.bridge)
     ipam = state / "cni-ipam"
     allocations = (
         [

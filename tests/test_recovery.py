@@ -21,7 +21,7 @@ import pytest
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host.mounts import mounts_under
-from tests.support.daemon import Daemon, force_cleanup
+from tests.support.daemon import Daemon, bridge_ports, force_cleanup
 from tests.support.host import catches, parent_pid, process_gone, processes_of
 from tests.support.images import Image, busybox_layer, layer_from_files, push_image
 from tests.support.pods import container_pid, exec_out, wait_exited
@@ -80,13 +80,11 @@ def leftovers(node: Node) -> dict[str, object]:
     """What the host holds for this daemon beyond its records' objects (nothing, when empty)."""
     state = node.daemon.state
     ipam = [p.name for p in (state / "cni-ipam").glob("*/*") if _is_ip(p.name)]
-    links = subprocess.run(
-        ["ip", "-o", "link", "show", "master", node.bridge], capture_output=True, text=True
-    ).stdout
+    links = bridge_ports(node.bridge)
     return {
         "processes": processes_of(node.daemon.workdir),
         "mounts": mounts_under(node.daemon.workdir),
-        "bridge ports": links.splitlines(),
+        "bridge ports": links,
         "cgroups": [str(p) for p in Path("/sys/fs/cgroup").glob("*/pycri/*") if _ours(node, p.name)],
         "ip allocations": ipam,
         "cni records": [p.name for p in (state / "cni").glob("*.json")],

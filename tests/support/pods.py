@@ -4,14 +4,13 @@ those tests share (waiting for an exit, exec with output, where a pod's cgroup i
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host.mounts import mounts_under
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, bridge_ports
 from tests.support.host import processes_of
 from tests.support.wait import wait_for
 
@@ -42,13 +41,11 @@ class Env:
 
 
 def host_leftovers(daemon: Daemon, bridge: str, pods: list[str]) -> dict[str, object]:
-    links = subprocess.run(
-        ["ip", "-o", "link", "show", "master", bridge], capture_output=True, text=True
-    ).stdout
+    links = bridge_ports(bridge)
     return {
         "processes": processes_of(daemon.workdir),
         "mounts": mounts_under(daemon.workdir),
-        "bridge ports": links.splitlines(),
+        "bridge ports": links,
         "cgroups": [str(path) for pod in pods for path in Path("/sys/fs/cgroup").glob(f"*/pycri/{pod}")],
     }
 
