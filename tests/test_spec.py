@@ -1036,6 +1036,7 @@ def test_oom_score_adj_is_clamped_up_to_the_floor(
         ({"memory_limit_in_bytes": -5}, "memory_limit_in_bytes"),
         ({"memory_limit_in_bytes": 100 << 20, "memory_swap_limit_in_bytes": 50 << 20}, "memory_swap"),
         ({"cpu_shares": 1}, "cpu_shares"),
+        ({"cpu_shares": 262145}, "cpu_shares"),
     ],
 )
 def test_bad_resources_are_invalid_argument(rootfs: Path, fields: dict[str, Any], message: str) -> None:

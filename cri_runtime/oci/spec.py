@@ -1054,6 +1054,8 @@ MIN_CPU_QUOTA = 1000  # microseconds
 MIN_CPU_PERIOD = 1000
 MAX_CPU_PERIOD = 1_000_000
 MIN_MEMORY = 4 * 1024 * 1024
+# The kernel's range for cpu.shares (MIN_SHARES, MAX_SHARES); runc refuses values above it.
+MIN_CPU_SHARES, MAX_CPU_SHARES = 2, 262144
 _PAGE_UNITS = {"K": 1, "M": 1024, "G": 1024**2, "T": 1024**3, "P": 1024**4}
 
 
@@ -1113,8 +1115,10 @@ def _resources(config: LinuxResources, oom_score_adj_floor: int | None) -> tuple
     field = "linux.resources"
     cpu: dict[str, Any] = {}
     if config.cpu_shares:
-        if config.cpu_shares < 2:
-            raise InvalidArgument(f"{field}.cpu_shares {config.cpu_shares} must be at least 2")
+        if not MIN_CPU_SHARES <= config.cpu_shares <= MAX_CPU_SHARES:
+            raise InvalidArgument(
+                f"{field}.cpu_shares {config.cpu_shares} must be between {MIN_CPU_SHARES} and {MAX_CPU_SHARES}"
+            )
         cpu["shares"] = config.cpu_shares
     if config.cpu_quota:
         # The kernel's bounds (kernel/sched/core.c): at least 1ms of CPU time per period.
