@@ -224,10 +224,10 @@ def main() -> int:
                     os.kill(int(main_pid), 9)
                     # Restart=on-failure, RestartSec=5: systemd starts it again.
                     wait_for(
-                        lambda: sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
-                        not in ("0", main_pid)
-                        and sh("systemctl", "is-active", "pycri").strip() == "active",
-                        60,
+                        lambda: subprocess.run(["systemctl", "is-active", "-q", "pycri"]).returncode == 0
+                        and sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
+                        not in ("0", main_pid),
+                        90,
                         "pycri restarted by systemd",
                     )
                 assert os.path.exists(f"/proc/{pid}"), "the container's process died with pycri"
