@@ -43,7 +43,7 @@ class Checks:
                 f.write(line + "\n")
 
     def run(self, name: str, fn: Callable[[], object]) -> object:
-        """Run one check; returns its value, or None when it failed (the caller then skips what depends on it)."""
+        """Run one check: its value, or None when it failed (the caller skips what depends on it)."""
         print(f"-- {name}", flush=True)
         started = time.monotonic()
         try:
@@ -74,7 +74,9 @@ def wait_for(fn: Callable[[], object], timeout: float, what: str) -> object:
 def sh(*cmd: str) -> str:
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {out.returncode}: {out.stderr.strip() or out.stdout.strip()}")
+        raise RuntimeError(
+            f"{' '.join(cmd)}: exit {out.returncode}: {out.stderr.strip() or out.stdout.strip()}"
+        )
     return out.stdout
 
 
@@ -116,8 +118,10 @@ def main() -> int:
         config = cri.runtime_config()
         status = cri.status()
         conditions = {c.type: c.status for c in status.status.conditions}
-        print(f"   {v.runtime_name} {v.runtime_version} (CRI {v.runtime_api_version}); "
-              f"cgroup driver {pb.CgroupDriver.Name(config.linux.cgroup_driver)}; conditions {conditions}")
+        print(
+            f"   {v.runtime_name} {v.runtime_version} (CRI {v.runtime_api_version}); "
+            f"cgroup driver {pb.CgroupDriver.Name(config.linux.cgroup_driver)}; conditions {conditions}"
+        )
         assert all(conditions.values()), conditions
         return v.runtime_version
 
@@ -134,7 +138,9 @@ def main() -> int:
         if image_id is None:
             checks.skip("everything after the pull", "no image")
             return finish(checks)
-        checks.run("ListImages has it", lambda: [i for i in cri.list_images() if image in i.repo_tags] or fail())
+        checks.run(
+            "ListImages has it", lambda: [i for i in cri.list_images() if image in i.repo_tags] or fail()
+        )
 
         pod = checks.run("RunPodSandbox", lambda: cri.run_pod("vm-pod", log_directory=str(logs)))
         if pod is None:
@@ -224,9 +230,11 @@ def main() -> int:
                     os.kill(int(main_pid), 9)
                     # Restart=on-failure, RestartSec=5: systemd starts it again.
                     wait_for(
-                        lambda: subprocess.run(["systemctl", "is-active", "-q", "pycri"]).returncode == 0
-                        and sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
-                        not in ("0", main_pid),
+                        lambda: (
+                            subprocess.run(["systemctl", "is-active", "-q", "pycri"]).returncode == 0
+                            and sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
+                            not in ("0", main_pid)
+                        ),
                         90,
                         "pycri restarted by systemd",
                     )
@@ -238,7 +246,9 @@ def main() -> int:
 
             return run
 
-        checks.run("systemctl restart pycri: the container keeps running and is reported", survives("restart"))
+        checks.run(
+            "systemctl restart pycri: the container keeps running and is reported", survives("restart")
+        )
         checks.run("kill -9 pycri (systemd restarts it): the container survives", survives("kill"))
 
         def stop_remove() -> None:
