@@ -1116,9 +1116,8 @@ def _resources(config: LinuxResources, oom_score_adj_floor: int | None) -> tuple
     cpu: dict[str, Any] = {}
     if config.cpu_shares:
         if not MIN_CPU_SHARES <= config.cpu_shares <= MAX_CPU_SHARES:
-            raise InvalidArgument(
-                f"{field}.cpu_shares {config.cpu_shares} must be between {MIN_CPU_SHARES} and {MAX_CPU_SHARES}"
-            )
+            bounds = f"between {MIN_CPU_SHARES} and {MAX_CPU_SHARES}"
+            raise InvalidArgument(f"{field}.cpu_shares {config.cpu_shares} must be {bounds}")
         cpu["shares"] = config.cpu_shares
     if config.cpu_quota:
         # The kernel's bounds (kernel/sched/core.c): at least 1ms of CPU time per period.
