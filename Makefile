@@ -61,6 +61,8 @@ SYSCONFDIR ?= /etc/pycri
 UNITDIR ?= /etc/systemd/system
 CRICTL_CONFIG ?= /etc/crictl.yaml
 DATADIR ?= /var/lib/pycri
+MODULESLOADDIR ?= /etc/modules-load.d
+SKIP_MODULES ?=
 SKIP_APT ?=
 PURGE ?=
 CHECK_ARGS ?=
@@ -91,6 +93,10 @@ install: runtime-deps
 	if [ -e $(CRICTL_CONFIG) ]; then echo "keeping $(CRICTL_CONFIG)"; \
 	else install -D -m 0644 manifests/crictl.yaml $(CRICTL_CONFIG); fi; \
 	install -D -m 0644 manifests/pycri.service $(UNITDIR)/pycri.service; \
+	if [ -z "$(SKIP_MODULES)" ]; then \
+		install -d -m 0755 $(MODULESLOADDIR); echo overlay > $(MODULESLOADDIR)/pycri.conf; \
+		grep -qw overlay /proc/filesystems || modprobe overlay || echo "could not load overlay: pycri check will say why"; \
+	fi; \
 	if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then \
 		systemctl daemon-reload; systemctl enable pycri.service; \
 		echo "enabled pycri.service: systemctl start pycri"; \
@@ -103,7 +109,7 @@ uninstall:
 	@set -e; \
 	if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ] && [ -e $(UNITDIR)/pycri.service ]; then \
 		systemctl disable --now pycri.service || true; fi; \
-	rm -f $(UNITDIR)/pycri.service; \
+	rm -f $(UNITDIR)/pycri.service $(MODULESLOADDIR)/pycri.conf; \
 	if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then systemctl daemon-reload; fi; \
 	if [ -L $(BINDIR)/pycri ] && [ "$$(readlink $(BINDIR)/pycri)" = "$(PYCRI_HOME)/bin/pycri" ]; then \
 		rm -f $(BINDIR)/pycri; fi; \

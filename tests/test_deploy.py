@@ -411,7 +411,7 @@ def _missing_runtime_packages() -> list[str]:
 )
 def test_make_install_check_uninstall_leaves_the_machine_as_it_was(tmp_path: Path) -> None:
     target = tmp_path / "node"
-    for d in ("opt", "usr/local/bin", "etc/systemd/system", "var/lib"):
+    for d in ("opt", "usr/local/bin", "etc/systemd/system", "etc/modules-load.d", "var/lib"):
         (target / d).mkdir(parents=True)
     paths = {
         "PYCRI_HOME": target / "opt/pycri",
@@ -420,6 +420,7 @@ def test_make_install_check_uninstall_leaves_the_machine_as_it_was(tmp_path: Pat
         "UNITDIR": target / "etc/systemd/system",
         "CRICTL_CONFIG": target / "etc/crictl.yaml",
         "DATADIR": target / "var/lib/pycri",
+        "MODULESLOADDIR": target / "etc/modules-load.d",
     }
     variables = [f"{k}={v}" for k, v in paths.items()]
     # With the runtime packages there the apt step is a no-op; CI lets it install them as on a node.
@@ -447,6 +448,9 @@ def test_make_install_check_uninstall_leaves_the_machine_as_it_was(tmp_path: Pat
     assert pycri.is_symlink() and os.readlink(pycri) == str(paths["PYCRI_HOME"] / "bin/pycri")
     assert (paths["SYSCONFDIR"] / "pycri.toml").read_text() == (MANIFESTS / "pycri.toml").read_text()
     assert (paths["UNITDIR"] / "pycri.service").read_text() == (MANIFESTS / "pycri.service").read_text()
+    # overlayfs is loaded now and at every boot (a fresh cloud kernel boots without it).
+    assert (paths["MODULESLOADDIR"] / "pycri.conf").read_text() == "overlay\n"
+    assert "overlay" in Path("/proc/filesystems").read_text()
     result = subprocess.run(
         [
             str(pycri),

@@ -545,7 +545,7 @@ def test_update_container_resources_of_an_unknown_container_is_not_found(
 @pytest.mark.parametrize(
     ("resources", "said"),
     [
-        (pb.LinuxContainerResources(cpu_shares=1), "cpu_shares 1 must be at least 2"),
+        (pb.LinuxContainerResources(cpu_shares=1), "cpu_shares 1 must be between 2 and 262144"),
         (pb.LinuxContainerResources(cpu_quota=5), "cpu_quota 5 must be at least"),
         (pb.LinuxContainerResources(cpu_period=2), "cpu_period 2 must be between"),
         (pb.LinuxContainerResources(memory_limit_in_bytes=-5), "memory_limit_in_bytes -5 must be at least"),

@@ -45,6 +45,7 @@ class _Call:
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.message = ""
+        self.finished = False
 
     async def fail(self, exc: BaseException) -> None:
         """Record ``exc`` and answer the caller with the matching status; re-raises what must propagate."""
@@ -65,9 +66,15 @@ class _Call:
             self.code = grpc.StatusCode.INTERNAL
             self.message = f"{self.method}: internal error: {exc!r}"
             log.error("rpc crashed", method=self.method, exc_info=exc)
+        # Counted before the caller hears the status: a client that scrapes the metrics right after
+        # its failed call sees it.
+        self.finish()
         await self.context.abort(self.code, self.message)
 
     def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
         seconds = time.perf_counter() - self.started
         self.observe(self.method, self.code.name, seconds)
         fields = {"method": self.method, "code": self.code.name, "ms": round(seconds * 1000, 2)}
