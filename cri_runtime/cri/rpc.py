@@ -1,9 +1,11 @@
 """One wrapper for every CRI call, unary or streaming: a log event per RPC, domain errors turned into
-gRPC statuses (through ``cri.status``), unexpected exceptions logged with their traceback as INTERNAL."""
+gRPC statuses (through ``cri.status``), unexpected exceptions logged with their traceback as INTERNAL.
+Applied to the servicers' methods once, at registration (``wrap_servicer``)."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -85,55 +87,53 @@ class _Call:
             log.info("rpc", error=self.message, **fields)
 
 
-class RpcInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every unary-unary and unary-stream handler the same way."""
+def _unary(inner: Callable[..., Awaitable[Any]], method: str, observe: Observer) -> Callable[..., Any]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rpc = _Call(method, request, context, observe)
+        try:
+            return await inner(request, context)
+        except BaseException as exc:
+            await rpc.fail(exc)
+        finally:
+            rpc.finish()
 
-    def __init__(self, observe: Observer) -> None:
+    return call
+
+
+def _stream(inner: Callable[..., AsyncIterator[Any]], method: str, observe: Observer) -> Callable[..., Any]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        rpc = _Call(method, request, context, observe)
+        try:
+            async for item in inner(request, context):
+                yield item
+        except BaseException as exc:
+            await rpc.fail(exc)
+        finally:
+            rpc.finish()
+
+    return call
+
+
+class _Wrapped:
+    """A servicer whose RPC methods are wrapped, once, when the generated ``add_*_to_server`` reads
+    them: no interceptor runs per call (a gRPC interceptor cost ~0.1 ms of every call)."""
+
+    def __init__(self, servicer: object, service: str, observe: Observer) -> None:
+        self._servicer = servicer
+        self._service = service
         self._observe = observe
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method
-        observe = self._observe
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._servicer, name)
+        full_name = f"/{self._service}/{name}"
+        if inspect.isasyncgenfunction(method):
+            return _stream(method, full_name, self._observe)
+        if inspect.iscoroutinefunction(method):
+            return _unary(method, full_name, self._observe)
+        return method
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, request, context, observe)
-                try:
-                    return await inner(request, context)
-                except BaseException as exc:
-                    await call.fail(exc)
-                finally:
-                    call.finish()
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                call = _Call(method, request, context, observe)
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except BaseException as exc:
-                    await call.fail(exc)
-                finally:
-                    call.finish()
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+def wrap_servicer(servicer: object, service: str, observe: Observer) -> Any:
+    """``servicer`` with every RPC going through the one wrapper; ``service`` is the full gRPC service
+    name (``runtime.v1.RuntimeService``), which the logs and metrics use as the method's prefix."""
+    return _Wrapped(servicer, service, observe)

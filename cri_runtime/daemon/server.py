@@ -21,7 +21,6 @@ import grpc
 import structlog
 
 from cri_runtime.cri import convert
-from cri_runtime.cri.rpc import RpcInterceptor
 from cri_runtime.cri.runtime_service import RuntimeService
 from cri_runtime.cri.servicers import add_servicers
 from cri_runtime.cri.status import status_code
@@ -126,7 +125,6 @@ async def serve(
     runtime.containers.start_watcher(loop)
     metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)
     server = grpc.aio.server(
-        interceptors=[RpcInterceptor(metrics.METRICS.observe_rpc)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -143,7 +141,7 @@ async def serve(
     await streaming.start()
     metrics_server = await metrics.start_server(config.metrics_address)
     runtime_service.streaming = streaming
-    add_servicers(server, runtime_service, image_service)
+    add_servicers(server, runtime_service, image_service, metrics.METRICS.observe_rpc)
     server.add_generic_rpc_handlers((_admin_handler(store),))
     # The socket is born 0660 (umask) so there is no moment when others may connect.
     old_umask = os.umask(0o117)
