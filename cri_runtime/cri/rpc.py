@@ -116,7 +116,7 @@ def _stream(inner: Callable[..., AsyncIterator[Any]], method: str, observe: Obse
 
 class _Wrapped:
     """A servicer whose RPC methods are wrapped, once, when the generated ``add_*_to_server`` reads
-    them: no interceptor runs per call (a gRPC interceptor cost ~0.1 ms of every call)."""
+    them: nothing is dispatched per call, as a gRPC interceptor would be."""
 
     def __init__(self, servicer: object, service: str, observe: Observer) -> None:
         self._servicer = servicer

@@ -1,4 +1,4 @@
-"""The pycri daemon: gRPC on a unix socket, one interceptor for logging and error mapping."""
+"""The pycri daemon: gRPC on a unix socket, the servicers wrapped for logging and error mapping (cri.rpc)."""
 
 from __future__ import annotations
 
