@@ -573,6 +573,9 @@ class ContainerManager:
     def _record_exit(self, container: Container, info: object) -> None:
         exit_code = getattr(info, "exit_code", 137)
         finished = getattr(info, "finished_at_ns", 0) or time.time_ns()
+        # The exit file's mtime comes from the kernel's coarse clock (up to a tick behind), and a
+        # quick command can end within that tick of its start: an exit never precedes its start.
+        finished = max(finished, container.started_at_ns)
         oom = bool(getattr(info, "oom_killed", False))
         was_exited = container.state == "exited"
         container.state = "exited"
