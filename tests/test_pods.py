@@ -264,7 +264,9 @@ def test_failing_cni_plugin_fails_the_pod_and_leaves_nothing(daemon_factory, tmp
     assert processes_of(daemon.workdir) == []
 
 
-def test_mount_the_runtime_rejects_fails_create_and_leaves_nothing(env: Env, tmp_path: Path) -> None:
+def test_mount_the_runtime_rejects_fails_the_start_and_leaves_nothing_of_the_runtime(
+    env: Env, tmp_path: Path
+) -> None:
     pod = env.pod("badmount")
     source = tmp_path / "a-directory"
     source.mkdir()
@@ -276,14 +278,20 @@ def test_mount_the_runtime_rejects_fails_create_and_leaves_nothing(env: Env, tmp
         mounts=[pb.Mount(container_path="/etc/passwd", host_path=str(source))],
         log_path="bad.log",
     )
+    # As with containerd, the runtime sees the container at StartContainer.
+    cid = env.cri.create_container(pod, "bad", env.image, config=config)
     with pytest.raises(grpc.RpcError) as err:
-        env.cri.create_container(pod, "bad", env.image, config=config)
+        env.cri.start_container(cid)
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "passwd" in (err.value.details() or "")
+    status = env.cri.container_status(cid).status
+    assert (status.state, status.reason) == (pb.ContainerState.CONTAINER_EXITED, "StartError")
+    assert [p for p in processes_of(env.daemon.workdir) if p.startswith("conmon")] == []
+    assert not list((env.daemon.state / "exec").glob(f"runtime-*/{cid}"))
+    env.cri.remove_container(cid)
     assert env.cri.list_containers() == []
     assert list((env.daemon.state / "containers").iterdir()) == []
     assert list((env.daemon.root / "containers").iterdir()) == []
-    assert [p for p in processes_of(env.daemon.workdir) if p.startswith("conmon")] == []
     # The name is free again: the same container can be created with a good config.
     del config.mounts[:]
     assert env.cri.create_container(pod, "bad", env.image, config=config)
@@ -320,6 +328,65 @@ def test_update_container_resources_applies_and_is_all_or_nothing(env: Env) -> N
     assert (cpu / "cpu.shares").read_text().strip() == "512"
     assert int((memory / "memory.limit_in_bytes").read_text()) == 256 * 1024 * 1024
     assert env.cri.container_status(cid).status.resources.linux.cpu_shares == 512
+
+
+def test_a_created_container_is_made_in_the_runtime_at_start(env: Env) -> None:
+    pod = env.pod("deferred")
+    cid = env.cri.create_container(pod, "c", env.image, command=["sleep", "100"], log_path="c.log")
+    # CreateContainer made the record, the root file system and the bundle; no monitor runs yet.
+    assert not (env.daemon.state / "exec" / cid).exists()
+    assert not [p for p in processes_of(env.daemon.workdir) if p.startswith("conmon:")]
+    status = env.cri.container_status(cid).status
+    assert status.state == pb.ContainerState.CONTAINER_CREATED and status.started_at == 0
+    # A resource update before the start is what the runtime creates the container with.
+    env.cri.runtime.UpdateContainerResources(
+        pb.UpdateContainerResourcesRequest(
+            container_id=cid, linux=pb.LinuxContainerResources(cpu_shares=333)
+        ),
+        timeout=30,
+    )
+    env.cri.start_container(cid)
+    assert (container_cgroup(env, pod, cid, "cpu") / "cpu.shares").read_text().strip() == "333"
+    assert exec_out(env.cri, cid, "echo", "up") == "up\n"
+    # Once it exited, the runtime's state is gone before RemoveContainer is asked.
+    env.cri.stop_container(cid, 0)
+    assert wait_exited(env.cri, cid).exit_code == 137
+    assert wait_for(lambda: not list((env.daemon.state / "exec").glob(f"runtime-*/{cid}")), timeout=5)
+
+
+def test_a_start_that_fails_leaves_the_container_exited_with_start_error(env: Env) -> None:
+    pod = env.pod("starterr")
+    cid = env.cri.create_container(pod, "c", env.image, command=["/not/here"], log_path="c.log")
+    with pytest.raises(grpc.RpcError) as err:
+        env.cri.start_container(cid)
+    assert "/not/here" in (err.value.details() or "")
+    status = env.cri.container_status(cid).status
+    assert status.state == pb.ContainerState.CONTAINER_EXITED
+    assert (status.exit_code, status.reason) == (128, "StartError")
+    assert "/not/here" in status.message
+    assert status.finished_at >= status.started_at > 0
+    # Nothing of the runtime's or conmon's is left; a second start is refused, removal works.
+    assert not list((env.daemon.state / "exec").glob(f"*{cid}*")) and not list(
+        (env.daemon.state / "exec").glob(f"runtime-*/{cid}")
+    )
+    with pytest.raises(grpc.RpcError) as again:
+        env.cri.start_container(cid)
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    env.cri.remove_container(cid)
+    assert env.cri.list_containers() == []
+
+
+def test_start_in_a_stopped_pod_is_refused_and_changes_nothing(env: Env) -> None:
+    pod = env.pod("stoppedpod")
+    cid = env.cri.create_container(pod, "c", env.image, command=["sleep", "100"], log_path="c.log")
+    env.cri.stop_pod(pod)
+    state = env.cri.container_status(cid).status.state
+    with pytest.raises(grpc.RpcError) as err:
+        env.cri.start_container(cid)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not ready" in (err.value.details() or "")
+    assert env.cri.container_status(cid).status.state == state
+    assert not (env.daemon.state / "exec" / cid).exists()
 
 
 def test_reopen_container_log_starts_a_new_file(env: Env) -> None:

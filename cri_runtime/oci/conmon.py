@@ -337,16 +337,9 @@ class Executor:
         bundle, log_path = Path(bundle).absolute(), Path(log_path).absolute()
         if not (bundle / "config.json").is_file():
             raise InvalidArgument(f"bundle {bundle} has no config.json")
-        if ":" in str(log_path):
-            # conmon splits --log-path on ':' (driver:path); a colon in the path cannot be passed.
-            raise InvalidArgument(f"log path {log_path} contains ':', which conmon cannot take")
+        self.check_create(container_id, log_path)
         if not log_path.parent.is_dir():
             raise InvalidArgument(f"log directory {log_path.parent} does not exist")
-        doing = f"cannot create container {container_id}"
-        # conmon runs the runtime itself, where a missing binary would only show as a vague
-        # exit; both are checked here, before anything is made.
-        _require_executable(self.conmon_path, "conmon", doing)
-        _require_executable(self.runtime_path, self.runtime_name, doing)
         try:
             directory.mkdir(mode=0o700)
         except FileExistsError:
@@ -383,6 +376,19 @@ class Executor:
                 except OSError as exc:
                     log.warning("conmon cgroup left behind", id=container_id, error=str(exc))
             raise
+
+    def check_create(self, container_id: str, log_path: Path) -> None:
+        """What ``create`` would refuse for reasons known before anything runs: a log path conmon
+        cannot take, a missing conmon or runtime. (CreateContainer asks early; the runtime's own
+        create happens at StartContainer.)"""
+        if ":" in str(log_path):
+            # conmon splits --log-path on ':' (driver:path); a colon in the path cannot be passed.
+            raise InvalidArgument(f"log path {log_path} contains ':', which conmon cannot take")
+        doing = f"cannot create container {container_id}"
+        # conmon runs the runtime itself, where a missing binary would only show as a vague
+        # exit; both are checked here, before anything is made.
+        _require_executable(self.conmon_path, "conmon", doing)
+        _require_executable(self.runtime_path, self.runtime_name, doing)
 
     def _conmon_argv(
         self,
@@ -674,6 +680,15 @@ class Executor:
                 f"{self.runtime_name} delete --force {container_id} failed: "
                 f"{_clean_runtime_error(result.stderr)}"
             )
+
+    def forget_stopped(self, container_id: str) -> None:
+        """Drop the runtime's state of a container that has exited (``<runtime> delete``), as
+        containerd deletes a task when it exits: RemoveContainer then has no runtime call to
+        make. conmon's files (the exit code) stay until ``delete``. Never raises."""
+        try:
+            self._runtime_delete(container_id)
+        except PycriError as exc:
+            log.warning("cannot delete an exited container's runtime state", id=container_id, error=str(exc))
 
     def delete(self, container_id: str) -> None:
         """Kill and forget the container: runtime state, conmon, ``state_dir/<id>``. Idempotent."""

@@ -50,6 +50,8 @@ log = structlog.get_logger("pycri.container")
 EXEC_OUTPUT_CAP = 16 * 1024 * 1024
 # After SIGKILL, how long a stop waits for conmon to report the exit before recording it itself.
 KILL_WAIT = 10.0
+# A container whose start failed is exited with this code and reason StartError (containerd's).
+START_ERROR_EXIT_CODE = 128
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,11 @@ class ContainerManager:
         executor = self.executor(container)
         current = executor.state(container.id)
         status = current.get("status") if current else None
+        if not container.pid and status in (None, "created"):
+            # Recorded before StartContainer made it in the runtime; a runtime create that a
+            # crash interrupted is undone, and the container can be started again.
+            executor.delete(container.id)
+            return
         if status == "created":
             return
         if status == "running":
@@ -375,6 +382,10 @@ class ContainerManager:
             # The config's own stop signal, else the image's (STOPSIGNAL), else SIGTERM.
             stop_signal=config.stop_signal or str((image.config.get("config") or {}).get("StopSignal") or ""),
         )
+        self.executor(container).check_create(
+            container_id,
+            Path(log_path) if log_path else self.settings.state_dir / container_id / "console.log",
+        )
         self._reserve_name(container, sandbox)
         try:
             with self.locks.hold(container_id), contextlib.ExitStack() as undo:
@@ -463,17 +474,8 @@ class ContainerManager:
         (bundle / "config.json").write_text(json.dumps(oci_spec))
         if container.log_path:
             Path(container.log_path).parent.mkdir(parents=True, exist_ok=True)
-        executor = self.executor(container)
-        container.pid = executor.create(
-            container.id,
-            bundle,
-            Path(container.log_path) if container.log_path else volatile / "console.log",
-            terminal=config.tty,
-            stdin=config.stdin,
-            stdin_once=config.stdin_once,
-        )
-        undo.callback(executor.delete, container.id)
-        failpoints.hit("container.after_conmon")
+        # The runtime's own create (conmon, `<runtime> create`) waits for StartContainer, as with
+        # containerd: a created container is its record, root file system and bundle.
         container.pending = ""
         self.db.save(container)
         with self._guard:
@@ -501,19 +503,58 @@ class ContainerManager:
     # --- Start / Stop ----------------------------------------------------------------
 
     def start(self, container_id: str) -> None:
+        """conmon runs ``<runtime> create``, then ``<runtime> start``. A failure leaves the
+        container exited with code 128 and reason StartError (as containerd does), and nothing
+        of the runtime's behind; kubelet removes it and creates the next attempt."""
         container = self.get(container_id)
         with self.locks.hold(container.id):
             if container.state != "created":
                 raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
-            started = time.time_ns()  # before: a quick process may exit before start returns
-            self.executor(container).start(container.id)
+            executor = self.executor(container)
+            try:
+                if not container.pid:
+                    # (A container created by an older pycri was created in the runtime already.)
+                    container.pid = executor.create(
+                        container.id,
+                        container.bundle_dir,
+                        Path(container.log_path)
+                        if container.log_path
+                        else Path(container.run_dir) / "console.log",
+                        terminal=container.config.tty,
+                        stdin=container.config.stdin,
+                        stdin_once=container.config.stdin_once,
+                    )
+                    failpoints.hit("container.after_conmon")
+                started = time.time_ns()  # before: a quick process may exit before start returns
+                executor.start(container.id)
+            except Exception as exc:
+                self._start_failed(container, exc)
+                raise
             failpoints.hit("container.after_start")
             container.started_at_ns = started
             container.state = "running"
             self.db.save(container)
-            self.exits.watch(container.id, self.executor(container).conmon_pid(container.id))
+            self.exits.watch(container.id, executor.conmon_pid(container.id))
         log.info("container started", id=container.id)
         self.events.publish("started", container)
+
+    def _start_failed(self, container: Container, error: Exception) -> None:
+        try:
+            self.executor(container).delete(container.id)
+        except Exception as exc:
+            # The start-up sweep collects a runtime state or conmon that no live container owns.
+            log.error("cannot undo a failed start", id=container.id, error=str(exc))
+        now = time.time_ns()
+        container.state = "exited"
+        container.pid = 0
+        container.started_at_ns = container.started_at_ns or now
+        container.finished_at_ns = now
+        container.exit_code = START_ERROR_EXIT_CODE
+        container.reason = "StartError"
+        container.message = str(error)
+        self.db.save(container)
+        log.warning("container failed to start", id=container.id, error=str(error))
+        self.events.publish("stopped", container)
 
     def stop(self, container_id: str, timeout: float) -> None:
         container = self.find(container_id)
@@ -538,8 +579,11 @@ class ContainerManager:
             executor = self.executor(container)
             if container.state == "created":
                 # Never started: there is nothing to signal; it is exited as far as CRI goes.
-                executor.kill(container.id, signal.SIGKILL)
-                self._record_exit(container, executor.wait_exit(container.id, KILL_WAIT))
+                if container.pid:  # created in the runtime by an older pycri
+                    executor.kill(container.id, signal.SIGKILL)
+                    self._record_exit(container, executor.wait_exit(container.id, KILL_WAIT))
+                else:
+                    self._record_exit(container, None)
                 return "done"
             if timeout > 0:
                 executor.kill(container.id, _signal_number(container.stop_signal))
@@ -585,6 +629,8 @@ class ContainerManager:
         container.pid = 0
         self.db.save(container)
         self.exits.exited(container.id)
+        # The runtime's state of an exited container is dropped now, not at RemoveContainer.
+        self.executor(container).forget_stopped(container.id)
         if not was_exited:
             self.events.publish("stopped", container)
 
@@ -649,7 +695,9 @@ class ContainerManager:
             previous = _restorable(current, resources)
             executor = self.executor(container)
             try:
-                executor.update_resources(container.id, resources)
+                if container.state == "running" or container.pid:
+                    executor.update_resources(container.id, resources)
+                # else: not in the runtime yet; the bundle below is what StartContainer creates.
             except Exception as failure:
                 try:
                     executor.update_resources(container.id, previous)

@@ -96,6 +96,12 @@ class Pods:
     def start_container(self, container_id: str) -> None:
         container = self.containers.get(container_id)
         with self.locks.shared(container.pod_id):
+            # The runtime creates the container now, in the pod's namespaces: they must still be there.
+            sandbox = self.sandboxes.find(container.pod_id)
+            if sandbox is None or sandbox.state != "ready" or sandbox.pending:
+                raise FailedPrecondition(
+                    f"pod sandbox {container.pod_id} is not ready; cannot start container {container.id}"
+                )
             self.containers.start(container.id)
 
     def stop_container(self, container_id: str, timeout: float) -> None:
