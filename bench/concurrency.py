@@ -51,10 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import pods
+from bench import grpcfloor, pods
 from bench.measure import median, percentile, read_cpu_ticks
 from bench.recovery import Subject, leftovers_after_stop
 from bench.runtimes import PodNetwork, Runtime
+from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host import cgroups
 from tests.support.registry import Registry
 
@@ -95,6 +96,10 @@ def log(msg: str) -> None:
     pods.log(msg)
 
 
+# The section's parts, in the order they run (--concurrency-phases picks some).
+SECTION_PHASES = ("stops", "execs", "reads", "lifecycle")
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     """This section's options, on bench.run's parser."""
     p.add_argument(
@@ -127,6 +132,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serial-pods", type=int, default=20, help="pods in the lifecycle at parallelism 1 (default 20)"
     )
+    p.add_argument(
+        "--concurrency-phases",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        default=list(SECTION_PHASES),
+        metavar="PHASE[,PHASE...]",
+        help=f"which phases to run, of {','.join(SECTION_PHASES)} (default all)",
+    )
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -148,6 +160,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             "the --concurrency-*, --stop-timeout, --exec-seconds, --idle-*, --read-calls, --serial-pods "
             "options must be positive"
         )
+    unknown = sorted(set(args.concurrency_phases) - set(SECTION_PHASES))
+    if unknown or not args.concurrency_phases:
+        p.error(f"--concurrency-phases takes some of {','.join(SECTION_PHASES)}, not {unknown or 'nothing'}")
     if args.exec_seconds >= EXEC_TIMEOUT:
         p.error(f"--exec-seconds must be below the ExecSync timeout ({EXEC_TIMEOUT})")
 
@@ -386,6 +401,24 @@ def reads_phase(kube: pods.Kubelet, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def grpc_floor(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The read RPCs' floor: an empty Python gRPC server, the same client and call loop."""
+    with grpcfloor.empty_server(work / "floor.sock") as endpoint:
+        client = CRIClient(endpoint)
+        try:
+            out = {
+                "image_status": time_calls(lambda: client.image_status("floor"), args.read_calls),
+                "list_images": time_calls(client.list_images, args.read_calls),
+            }
+        finally:
+            client.close()
+    log(
+        "empty Python gRPC server: ImageStatus p50 "
+        f"{out['image_status']['p50_ms']:.2f} ms, ListImages p50 {out['list_images']['p50_ms']:.2f} ms"
+    )
+    return out
+
+
 def lifecycle_one(kube: pods.Kubelet, prefix: str) -> dict[str, float]:
     """One pod of one container, start to removal, every call timed (seconds)."""
     client = kube.client
@@ -530,14 +563,18 @@ def concurrency_bench(
             except Exception as exc:
                 fail(side, "start", exc, fatal=True)
 
-        phases: list[tuple[str, Callable[[pods.Kubelet], dict[str, Any]]]] = [
-            (f"stops_{n}", functools.partial(_stops, n=n, args=args)) for n in args.concurrency_stops
-        ]
-        phases += [
-            ("execs", lambda kube: execs_phase(kube, args)),
-            ("reads", lambda kube: reads_phase(kube, args)),
-            ("lifecycle", lambda kube: lifecycle_phase(kube, args)),
-        ]
+        chosen = set(args.concurrency_phases)
+        phases: list[tuple[str, Callable[[pods.Kubelet], dict[str, Any]]]] = []
+        if "stops" in chosen:
+            phases += [
+                (f"stops_{n}", functools.partial(_stops, n=n, args=args)) for n in args.concurrency_stops
+            ]
+        if "execs" in chosen:
+            phases.append(("execs", lambda kube: execs_phase(kube, args)))
+        if "reads" in chosen:
+            phases.append(("reads", lambda kube: reads_phase(kube, args)))
+        if "lifecycle" in chosen:
+            phases.append(("lifecycle", lambda kube: lifecycle_phase(kube, args)))
         for i, (key, phase) in enumerate(phases):
             live = [s for s in sides if not s.failed]
             for side in live if i % 2 == 0 else live[::-1]:
@@ -552,6 +589,8 @@ def concurrency_bench(
                 s.out[key] = res
                 log(f"{s.name} concurrency {key} ({time.monotonic() - t0:.0f}s): {_brief(key, res)}")
                 time.sleep(1.0)
+        if "reads" in chosen and "pycri" in results:
+            results["pycri"]["concurrency"]["grpc_floor"] = grpc_floor(work, args)
         # Cleanup runs here: what is left torn down through CRI, daemons stopped, cgroup root.
 
     for side in sides:
@@ -710,6 +749,19 @@ def table_rows(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> 
             )
         setup = f"  … set-up of the {n} containers, {args.pod_threads} threads (s)"
         row(setup, ("reads", "setup_seconds"), 1)
+        for key, label in (("image_status", "ImageStatus"), ("list_images", "ListImages")):
+            floor = get(py, "grpc_floor", key, "p50_ms")
+            if floor is not None:
+                rows.append(
+                    {
+                        "metric": f"  … floor: an empty Python gRPC server, {label} p50 (ms; pycri column)",
+                        "pycri": floor,
+                        "containerd": get(cd, "reads", "reads", key, "p50_ms"),
+                        "target": "—",
+                        "met": None,
+                        "digits": 2,
+                    }
+                )
 
     for mode, workers, pods_n in (
         ("parallel", args.concurrency_workers, args.concurrency_pods),
