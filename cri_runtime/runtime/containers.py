@@ -21,6 +21,8 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,6 +54,9 @@ EXEC_OUTPUT_CAP = 16 * 1024 * 1024
 KILL_WAIT = 10.0
 # A container whose start failed is exited with this code and reason StartError (containerd's).
 START_ERROR_EXIT_CODE = 128
+# Threads for removed containers' file work, and how long shutdown waits for what is queued.
+CLEANUP_THREADS = 2
+CLEANUP_DRAIN_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,11 @@ class ContainerManager:
         self._guard = threading.Lock()
         self.exits = ExitWatcher(self._check_exit)
         self.events = EventHub()
+        # RemoveContainer's file work (conmon's files, the rootfs mount, the directories) runs here
+        # after the record is gone, as containerd removes snapshots after the fact; a crash before
+        # it is done leaves only what the start-up sweep collects.
+        self._cleanup = ThreadPoolExecutor(CLEANUP_THREADS, thread_name_prefix="cleanup")
+        self._cleanups: set[Future[None]] = set()
         for directory in (settings.root_dir, settings.state_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o711)
 
@@ -260,8 +270,20 @@ class ContainerManager:
             if container.state == "running":
                 self.exits.watch(container.id, self.executor(container).conmon_pid(container.id))
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLEANUP_DRAIN_TIMEOUT) -> None:
         self.exits.close()
+        with self._guard:
+            pending = list(self._cleanups)
+        _, not_done = futures_wait(pending, timeout=timeout)
+        if not_done:
+            log.warning("removed containers' files left for the next start's sweep", count=len(not_done))
+        self._cleanup.shutdown(wait=False, cancel_futures=True)
+
+    def drain_cleanups(self, timeout: float = CLEANUP_DRAIN_TIMEOUT) -> None:
+        """Wait until the file work of every RemoveContainer so far is done (bounded)."""
+        with self._guard:
+            pending = list(self._cleanups)
+        futures_wait(pending, timeout=timeout)
 
     def _check_exit(self, container_id: str) -> bool | int | None:
         """Called by the exit watcher, on a worker thread, when a monitor ended: record the exit.
@@ -621,6 +643,10 @@ class ContainerManager:
         # quick command can end within that tick of its start: an exit never precedes its start.
         finished = max(finished, container.started_at_ns)
         oom = bool(getattr(info, "oom_killed", False))
+        # The runtime's state of an exited container is dropped now, not at RemoveContainer; before
+        # the exit is visible, so that a RemoveContainer right after the stop has no runtime call
+        # left to make (or race).
+        self.executor(container).forget_stopped(container.id)
         was_exited = container.state == "exited"
         container.state = "exited"
         container.exit_code = exit_code
@@ -629,8 +655,6 @@ class ContainerManager:
         container.pid = 0
         self.db.save(container)
         self.exits.exited(container.id)
-        # The runtime's state of an exited container is dropped now, not at RemoveContainer.
-        self.executor(container).forget_stopped(container.id)
         if not was_exited:
             self.events.publish("stopped", container)
 
@@ -641,33 +665,53 @@ class ContainerManager:
     # --- Remove ----------------------------------------------------------------------
 
     def remove(self, container_id: str) -> None:
+        """RemoveContainer: the record goes at once; the files follow on the cleanup pool."""
         container = self.find(container_id)
         if container is None:
             return  # CRI: removing a removed container succeeds
-        self._remove(container)
+        self._remove(container, defer_files=True)
 
-    def _remove(self, container: Container) -> None:
+    def _remove(self, container: Container, *, defer_files: bool = False) -> None:
         if container.state in ("running", "created"):
             self._stop(container, 0)
         with self.locks.hold(container.id):
-            if container.pending != "removing":
-                # Recorded first: a crash half-way is finished at start-up.
-                container.pending = "removing"
-                self.db.save(container)
-                failpoints.hit("container.remove_recorded")
-            self.executor(container).delete(container.id)
-            failpoints.hit("container.remove_after_delete")
-            mounts.unmount_all_under(Path(container.run_dir))
-            shutil.rmtree(container.run_dir, ignore_errors=True)
-            shutil.rmtree(container.dir, ignore_errors=True)
+            if container.id not in self.containers:
+                return  # removed meanwhile
+            # The commit point: once the record is gone, so is the container; what of it is left
+            # on the host belongs to no record, and the start-up sweep collects it after a crash.
             self.db.delete(container)
+            failpoints.hit("container.remove_recorded")
             with self._guard:
                 self.containers.pop(container.id, None)
             self._release_name(container)
-            self.images.release_layers(container.layers)
             self.exits.forget(container.id)
+            if defer_files:
+                future = self._cleanup.submit(self._remove_files, container)
+                with self._guard:
+                    self._cleanups.add(future)
+                future.add_done_callback(self._cleanup_done)
+            else:
+                self._remove_files(container)
         log.info("container removed", id=container.id)
         self.events.publish("deleted", container)
+
+    def _cleanup_done(self, future: Future[None]) -> None:
+        with self._guard:
+            self._cleanups.discard(future)
+
+    def _remove_files(self, container: Container) -> None:
+        """A removed container's monitor files, runtime state, rootfs mount and directories, then its
+        layers (after the unmount: an image removal may then delete them). Never raises."""
+        try:
+            self.executor(container).delete(container.id)
+            failpoints.hit("container.remove_after_delete")
+            mounts.unmount_all_under(Path(container.run_dir))
+        except Exception as exc:
+            log.error("cannot clean up a removed container", id=container.id, error=str(exc))
+            return  # its layers stay held; the next start's sweep takes the rest
+        shutil.rmtree(container.run_dir, ignore_errors=True)
+        shutil.rmtree(container.dir, ignore_errors=True)
+        self.images.release_layers(container.layers)
 
     def remove_all_in_pod(self, pod_id: str) -> None:
         for container in self.in_pod(pod_id):
