@@ -491,7 +491,7 @@ def call(
         fz.violation(f"{method} answered {code.name}: {details[:800]}\nrequest:\n{_describe(request)}")
     if code != C.OK:
         after = daemon_lists(fz)
-        if _exits_only(before, after):
+        if _exits_only(before, after, start_failed=method == "StartContainer"):
             after = before  # a container ran to its end meanwhile: the exit watcher's news
         if after != before:
             fz.violation(
@@ -501,14 +501,17 @@ def call(
     return code, response
 
 
-def _exits_only(before: dict[str, Any], after: dict[str, Any]) -> bool:
-    """Whether the lists differ only by containers that went from running to exited."""
+def _exits_only(before: dict[str, Any], after: dict[str, Any], *, start_failed: bool = False) -> bool:
+    """Whether the lists differ only by containers that went from running to exited (or, after a
+    failed StartContainer, from created to exited: StartError, as with containerd)."""
     running, exited = pb.ContainerState.CONTAINER_RUNNING, pb.ContainerState.CONTAINER_EXITED
+    created = pb.ContainerState.CONTAINER_CREATED
     was = dict(before["containers"])
     now = dict(after["containers"])
     if was.keys() != now.keys() or any(before[k] != after[k] for k in before if k != "containers"):
         return False
-    return all(was[c] == now[c] or (was[c], now[c]) == (running, exited) for c in was)
+    moves = {(running, exited), *([(created, exited)] if start_failed else [])}
+    return all(was[c] == now[c] or (was[c], now[c]) in moves for c in was)
 
 
 # --- keeping the world as it was ---------------------------------------------------------------
@@ -1462,8 +1465,6 @@ BAD_CONTAINERS: dict[str, tuple[Callable[[pb.ContainerConfig], object], grpc.Sta
         C.INVALID_ARGUMENT,
     ),
     "empty program": (lambda c: c.command.__setitem__(0, ""), C.INVALID_ARGUMENT),
-    "program not in the image": (lambda c: c.command.__setitem__(0, "/not/here"), C.NOT_FOUND),
-    "program that is a directory": (lambda c: c.command.__setitem__(0, "/"), C.INVALID_ARGUMENT),
     "CPU period of 2us": (_resources(cpu_period=2), C.INVALID_ARGUMENT),
     "CPU quota of 5us": (_resources(cpu_quota=5), C.INVALID_ARGUMENT),
     "memory limit of 5 bytes": (_resources(memory_limit_in_bytes=5), C.INVALID_ARGUMENT),
@@ -1474,6 +1475,37 @@ BAD_CONTAINERS: dict[str, tuple[Callable[[pb.ContainerConfig], object], grpc.Sta
         C.INVALID_ARGUMENT,
     ),
 }
+
+
+# Configs only the OCI runtime can judge, which it sees at StartContainer (as with containerd):
+# CreateContainer succeeds, StartContainer answers the code, and the container is left exited with
+# reason StartError.
+BAD_STARTS: dict[str, tuple[Callable[[pb.ContainerConfig], object], grpc.StatusCode]] = {
+    "program not in the image": (lambda c: c.command.__setitem__(0, "/not/here"), C.NOT_FOUND),
+    "program that is a directory": (lambda c: c.command.__setitem__(0, "/"), C.INVALID_ARGUMENT),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STARTS))
+def test_container_configs_the_runtime_refuses_fail_the_start_with_the_right_code(
+    fz: Fuzz, case: str
+) -> None:
+    bend, expected = BAD_STARTS[case]
+    config = _bent_container(fz, fz.unique("badstart"), bend)
+    code, response = call(
+        fz, "CreateContainer", pb.CreateContainerRequest(pod_sandbox_id=fz.pod, config=config)
+    )
+    assert code == C.OK
+    started = time.monotonic()
+    code, _ = call(fz, "StartContainer", pb.StartContainerRequest(container_id=response.container_id))
+    assert (code, time.monotonic() - started < 10) == (expected, True)
+    status = fz.cri.container_status(response.container_id).status
+    assert (status.state, status.exit_code, status.reason) == (
+        pb.ContainerState.CONTAINER_EXITED,
+        128,
+        "StartError",
+    )
+    settle(fz, case)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONTAINERS))
