@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import pytest
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.host.mounts import mounts_under
 from tests.support.host import catches, cgroup_cpu_ns, ignores, memory_usage_bytes, process_gone, processes_of
+from tests.support.images import Image, busybox_layer, push_image
 from tests.support.pods import Env, container_pid, exec_out, pod_cgroup, wait_exited
+from tests.support.registry import Registry
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
@@ -388,6 +391,71 @@ def test_start_in_a_stopped_pod_is_refused_and_changes_nothing(env: Env) -> None
     assert "not ready" in (err.value.details() or "")
     assert env.cri.container_status(cid).status.state == state
     assert not (env.daemon.state / "exec" / cid).exists()
+
+
+def test_stop_signal_from_the_config_or_the_image_is_sent_and_reported(env: Env, registry: Registry) -> None:
+    quits = Image.build([busybox_layer()], cmd=["sh"], stop_signal="SIGUSR1")
+    push_image(registry, "test/stopsignal", "1", quits)
+    image = f"{registry.host}/test/stopsignal:1"
+    image_ref = env.cri.pull(image)
+    pod = env.pod("signals")
+    trap = "trap 'exit 3' QUIT; trap 'exit 4' USR1; trap 'exit 5' TERM; while :; do sleep 0.1; done"
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="quit"),
+        image=pb.ImageSpec(image=env.image),
+        command=["sh", "-c", trap],
+        log_path="quit.log",
+        stop_signal=pb.Signal.SIGNAL_SIGQUIT,
+    )
+    by_config = env.cri.create_container(pod, "quit", env.image, config=config)
+    by_image = env.cri.create_container(pod, "usr1", image, command=["sh", "-c", trap], log_path="usr1.log")
+    by_default = env.cri.create_container(
+        pod, "term", env.image, command=["sh", "-c", trap], log_path="t.log"
+    )
+    expected = {by_config: pb.Signal.SIGNAL_SIGQUIT, by_image: pb.Signal.SIGNAL_SIGUSR1}
+    expected[by_default] = pb.Signal.SIGNAL_SIGTERM
+    # One image ID everywhere: PullImage's image_ref, ImageStatus's id, ContainerStatus's image_id.
+    assert (
+        env.cri.container_status(by_image).status.image_id
+        == image_ref
+        == env.cri.image_status(image).image.id
+    )
+    for cid, sig in expected.items():
+        assert env.cri.container_status(cid).status.stop_signal == sig
+        env.cri.start_container(cid)
+        pid = container_pid(env.cri, cid)
+        assert wait_for(lambda pid=pid: catches(pid, signal.SIGTERM))  # the traps are set
+    for cid, code in ((by_config, 3), (by_image, 4), (by_default, 5)):
+        env.cri.stop_container(cid, 10)
+        status = wait_exited(env.cri, cid)
+        assert status.exit_code == code
+        assert status.stop_signal == expected[cid]
+
+
+def test_image_fs_info_reports_the_writable_layers_as_a_filesystem_of_their_own(env: Env) -> None:
+    containers_dir = env.daemon.root / "containers"
+
+    def split() -> tuple[pb.FilesystemUsage, pb.FilesystemUsage]:
+        answer = env.cri.image_fs_info()
+        assert len(answer.image_filesystems) == len(answer.container_filesystems) == 1
+        return answer.image_filesystems[0], answer.container_filesystems[0]
+
+    images_before, before = split()
+    assert before.fs_id.mountpoint == str(containers_dir)
+    assert images_before.fs_id.mountpoint == str(env.daemon.root / "layers")
+    pod = env.pod("writer")
+    cid = env.run(pod, "w", ["sh", "-c", "head -c 5000000 /dev/urandom > /big; touch /done; sleep 100"])
+    assert wait_for(lambda: exec_out(env.cri, cid, "ls", "/done"), timeout=15)
+    images_after, after = split()
+    assert after.used_bytes.value >= before.used_bytes.value + 5_000_000
+    assert after.inodes_used.value >= before.inodes_used.value + 2
+    du = subprocess.run(["du", "-s", "-B1", str(containers_dir)], capture_output=True, text=True, check=True)
+    assert abs(after.used_bytes.value - int(du.stdout.split()[0])) <= 64 * 1024
+    # The image layers are counted apart: the container's writes are not theirs.
+    assert images_after.used_bytes.value == images_before.used_bytes.value
+    env.cri.stop_container(cid, 0)
+    env.cri.remove_container(cid)
+    assert wait_for(lambda: split()[1].used_bytes.value < after.used_bytes.value - 4_000_000, timeout=10)
 
 
 def test_reopen_container_log_starts_a_new_file(env: Env) -> None:

@@ -195,6 +195,23 @@ def _signal_name(value: int) -> str:
     return name if hasattr(signal, name) else ""
 
 
+def signal_to_proto(name: str) -> pb.Signal:
+    """The CRI Signal for a stop signal as pycri records it ("SIGQUIT", "QUIT" or "3", from the
+    container's config or the image's StopSignal); SIGTERM when none is set, as StopContainer sends."""
+    text = (name or "SIGTERM").upper()
+    if text.isdigit():
+        try:
+            text = signal.Signals(int(text)).name
+        except ValueError:
+            return pb.Signal.SIGNAL_RUNTIME_DEFAULT
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return pb.Signal.Value("SIGNAL_" + text)  # type: ignore[return-value]
+    except ValueError:
+        return pb.Signal.SIGNAL_RUNTIME_DEFAULT
+
+
 def container_config(config: pb.ContainerConfig, *, strict: bool = True) -> model.ContainerConfig:
     """The container's config; ``strict`` refuses enum values pycri cannot act on (off only for
     records an older pycri already accepted)."""
@@ -389,6 +406,7 @@ def container_status(container: Container) -> pb.ContainerStatus:
         annotations=container.annotations,
         mounts=[mount_to_proto(m) for m in config.mounts],
         log_path=container.log_path,
+        stop_signal=signal_to_proto(container.stop_signal),
     )
     if config.resources is not None:
         status.resources.linux.CopyFrom(resources_to_proto(config.resources))
