@@ -12,11 +12,13 @@ validate a live object).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +27,7 @@ from cri_runtime import __version__
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.api import api_pb2_grpc as pb_grpc
 from cri_runtime.cri import convert
+from cri_runtime.cri import runtime_service as runtime_service_module
 from cri_runtime.cri.runtime_service import RuntimeService
 from cri_runtime.daemon.config import Config, NetworkConfig
 from cri_runtime.network.cni import CNI
@@ -55,6 +58,7 @@ class World:
     store: ImageStore
     runtime: object  # the bridged RuntimeServiceServicer
     images: object  # the bridged ImageServiceServicer
+    service: RuntimeService  # unbridged, for the streaming RPCs
 
 
 def _pod_record(pod_id: str, name: str, state: str, directory: Path) -> Sandbox:
@@ -143,6 +147,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         store=store,
         runtime=sync_servicer("RuntimeService", pb_grpc.RuntimeServiceServicer, runtime_service, loop),
         images=sync_servicer("ImageService", pb_grpc.ImageServiceServicer, image_service, loop),
+        service=runtime_service,
     )
     loop.close()
     image_service.close()
@@ -235,6 +240,37 @@ def test_version_names_pycri_and_the_v1_api(grpc_stub: pb_grpc.RuntimeServiceStu
         __version__,
         "v1",
     )
+
+
+# --- the list-streaming RPCs ---------------------------------------------------------------------
+
+
+def _streamed(stream: AsyncIterator[Any]) -> list[Any]:
+    async def collect() -> list[Any]:
+        return [message async for message in stream]
+
+    return asyncio.run(collect())
+
+
+def test_stream_rpcs_answer_what_the_list_rpcs_do_in_pages(
+    world: World, grpc_stub: pb_grpc.RuntimeServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime_service_module, "STREAM_PAGE", 1)
+    service = world.service
+    pods = _streamed(service.StreamPodSandboxes(pb.StreamPodSandboxesRequest(), None))  # type: ignore[arg-type]
+    assert [len(m.pod_sandboxes) for m in pods] == [1, 1]  # one pod a message
+    listed = grpc_stub.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert sorted(p.id for m in pods for p in m.pod_sandboxes) == sorted(p.id for p in listed)
+    ready = pb.PodSandboxFilter(state=pb.PodSandboxStateValue(state=pb.PodSandboxState.SANDBOX_READY))
+    only_ready = _streamed(service.StreamPodSandboxes(pb.StreamPodSandboxesRequest(filter=ready), None))  # type: ignore[arg-type]
+    assert [p.id for m in only_ready for p in m.pod_sandboxes] == [POD_ID]
+    exited = pb.ContainerFilter(state=pb.ContainerStateValue(state=pb.ContainerState.CONTAINER_EXITED))
+    containers = _streamed(service.StreamContainers(pb.StreamContainersRequest(filter=exited), None))  # type: ignore[arg-type]
+    assert [c.id for m in containers for c in m.containers] == [CONTAINER_ID]
+    everything = _streamed(service.StreamContainers(pb.StreamContainersRequest(), None))  # type: ignore[arg-type]
+    assert [len(m.containers) for m in everything] == [1, 1]
+    nothing = pb.ContainerFilter(id=UNKNOWN_ID)
+    assert _streamed(service.StreamContainers(pb.StreamContainersRequest(filter=nothing), None)) == []  # type: ignore[arg-type]
 
 
 # --- RunPodSandbox ------------------------------------------------------------------------------

@@ -198,6 +198,22 @@ def test_list_pod_stats_filters_and_errors(env: Env) -> None:
         first
     ]
     assert list_pod_stats(env.cri, pb.PodSandboxStatsFilter(id=first, label_selector={"app": "b"})) == []
+    # The streaming forms answer the same, with the same filters.
+    streamed = env.cri.runtime.StreamPodSandboxStats(
+        pb.StreamPodSandboxStatsRequest(filter=pb.PodSandboxStatsFilter(label_selector={"app": "b"})),
+        timeout=30,
+    )
+    assert [s.attributes.id for m in streamed for s in m.pod_sandbox_stats] == [second]
+    by_container = env.cri.runtime.StreamContainerStats(
+        pb.StreamContainerStatsRequest(filter=pb.ContainerStatsFilter(pod_sandbox_id=second)), timeout=30
+    )
+    assert [s.attributes.id for m in by_container for s in m.container_stats] == [in_second]
+    metrics = env.cri.runtime.StreamPodSandboxMetrics(pb.StreamPodSandboxMetricsRequest(), timeout=30)
+    assert {p.pod_sandbox_id for m in metrics for p in m.pod_sandbox_metrics} == {first, second}
+    listed = env.cri.runtime.StreamContainers(pb.StreamContainersRequest(), timeout=30)
+    assert [c.id for m in listed for c in m.containers] == [in_second]
+    pods = env.cri.runtime.StreamPodSandboxes(pb.StreamPodSandboxesRequest(), timeout=30)
+    assert {p.id for m in pods for p in m.pod_sandboxes} == {first, second}
     assert code_of(pod_stats, env.cri, "0" * 64) == grpc.StatusCode.NOT_FOUND
     assert code_of(pod_stats, env.cri, "") == grpc.StatusCode.INVALID_ARGUMENT
 

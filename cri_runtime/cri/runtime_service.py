@@ -505,6 +505,47 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self._forget_gone()
         return pb.ListPodSandboxStatsResponse(stats=[self._pod_stats(u) for u in usages])
 
+    # --- the list-streaming RPCs: the same answers as the List calls, in pages ----------------
+
+    async def StreamPodSandboxes(
+        self, request: pb.StreamPodSandboxesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
+        listed = await self.ListPodSandbox(pb.ListPodSandboxRequest(filter=_filter_of(request)), context)
+        for page in _pages(listed.items):
+            yield pb.StreamPodSandboxesResponse(pod_sandboxes=page)
+
+    async def StreamContainers(
+        self, request: pb.StreamContainersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamContainersResponse]:
+        listed = await self.ListContainers(pb.ListContainersRequest(filter=_filter_of(request)), context)
+        for page in _pages(listed.containers):
+            yield pb.StreamContainersResponse(containers=page)
+
+    async def StreamContainerStats(
+        self, request: pb.StreamContainerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamContainerStatsResponse]:
+        listed = await self.ListContainerStats(
+            pb.ListContainerStatsRequest(filter=_filter_of(request)), context
+        )
+        for page in _pages(listed.stats):
+            yield pb.StreamContainerStatsResponse(container_stats=page)
+
+    async def StreamPodSandboxStats(
+        self, request: pb.StreamPodSandboxStatsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamPodSandboxStatsResponse]:
+        listed = await self.ListPodSandboxStats(
+            pb.ListPodSandboxStatsRequest(filter=_filter_of(request)), context
+        )
+        for page in _pages(listed.stats):
+            yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=page)
+
+    async def StreamPodSandboxMetrics(
+        self, request: pb.StreamPodSandboxMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamPodSandboxMetricsResponse]:
+        listed = await self.ListPodSandboxMetrics(pb.ListPodSandboxMetricsRequest(), context)
+        for page in _pages(listed.pod_metrics):
+            yield pb.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=page)
+
     async def ListMetricDescriptors(
         self, request: pb.ListMetricDescriptorsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListMetricDescriptorsResponse:
@@ -608,6 +649,20 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     ) -> pb.PortForwardResponse:
         url = self._streaming().portforward_url(request.pod_sandbox_id, list(request.port))
         return pb.PortForwardResponse(url=url)
+
+
+# Items per message of the list-streaming RPCs: a node with hundreds of pods is never one message.
+STREAM_PAGE = 100
+
+
+def _pages(items: Any) -> list[list[Any]]:
+    listed = list(items)
+    return [listed[start : start + STREAM_PAGE] for start in range(0, len(listed), STREAM_PAGE)]
+
+
+def _filter_of(request: Any) -> Any:
+    """A Stream request's filter for the matching List request (None when the caller set none)."""
+    return request.filter if request.HasField("filter") else None
 
 
 def _unimplemented(name: str, streaming: bool) -> Any:
