@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,7 +21,7 @@ from cri_runtime.errors import DeadlineExceeded, InvalidArgument
 from imageservice.cancel import Cancellation
 from imageservice.db import ImageRecord
 from imageservice.registry import Credentials
-from imageservice.store import ImageStore
+from imageservice.store import FsUsage, ImageStore
 
 log = structlog.get_logger("pycri.images")
 
@@ -44,6 +44,15 @@ def to_proto(record: ImageRecord) -> pb.Image:
     return image
 
 
+def _filesystem(usage: FsUsage) -> pb.FilesystemUsage:
+    return pb.FilesystemUsage(
+        timestamp=usage.timestamp_ns,
+        fs_id=pb.FilesystemIdentifier(mountpoint=usage.mountpoint),
+        used_bytes=pb.UInt64Value(value=usage.used_bytes),
+        inodes_used=pb.UInt64Value(value=usage.inodes_used),
+    )
+
+
 def _credentials(auth: pb.AuthConfig) -> Credentials:
     return Credentials.from_auth(
         username=auth.username,
@@ -56,8 +65,11 @@ def _credentials(auth: pb.AuthConfig) -> Credentials:
 
 
 class ImageService(pb_grpc.ImageServiceServicer):
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, store: ImageStore, container_fs: Callable[[], FsUsage] | None = None) -> None:
         self.store = store
+        # The containers' writable layers, measured by the runtime (which this package does not
+        # import): ImageFsInfo reports them as the container filesystem, apart from the layers.
+        self.container_fs = container_fs
         # Pulls wait on downloads for minutes; they get threads of their own so that
         # quick RPCs in the default executor never queue behind them.
         self._pull_threads = ThreadPoolExecutor(16, thread_name_prefix="pull")
@@ -158,10 +170,8 @@ class ImageService(pb_grpc.ImageServiceServicer):
     ) -> pb.ImageFsInfoResponse:
         loop = asyncio.get_running_loop()
         usage = await loop.run_in_executor(None, self.store.fs_usage)
-        fs = pb.FilesystemUsage(
-            timestamp=usage.timestamp_ns,
-            fs_id=pb.FilesystemIdentifier(mountpoint=usage.mountpoint),
-            used_bytes=pb.UInt64Value(value=usage.used_bytes),
-            inodes_used=pb.UInt64Value(value=usage.inodes_used),
-        )
-        return pb.ImageFsInfoResponse(image_filesystems=[fs])
+        response = pb.ImageFsInfoResponse(image_filesystems=[_filesystem(usage)])
+        if self.container_fs is not None:
+            writable = await loop.run_in_executor(None, self.container_fs)
+            response.container_filesystems.append(_filesystem(writable))
+        return response

@@ -120,8 +120,8 @@ async def serve(
     (log.info if default else log.warning)("oci runtime", decision=why)
     store = await loop.run_in_executor(None, ImageStore, Path(config.root), config.image)
     store.pull_observer = metrics.METRICS
-    image_service = ImageService(store)
     runtime = await loop.run_in_executor(None, build_runtime, config, store, runtimes, default)
+    image_service = ImageService(store, container_fs=runtime.containers.writable_layers_usage)
     runtime.containers.start_watcher(loop)
     metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)
     server = grpc.aio.server(

@@ -45,7 +45,8 @@ from cri_runtime.runtime.exits import ExitWatcher
 from cri_runtime.runtime.locks import KeyedLocks
 from cri_runtime.runtime.names import NameIndex
 from cri_runtime.runtime.state import Container, Sandbox, StateDB
-from imageservice.store import ImageStore
+from imageservice.diskusage import disk_usage
+from imageservice.store import FsUsage, ImageStore
 
 log = structlog.get_logger("pycri.container")
 
@@ -716,6 +717,12 @@ class ContainerManager:
     def remove_all_in_pod(self, pod_id: str) -> None:
         for container in self.in_pod(pod_id):
             self._remove(container)
+
+    def writable_layers_usage(self) -> FsUsage:
+        """What the containers' own layers (upper and work directories) cost on disk: the container
+        filesystem of ImageFsInfo, apart from the image layers. Walks the disk: a worker thread's job."""
+        used, inodes = disk_usage(self.settings.root_dir)
+        return FsUsage(str(self.settings.root_dir), used, inodes, time.time_ns())
 
     # --- UpdateContainerResources --------------------------------------------------------
 
