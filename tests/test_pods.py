@@ -17,7 +17,7 @@ import pytest
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.host.mounts import mounts_under
 from tests.support.host import catches, cgroup_cpu_ns, ignores, memory_usage_bytes, process_gone, processes_of
-from tests.support.images import Image, busybox_layer, push_image
+from tests.support.images import Image, busybox_layer, layer_from_files, push_image
 from tests.support.pods import Env, container_pid, exec_out, pod_cgroup, wait_exited
 from tests.support.registry import Registry
 from tests.support.wait import wait_for
@@ -456,6 +456,103 @@ def test_image_fs_info_reports_the_writable_layers_as_a_filesystem_of_their_own(
     env.cri.stop_container(cid, 0)
     env.cri.remove_container(cid)
     assert wait_for(lambda: split()[1].used_bytes.value < after.used_bytes.value - 4_000_000, timeout=10)
+
+
+def _volume_image(registry: Registry, name: str, layers: int) -> str:
+    """An image to mount as a volume: content, a climbing symlink, an absolute one, a file."""
+    first = layer_from_files(
+        {
+            "etc/app.conf": "from the volume image\n",
+            "data/sub/file": "deep\n",
+            "rel": "-> data",
+            "escape": "-> /etc",
+            "file.txt": "a file\n",
+        }
+    )
+    extra = [layer_from_files({"data/sub/second": "from the second layer\n"})] if layers > 1 else []
+    image = Image.build([first, *extra], cmd=["sh"])
+    push_image(registry, name, "1", image)
+    return f"{registry.host}/{name}:1"
+
+
+def test_image_volumes_are_mounted_read_only_with_sub_paths(env: Env, registry: Registry) -> None:
+    volume = _volume_image(registry, "test/volume", layers=2)
+    single = _volume_image(registry, "test/volume1", layers=1)
+    volume_id, single_id = env.cri.pull(volume), env.cri.pull(single)
+    pod = env.pod("imagevol")
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="reader"),
+        image=pb.ImageSpec(image=env.image),
+        command=["sleep", "100"],
+        log_path="reader.log",
+        mounts=[
+            # Asked writable: an image volume is read-only all the same.
+            pb.Mount(container_path="/vol", image=pb.ImageSpec(image=volume)),
+            pb.Mount(container_path="/sub", image=pb.ImageSpec(image=volume), image_sub_path="rel/sub"),
+            pb.Mount(container_path="/one", image=pb.ImageSpec(image=single), readonly=True),
+        ],
+    )
+    cid = env.cri.create_container(pod, "reader", env.image, config=config)
+    env.cri.start_container(cid)
+    assert exec_out(env.cri, cid, "cat", "/vol/etc/app.conf") == "from the volume image\n"
+    assert exec_out(env.cri, cid, "cat", "/sub/file", "/sub/second") == "deep\nfrom the second layer\n"
+    assert exec_out(env.cri, cid, "cat", "/one/file.txt") == "a file\n"
+    for path in ("/vol/new", "/one/new", "/sub/new"):
+        denied = env.cri.exec_sync(cid, ["touch", path], timeout=10)
+        assert denied.exit_code != 0 and b"Read-only file system" in denied.stderr, path
+    reported = {m.container_path: m for m in env.cri.container_status(cid).status.mounts}
+    assert reported["/vol"].image.image == volume_id and reported["/vol"].image.user_specified_image == volume
+    assert (reported["/sub"].image.image, reported["/sub"].image_sub_path) == (volume_id, "rel/sub")
+    assert reported["/one"].image.image == single_id
+    # Removing the image while the volume is in use leaves the volume's layers in place until
+    # the container is gone, as for the image a container runs.
+    layers_before = sorted(p.name for p in (env.daemon.root / "layers").iterdir())
+    env.cri.remove_image(volume)
+    assert exec_out(env.cri, cid, "cat", "/sub/second") == "from the second layer\n"
+    env.cri.stop_container(cid, 0)
+    env.cri.remove_container(cid)
+    assert wait_for(
+        lambda: len(list((env.daemon.root / "layers").iterdir())) < len(layers_before), timeout=10
+    )
+    assert wait_for(lambda: not mounts_under(env.daemon.state / "containers"), timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("sub_path", "code", "message"),
+    [
+        ("/etc", grpc.StatusCode.INVALID_ARGUMENT, "path escapes from parent"),
+        ("data/../../..", grpc.StatusCode.INVALID_ARGUMENT, "path escapes from parent"),
+        ("escape", grpc.StatusCode.INVALID_ARGUMENT, "path escapes from parent"),
+        ("file.txt", grpc.StatusCode.INVALID_ARGUMENT, "only directory subpath is supported"),
+        ("not/there", grpc.StatusCode.NOT_FOUND, "no such file or directory"),
+    ],
+)
+def test_bad_image_volume_sub_paths_are_refused_and_leave_nothing(
+    env: Env, registry: Registry, sub_path: str, code: grpc.StatusCode, message: str
+) -> None:
+    volume = _volume_image(registry, "test/badvolume", layers=2)
+    env.cri.pull(volume)
+    pod = env.pod("badvol")
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="bad"),
+        image=pb.ImageSpec(image=env.image),
+        command=["sleep", "100"],
+        mounts=[pb.Mount(container_path="/vol", image=pb.ImageSpec(image=volume), image_sub_path=sub_path)],
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        env.cri.create_container(pod, "bad", env.image, config=config)
+    assert err.value.code() == code and message in (err.value.details() or ""), err.value.details()
+    assert env.cri.list_containers() == []
+    assert mounts_under(env.daemon.state / "containers") == []
+    assert list((env.daemon.state / "containers").iterdir()) == []
+    # An image volume of an image that is not here is NOT_FOUND, and the name stays free.
+    config.mounts[0].image.image = f"{registry.host}/test/absent:1"
+    config.mounts[0].image_sub_path = ""
+    with pytest.raises(grpc.RpcError) as absent:
+        env.cri.create_container(pod, "bad", env.image, config=config)
+    assert absent.value.code() == grpc.StatusCode.NOT_FOUND
+    del config.mounts[:]
+    assert env.cri.create_container(pod, "bad", env.image, config=config)
 
 
 def test_reopen_container_log_starts_a_new_file(env: Env) -> None:

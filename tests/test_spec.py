@@ -17,7 +17,7 @@ import pytest
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.cri import convert
-from cri_runtime.errors import InvalidArgument, Unimplemented
+from cri_runtime.errors import InvalidArgument
 from cri_runtime.oci import seccomp, spec
 
 PASSWD = """\
@@ -780,10 +780,10 @@ def test_bad_mounts_are_invalid_argument(rootfs: Path, mount: pb.Mount, message:
         build(rootfs, make_config(mounts=[mount]))
 
 
-def test_image_volumes_are_unimplemented_so_callers_can_tell(rootfs: Path) -> None:
-    # critest skips image-volume specs only on UNIMPLEMENTED, as for containerd.
+def test_an_image_volume_not_mounted_by_the_manager_is_refused_by_the_spec(rootfs: Path) -> None:
+    # The container manager turns image volumes into read-only host paths before the spec.
     mount = pb.Mount(container_path="/d", image=pb.ImageSpec(image="busybox"))
-    with pytest.raises(Unimplemented, match="image volumes"):
+    with pytest.raises(InvalidArgument, match="image volume must be mounted"):
         build(rootfs, make_config(mounts=[mount]))
 
 

@@ -338,7 +338,12 @@ def namespace_options_to_proto(options: model.NamespaceOptions) -> pb.NamespaceO
     return found
 
 
-def mount_to_proto(mount: model.Mount) -> pb.Mount:
+def mount_to_proto(mount: model.Mount, image_id: str = "") -> pb.Mount:
+    """``image_id``: for an image volume, the ID of the image mounted (ContainerStatus reports it,
+    with the reference as asked in ``user_specified_image``)."""
+    image = None
+    if mount.image:
+        image = pb.ImageSpec(image=image_id or mount.image, user_specified_image=mount.image)
     return pb.Mount(
         container_path=mount.container_path,
         host_path=mount.host_path,
@@ -348,7 +353,7 @@ def mount_to_proto(mount: model.Mount) -> pb.Mount:
         uidMappings=_id_mappings_to_proto(mount.uid_mappings),
         gidMappings=_id_mappings_to_proto(mount.gid_mappings),
         recursive_read_only=mount.recursive_read_only,
-        image=pb.ImageSpec(image=mount.image) if mount.image else None,
+        image=image,
         image_sub_path=mount.image_sub_path,
         mount_options=list(mount.mount_options),
     )
@@ -404,7 +409,7 @@ def container_status(container: Container) -> pb.ContainerStatus:
         message=container.message,
         labels=container.labels,
         annotations=container.annotations,
-        mounts=[mount_to_proto(m) for m in config.mounts],
+        mounts=[mount_to_proto(m, container.image_volumes.get(m.container_path, "")) for m in config.mounts],
         log_path=container.log_path,
         stop_signal=signal_to_proto(container.stop_signal),
     )

@@ -98,6 +98,27 @@ def mount_overlay(
         raise MountError(errno.EIO, f"mount overlay on {target}: {result.stderr.strip()}")
 
 
+def mount_layers_readonly(lower_dirs: list[Path], target: Path) -> None:
+    """Mount image layers (lowest first) read-only on ``target``, with no upper layer: an image
+    volume. One layer is bound read-only (overlayfs needs two lower layers without an upper one)."""
+    if not lower_dirs:
+        raise ValueError("an image volume needs at least one layer")
+    if len(lower_dirs) == 1:
+        bind(lower_dirs[0], target, readonly=True)
+        return
+    lowers = ":".join(str(p) for p in reversed(lower_dirs))
+    options = f"lowerdir={lowers}"
+    if len(options) < _MAX_OPTIONS:
+        mount("overlay", target, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, options)
+        return
+    common = Path(os.path.commonpath([str(p) for p in lower_dirs]))
+    relative = ":".join(os.path.relpath(p, common) for p in reversed(lower_dirs))
+    args = ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={relative},ro,nosuid,nodev", str(target)]
+    result = subprocess.run(args, cwd=common, capture_output=True, text=True, timeout=30, check=False)
+    if result.returncode != 0:
+        raise MountError(errno.EIO, f"mount overlay on {target}: {result.stderr.strip()}")
+
+
 def bind(source: Path, target: Path, *, readonly: bool = False, recursive: bool = False) -> None:
     mount(str(source), target, None, MS_BIND | (MS_REC if recursive else 0))
     if readonly:

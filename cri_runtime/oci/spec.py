@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cri_runtime.errors import InvalidArgument, Unimplemented
+from cri_runtime.errors import InvalidArgument
 from cri_runtime.model import (
     Capabilities,
     ContainerConfig,
@@ -894,7 +894,8 @@ def _bind(destination: str, source: str, *, readonly: bool) -> dict[str, Any]:
 def _config_mount(position: int, mount: Mount) -> dict[str, Any]:
     field = f"mounts[{position}]"
     if mount.image:
-        raise Unimplemented(f"{field}.image: image volumes are not supported yet")
+        # The container manager mounts image volumes and hands them over as host paths.
+        raise InvalidArgument(f"{field}.image: an image volume must be mounted before the spec is built")
     if mount.uid_mappings or mount.gid_mappings:
         raise InvalidArgument(f"{field}: ID-mapped mounts need user namespaces, which are not supported")
     if not mount.container_path.startswith("/"):

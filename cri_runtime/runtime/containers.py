@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from cri_runtime.errors import (
     ResourceExhausted,
 )
 from cri_runtime.host import cgroups, mounts
-from cri_runtime.model import ContainerConfig, LinuxResources
+from cri_runtime.model import ContainerConfig, LinuxResources, Mount
 from cri_runtime.oci import spec
 from cri_runtime.oci.conmon import ExecResult, Executor
 from cri_runtime.runtime.events import EventHub
@@ -128,6 +129,46 @@ def _signal_number(name: str) -> int:
         return int(signal.Signals[text])
     except KeyError:
         return signal.SIGTERM
+
+
+def _image_sub_path(root: Path, sub_path: str, field: str) -> Path:
+    """``sub_path`` inside the image volume mounted at ``root``, which must be a directory there.
+
+    The path is the image's content, so it is hostile: ``..`` and symlinks are followed as if
+    ``root`` were ``/``, and anything that leads outside (an absolute path, a climb above the
+    top, an absolute symlink) is refused rather than followed."""
+    escape = f"{field}.image_sub_path {sub_path!r}: path escapes from parent (the image volume)"
+    if sub_path.startswith("/") or "\0" in sub_path:
+        raise InvalidArgument(escape)
+    pending = [part for part in sub_path.split("/") if part not in ("", ".")]
+    current: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if not current:
+                raise InvalidArgument(escape)
+            current.pop()
+            continue
+        path = root.joinpath(*current, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise NotFound(
+                f"{field}.image_sub_path {sub_path!r}: no such file or directory in the image"
+            ) from None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            target = os.readlink(path)
+            if target.startswith("/") or links > 40:
+                raise InvalidArgument(escape)
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+            continue
+        current.append(part)
+    found = root.joinpath(*current)
+    if not found.is_dir() or found.is_symlink():
+        raise InvalidArgument(f"{field}.image_sub_path {sub_path!r}: only directory subpath is supported")
+    return found
 
 
 class ContainerManager:
@@ -452,6 +493,9 @@ class ContainerManager:
         )
         undo.callback(mounts.unmount, rootfs)
         failpoints.hit("container.after_mount")
+        if any(m.image for m in config.mounts):
+            # The spec binds each image volume's mount like any host path.
+            config = self._mount_image_volumes(container, config, volatile / "volumes", undo)
         context = spec.SandboxContext(
             pod_id=sandbox.id,
             hostname=sandbox.hostname,
@@ -503,6 +547,33 @@ class ContainerManager:
         self.db.save(container)
         with self._guard:
             self.containers[container.id] = container
+
+    def _mount_image_volumes(
+        self, container: Container, config: ContainerConfig, base: Path, undo: contextlib.ExitStack
+    ) -> ContainerConfig:
+        """Mount each image volume (KEP-4639) read-only under ``base``, holding its image's layers
+        for the container's life; the config returned names those mounts as host paths."""
+        resolved: list[Mount] = []
+        for position, mount in enumerate(config.mounts):
+            if not mount.image:
+                resolved.append(mount)
+                continue
+            field = f"mounts[{position}]"
+            image = self.images.resolve(mount.image)
+            if image is None:
+                raise NotFound(f"{field}.image {mount.image!r} is not present; pull it first")
+            chains = self.images.hold_layers(image.id)
+            undo.callback(self.images.release_layers, chains)
+            container.layers = [*container.layers, *chains]
+            target = base / str(position)
+            target.mkdir(parents=True, mode=0o755)
+            mounts.mount_layers_readonly(self.images.layer_dirs(image.id), target)
+            undo.callback(mounts.unmount, target)
+            source = _image_sub_path(target, mount.image_sub_path, field) if mount.image_sub_path else target
+            container.image_volumes[mount.container_path] = image.id
+            # Read-only whatever was asked: an image volume is the image's content.
+            resolved.append(replace(mount, image="", image_sub_path="", host_path=str(source), readonly=True))
+        return replace(config, mounts=tuple(resolved))
 
     def _pid_mode(self, sandbox: Sandbox, config: ContainerConfig) -> spec.PidMode:
         mode = config.security.namespace_options.pid

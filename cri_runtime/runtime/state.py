@@ -93,6 +93,8 @@ class Container:
     run_dir: str = ""
     stop_signal: str = ""
     user: list[int] = field(default_factory=list)  # uid, gid, *supplemental
+    # Image volumes: container path -> the ID of the image mounted there.
+    image_volumes: dict[str, str] = field(default_factory=dict)
     pending: Pending = ""
 
     @property
