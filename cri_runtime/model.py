@@ -163,7 +163,8 @@ class Mount:
     uid_mappings: tuple[IDMapping, ...] = ()
     gid_mappings: tuple[IDMapping, ...] = ()
     recursive_read_only: bool = False
-    image: str = ""  # an image volume's reference; "" for a bind mount
+    image: str = ""  # an image volume's reference (kubelet sends the image ID); "" for a bind mount
+    image_user_specified: str = ""  # the image volume's reference as the user wrote it
     image_sub_path: str = ""
     mount_options: tuple[str, ...] = ()
 

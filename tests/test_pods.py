@@ -486,9 +486,17 @@ def test_image_volumes_are_mounted_read_only_with_sub_paths(env: Env, registry: 
         command=["sleep", "100"],
         log_path="reader.log",
         mounts=[
-            # Asked writable: an image volume is read-only all the same.
-            pb.Mount(container_path="/vol", image=pb.ImageSpec(image=volume)),
-            pb.Mount(container_path="/sub", image=pb.ImageSpec(image=volume), image_sub_path="rel/sub"),
+            pb.Mount(
+                container_path="/vol",
+                image=pb.ImageSpec(image=volume_id, user_specified_image=volume),
+                readonly=True,
+            ),
+            pb.Mount(
+                container_path="/sub",
+                image=pb.ImageSpec(image=volume),
+                image_sub_path="rel/sub",
+                readonly=True,
+            ),
             pb.Mount(container_path="/one", image=pb.ImageSpec(image=single), readonly=True),
         ],
     )
@@ -501,9 +509,12 @@ def test_image_volumes_are_mounted_read_only_with_sub_paths(env: Env, registry: 
         denied = env.cri.exec_sync(cid, ["touch", path], timeout=10)
         assert denied.exit_code != 0 and b"Read-only file system" in denied.stderr, path
     reported = {m.container_path: m for m in env.cri.container_status(cid).status.mounts}
-    assert reported["/vol"].image.image == volume_id and reported["/vol"].image.user_specified_image == volume
-    assert (reported["/sub"].image.image, reported["/sub"].image_sub_path) == (volume_id, "rel/sub")
-    assert reported["/one"].image.image == single_id
+    # As kubelet sent it, plus the digest of what is mounted (ImageSpec.image_ref).
+    assert (reported["/vol"].image.image, reported["/vol"].image.user_specified_image) == (volume_id, volume)
+    assert reported["/vol"].image.image_ref == volume_id
+    assert (reported["/sub"].image.image, reported["/sub"].image.image_ref) == (volume, volume_id)
+    assert reported["/sub"].image_sub_path == "rel/sub"
+    assert reported["/one"].image.image_ref == single_id
     # Removing the image while the volume is in use leaves the volume's layers in place until
     # the container is gone, as for the image a container runs.
     layers_before = sorted(p.name for p in (env.daemon.root / "layers").iterdir())
@@ -525,6 +536,7 @@ def test_image_volumes_are_mounted_read_only_with_sub_paths(env: Env, registry: 
         ("escape", grpc.StatusCode.INVALID_ARGUMENT, "path escapes from parent"),
         ("file.txt", grpc.StatusCode.INVALID_ARGUMENT, "only directory subpath is supported"),
         ("not/there", grpc.StatusCode.NOT_FOUND, "no such file or directory"),
+        ("", grpc.StatusCode.INVALID_ARGUMENT, "image volume is read-only"),  # asked writable
     ],
 )
 def test_bad_image_volume_sub_paths_are_refused_and_leave_nothing(
@@ -537,7 +549,14 @@ def test_bad_image_volume_sub_paths_are_refused_and_leave_nothing(
         metadata=pb.ContainerMetadata(name="bad"),
         image=pb.ImageSpec(image=env.image),
         command=["sleep", "100"],
-        mounts=[pb.Mount(container_path="/vol", image=pb.ImageSpec(image=volume), image_sub_path=sub_path)],
+        mounts=[
+            pb.Mount(
+                container_path="/vol",
+                image=pb.ImageSpec(image=volume),
+                image_sub_path=sub_path,
+                readonly=bool(sub_path),
+            )
+        ],
     )
     with pytest.raises(grpc.RpcError) as err:
         env.cri.create_container(pod, "bad", env.image, config=config)
@@ -548,6 +567,7 @@ def test_bad_image_volume_sub_paths_are_refused_and_leave_nothing(
     # An image volume of an image that is not here is NOT_FOUND, and the name stays free.
     config.mounts[0].image.image = f"{registry.host}/test/absent:1"
     config.mounts[0].image_sub_path = ""
+    config.mounts[0].readonly = True
     with pytest.raises(grpc.RpcError) as absent:
         env.cri.create_container(pod, "bad", env.image, config=config)
     assert absent.value.code() == grpc.StatusCode.NOT_FOUND

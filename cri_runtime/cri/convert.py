@@ -180,6 +180,7 @@ def _mount(position: int, mount: pb.Mount, strict: bool) -> model.Mount:
         gid_mappings=_id_mappings(mount.gidMappings),
         recursive_read_only=mount.recursive_read_only,
         image=mount.image.image,
+        image_user_specified=mount.image.user_specified_image,
         image_sub_path=mount.image_sub_path,
         mount_options=tuple(mount.mount_options),
     )
@@ -339,11 +340,13 @@ def namespace_options_to_proto(options: model.NamespaceOptions) -> pb.NamespaceO
 
 
 def mount_to_proto(mount: model.Mount, image_id: str = "") -> pb.Mount:
-    """``image_id``: for an image volume, the ID of the image mounted (ContainerStatus reports it,
-    with the reference as asked in ``user_specified_image``)."""
+    """``image_id``: for an image volume, the ID (digest) of the image mounted, which ContainerStatus
+    reports in ``image_ref`` beside the reference as asked."""
     image = None
     if mount.image:
-        image = pb.ImageSpec(image=image_id or mount.image, user_specified_image=mount.image)
+        image = pb.ImageSpec(
+            image=mount.image, user_specified_image=mount.image_user_specified, image_ref=image_id
+        )
     return pb.Mount(
         container_path=mount.container_path,
         host_path=mount.host_path,

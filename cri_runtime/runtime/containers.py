@@ -559,6 +559,8 @@ class ContainerManager:
                 resolved.append(mount)
                 continue
             field = f"mounts[{position}]"
+            if not mount.readonly:
+                raise InvalidArgument(f"{field}: an image volume is read-only; set readonly")
             image = self.images.resolve(mount.image)
             if image is None:
                 raise NotFound(f"{field}.image {mount.image!r} is not present; pull it first")
@@ -571,8 +573,7 @@ class ContainerManager:
             undo.callback(mounts.unmount, target)
             source = _image_sub_path(target, mount.image_sub_path, field) if mount.image_sub_path else target
             container.image_volumes[mount.container_path] = image.id
-            # Read-only whatever was asked: an image volume is the image's content.
-            resolved.append(replace(mount, image="", image_sub_path="", host_path=str(source), readonly=True))
+            resolved.append(replace(mount, image="", image_sub_path="", host_path=str(source)))
         return replace(config, mounts=tuple(resolved))
 
     def _pid_mode(self, sandbox: Sandbox, config: ContainerConfig) -> spec.PidMode:
