@@ -400,3 +400,28 @@ def test_without_apparmor_runtime_default_and_unconfined_run(env: Env) -> None:
 def test_sandbox_context_carries_the_pods_selinux_options() -> None:
     context = dataclasses.replace(make_sandbox(), selinux_options=SELinuxOptions(level="s0:c3,c4"))
     assert selinux.pod_level(context.pod_id, context.selinux_options) == "s0:c3,c4"
+
+
+def test_exec_process_carries_the_containers_profile_and_label(tmp_path: Path) -> None:
+    # The exec process is the container's own process spec with other args (as CRI-O builds it),
+    # so it runs under the container's AppArmor profile and SELinux label.
+    from cri_runtime.oci.conmon import Executor
+
+    executor = Executor("runc", "/usr/sbin/runc", tmp_path / "exec")
+    cid = "a" * 64
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    process = {
+        "args": ["sleep", "100"],
+        "terminal": True,
+        "apparmorProfile": "k8s-deny-write",
+        "selinuxLabel": "system_u:system_r:container_t:s0:c1,c2",
+        "user": {"uid": 0, "gid": 0},
+    }
+    (bundle / "config.json").write_text(json.dumps({"process": process}))
+    executor.container_dir(cid).mkdir(parents=True)
+    (executor.container_dir(cid) / "monitor.json").write_text(json.dumps({"bundle": str(bundle)}))
+    exec_process = executor._exec_process(cid, ["cat", "/proc/self/attr/current"])
+    assert exec_process["args"] == ["cat", "/proc/self/attr/current"] and exec_process["terminal"] is False
+    assert exec_process["apparmorProfile"] == "k8s-deny-write"
+    assert exec_process["selinuxLabel"] == "system_u:system_r:container_t:s0:c1,c2"

@@ -140,8 +140,8 @@ def main() -> int:
             rc, out = attempt(cri, cid, "echo h > /proc/sysrq-trigger")
             print(f"   write /proc/sysrq-trigger: exit {rc}: {out}")
             assert rc != 0 and "Permission denied" in out, (rc, out)
-            rc, out = attempt(cri, cid, "mount -t tmpfs none /mnt")
-            print(f"   mount -t tmpfs none /mnt: exit {rc}: {out}")
+            rc, out = attempt(cri, cid, "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m")
+            print(f"   mount -t tmpfs none /tmp/m: exit {rc}: {out}")
             assert rc != 0 and "Permission denied" in out, (rc, out)
             rc, out = attempt(cri, cid, "echo 1 > /proc/sys/vm/drop_caches")
             print(f"   write /proc/sys/vm/drop_caches: exit {rc}: {out}")
@@ -159,7 +159,8 @@ def main() -> int:
             cid = container("free", pb.SecurityProfile(profile_type=pb.SecurityProfile.Unconfined))
             attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
             assert attr == "unconfined", attr
-            rc, out = attempt(cri, cid, "mount -t tmpfs none /mnt && grep ' /mnt ' /proc/mounts")
+            mount = "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m && grep ' /tmp/m ' /proc/mounts"
+            rc, out = attempt(cri, cid, mount)
             print(f"   mount: exit {rc}: {out}")
             assert rc == 0 and "tmpfs" in out, (rc, out)
             rc, out = attempt(cri, cid, "echo h > /proc/sysrq-trigger")  # h: the help text, to the kernel log
