@@ -184,6 +184,16 @@ def test_spec_refuses_a_localhost_profile_the_kernel_has_not_loaded(rootfs: Path
     # Enabled, but the kernel's listing (absent on this host) does not hold the profile.
     with pytest.raises(FailedPrecondition, match="'pycri-test-never-loaded' is not loaded"):
         build(rootfs, config, apparmor_enabled=True, selinux_enabled=False)
+    # A privileged container gets the Localhost profile it names (it was asked for by name).
+    privileged = security_config(pb.SecurityProfile.Localhost, "pycri-test-never-loaded", privileged=True)
+    with pytest.raises(FailedPrecondition, match="not loaded"):
+        build(
+            rootfs,
+            privileged,
+            sandbox=make_sandbox(privileged=True),
+            apparmor_enabled=True,
+            selinux_enabled=False,
+        )
     legacy = security_config(legacy="localhost/pycri-test-never-loaded")
     with pytest.raises(FailedPrecondition, match=r"apparmor_profile: .*not loaded"):
         build(rootfs, legacy, apparmor_enabled=True, selinux_enabled=False)

@@ -4,10 +4,11 @@
 cri_runtime.model.ContainerConfig, converted from the CRI request by the servicer), the
 image config, the pod's context and the mounted root file system. It reads only the image's /etc/passwd and
 /etc/group (resolved inside the root file system, never following a symlink out of it), the
-seccomp profile a Localhost profile names, and the stat of host device nodes. What it cannot do
-purely is left to the caller, through small helpers: :func:`host_paths_to_create` (host paths of
-mounts that do not exist yet) and :func:`ensure_working_dir` (the working directory inside the
-root file system).
+seccomp profile a Localhost profile names, the stat of host device nodes, and whether the host
+has AppArmor (and which profiles it has loaded) and SELinux (and its policy's container contexts).
+What it cannot do purely is left to the caller, through small helpers: :func:`host_paths_to_create`
+(host paths of mounts that do not exist yet), :func:`relabel_targets` (volumes to relabel for
+SELinux) and :func:`ensure_working_dir` (the working directory inside the root file system).
 
 Choices worth knowing, each where containerd makes the same one:
 - process.oomScoreAdj is always set (0 included): a container that inherited conmon's score of
