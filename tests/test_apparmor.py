@@ -250,6 +250,14 @@ def test_spec_labels_where_selinux_is_enabled(rootfs: Path) -> None:  # noqa: F8
     assert oci["linux"]["mountLabel"] == "user_u:object_r:container_file_t:s0:c7,c9"
 
 
+def test_privileged_containers_are_not_labelled(rootfs: Path) -> None:  # noqa: F811
+    config = selinux_config(type="spc_t")
+    config.linux.security_context.privileged = True
+    sandbox = make_sandbox(privileged=True)
+    oci = build(rootfs, config, sandbox=sandbox, apparmor_enabled=False, selinux_enabled=True)
+    assert "selinuxLabel" not in oci["process"] and "mountLabel" not in oci["linux"]
+
+
 def test_containers_of_a_pod_share_its_level_and_pods_differ(rootfs: Path) -> None:  # noqa: F811
     def label(pod_id: str, name: str) -> str:
         config = selinux_config()

@@ -25,7 +25,8 @@ Choices worth knowing, each where containerd makes the same one:
 - AppArmor: process.apparmorProfile as cri_runtime.oci.apparmor decides (pycri-default unless
   the config says otherwise or the container is privileged; nothing where AppArmor is off).
 - SELinux: process.selinuxLabel and linux.mountLabel only where SELinux is on
-  (cri_runtime.oci.selinux); elsewhere no label, as the OCI runtime could not apply one.
+  (cri_runtime.oci.selinux) and the container is not privileged; elsewhere no label, as the OCI
+  runtime could not apply one.
 """
 
 from __future__ import annotations
@@ -312,7 +313,8 @@ def build_container_spec(
     apparmor_profile = apparmor.container_profile(security, enabled=apparmor_enabled)
     if apparmor_profile is not None:
         process["apparmorProfile"] = apparmor_profile
-    if selinux_enabled if selinux_enabled is not None else host_selinux.enabled():
+    # A privileged container is not labelled (as with Docker's --privileged: label=disable).
+    if not privileged and (selinux_enabled if selinux_enabled is not None else host_selinux.enabled()):
         process_context, file_context = host_selinux.container_contexts()
         labels = selinux.container_labels(
             sandbox.pod_id,
