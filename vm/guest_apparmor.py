@@ -5,19 +5,25 @@ against the installed, systemd-managed pycri, after vm/guest_e2e.py.
 
 Checks: AppArmor is on and pycri loaded pycri-default at start (and `pycri check` says so); a
 container under the default profile runs as `pycri-default (enforce)`, cannot write
-/proc/sysrq-trigger and cannot mount even with CAP_SYS_ADMIN, and its exec sessions carry the
-profile; an Unconfined container can do both; a localhost/ profile loaded here that denies writes to
-/etc is enforced (both the SecurityProfile field and the deprecated string); a Localhost profile
-that is not loaded is FailedPrecondition and leaves nothing; pycri-default removed from the kernel
-is loaded again by the next container that needs it.
+/proc/sysrq-trigger and cannot mount even with CAP_SYS_ADMIN, and its exec sessions (ExecSync, and
+Exec through the streaming server over WebSocket) carry the profile; an Unconfined container can
+do both; a localhost/ profile loaded here that denies writes to /etc is enforced (both the
+SecurityProfile field and the deprecated string); a Localhost profile that is not loaded is
+FailedPrecondition and leaves nothing; pycri-default removed from the kernel is loaded again by
+the next container that needs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import os
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import grpc
@@ -62,6 +68,39 @@ def parser(*args: str, text: str) -> None:
 def attempt(cri: CRIClient, cid: str, script: str) -> tuple[int, str]:
     result = cri.exec_sync(cid, ["sh", "-c", script], timeout=20)
     return result.exit_code, (result.stdout + result.stderr).decode(errors="replace").strip()
+
+
+def streaming_exec(cri: CRIClient, cid: str, cmd: list[str]) -> bytes:
+    """stdout of an Exec session through pycri's streaming server (WebSocket, v4.channel.k8s.io),
+    the way kubectl exec reaches a container."""
+    url = cri.runtime.Exec(pb.ExecRequest(container_id=cid, cmd=cmd, stdout=True), timeout=20).url
+    parts = urllib.parse.urlsplit(url)
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: Upgrade\r\n"
+        f"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
+    )
+    with socket.create_connection((parts.hostname, parts.port), timeout=20) as sock:
+        sock.sendall(request.encode())
+        stream = sock.makefile("rb")
+        status = stream.readline()
+        assert b" 101 " in status, status
+        while stream.readline() not in (b"\r\n", b""):
+            pass
+        stdout = b""
+        while header := stream.read(2):
+            length = header[1] & 0x7F
+            if length == 126:
+                (length,) = struct.unpack(">H", stream.read(2))
+            elif length == 127:
+                (length,) = struct.unpack(">Q", stream.read(8))
+            payload = stream.read(length)
+            if header[0] & 0x0F == 8:  # close
+                break
+            if payload[:1] == b"\x01":  # channel 1: stdout
+                stdout += payload[1:]
+    return stdout
 
 
 def main() -> int:
@@ -136,7 +175,10 @@ def main() -> int:
             print(f"   container pid {pid}: {attr}")
             assert attr == "pycri-default (enforce)", attr
             exec_attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
-            assert exec_attr == "pycri-default (enforce)", f"exec session: {exec_attr}"
+            assert exec_attr == "pycri-default (enforce)", f"ExecSync: {exec_attr}"
+            session = streaming_exec(cri, cid, ["cat", "/proc/self/attr/current"]).decode().strip()
+            print(f"   ExecSync: {exec_attr}; Exec (streaming): {session}")
+            assert session == "pycri-default (enforce)", f"Exec session: {session}"
             rc, out = attempt(cri, cid, "echo h > /proc/sysrq-trigger")
             print(f"   write /proc/sysrq-trigger: exit {rc}: {out}")
             assert rc != 0 and "Permission denied" in out, (rc, out)
@@ -150,7 +192,7 @@ def main() -> int:
             cri.remove_container(cid)
 
         checks.run(
-            "default profile: pycri-default (enforce) in the container and its exec; "
+            "default profile: pycri-default (enforce) in the container, ExecSync and Exec; "
             "no sysrq-trigger, no mount",
             default_profile,
         )
@@ -186,6 +228,8 @@ def main() -> int:
                 cid = container(name, profile, legacy)
                 attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
                 assert attr == f"{LOCAL_PROFILE} (enforce)", attr
+                session = streaming_exec(cri, cid, ["cat", "/proc/self/attr/current"]).decode().strip()
+                assert session == f"{LOCAL_PROFILE} (enforce)", f"Exec session: {session}"
                 rc, out = attempt(cri, cid, "touch /etc/denied")
                 print(f"   {name}: touch /etc/denied: exit {rc}: {out}")
                 assert rc != 0 and "Permission denied" in out, (rc, out)
