@@ -48,6 +48,8 @@ LOCAL_PROFILE_TEXT = f"""profile {LOCAL_PROFILE} flags=(attach_disconnected,medi
   deny /etc/** w,
 }}
 """
+# Each applies the profile itself (crun: before exec; runc: through its init); both are checked.
+RUNTIMES = ("crun", "runc")
 STATE_DIRS = (Path("/var/lib/pycri/containers"), Path("/run/pycri/containers"))
 
 
@@ -143,10 +145,8 @@ def main() -> int:
             is None
         ):
             return finish(checks)
-        pod = checks.run("RunPodSandbox", lambda: cri.run_pod("aa-pod", log_directory=str(work / "logs")))
-        if pod is None:
-            return finish(checks)
-        pod_id = str(pod)
+        pods: list[str] = []
+        pod_id = ""  # the pod container() creates in: one per OCI runtime, in turn
 
         def container(name: str, profile: pb.SecurityProfile | None = None, legacy: str = "") -> str:
             config = pb.ContainerConfig(
@@ -168,79 +168,97 @@ def main() -> int:
             cri.start_container(cid)
             return cid
 
-        def default_profile() -> None:
-            cid = container("default")  # no profile asked for: the runtime's default
-            pid = container_pid(cri, cid)
-            attr = Path(f"/proc/{pid}/attr/current").read_text().strip()
-            print(f"   container pid {pid}: {attr}")
-            assert attr == "pycri-default (enforce)", attr
-            exec_attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
-            assert exec_attr == "pycri-default (enforce)", f"ExecSync: {exec_attr}"
-            session = streaming_exec(cri, cid, ["cat", "/proc/self/attr/current"]).decode().strip()
-            print(f"   ExecSync: {exec_attr}; Exec (streaming): {session}")
-            assert session == "pycri-default (enforce)", f"Exec session: {session}"
-            rc, out = attempt(cri, cid, "echo h > /proc/sysrq-trigger")
-            print(f"   write /proc/sysrq-trigger: exit {rc}: {out}")
-            assert rc != 0 and "Permission denied" in out, (rc, out)
-            rc, out = attempt(cri, cid, "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m")
-            print(f"   mount -t tmpfs none /tmp/m: exit {rc}: {out}")
-            assert rc != 0 and "Permission denied" in out, (rc, out)
-            rc, out = attempt(cri, cid, "echo 1 > /proc/sys/vm/drop_caches")
-            print(f"   write /proc/sys/vm/drop_caches: exit {rc}: {out}")
-            assert rc != 0, (rc, out)
-            cri.stop_container(cid, timeout=2)
-            cri.remove_container(cid)
-
-        checks.run(
-            "default profile: pycri-default (enforce) in the container, ExecSync and Exec; "
-            "no sysrq-trigger, no mount",
-            default_profile,
-        )
-
-        def unconfined() -> None:
-            cid = container("free", pb.SecurityProfile(profile_type=pb.SecurityProfile.Unconfined))
-            attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
-            assert attr == "unconfined", attr
-            mount = "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m && grep ' /tmp/m ' /proc/mounts"
-            rc, out = attempt(cri, cid, mount)
-            print(f"   mount: exit {rc}: {out}")
-            assert rc == 0 and "tmpfs" in out, (rc, out)
-            rc, out = attempt(cri, cid, "echo h > /proc/sysrq-trigger")  # h: the help text, to the kernel log
-            assert rc == 0, (rc, out)
-            cri.stop_container(cid, timeout=2)
-            cri.remove_container(cid)
-
-        checks.run(
-            "Unconfined: unconfined, mount and sysrq-trigger allowed (the same container otherwise)",
-            unconfined,
-        )
-
-        def localhost() -> None:
-            parser("-r", text=LOCAL_PROFILE_TEXT)
-            assert loaded().get(LOCAL_PROFILE) == "enforce"
-            by_field = pb.SecurityProfile(
-                profile_type=pb.SecurityProfile.Localhost, localhost_ref=LOCAL_PROFILE
+        for runtime in RUNTIMES:
+            pod = checks.run(
+                f"[{runtime}] RunPodSandbox (runtime handler {runtime})",
+                lambda runtime=runtime: cri.run_pod(
+                    f"aa-{runtime}", runtime_handler=runtime, log_directory=str(work / "logs")
+                ),
             )
-            for name, profile, legacy in (
-                ("local", by_field, ""),
-                ("local-legacy", None, f"localhost/{LOCAL_PROFILE}"),
-            ):
-                cid = container(name, profile, legacy)
-                attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
-                assert attr == f"{LOCAL_PROFILE} (enforce)", attr
+            if pod is None:
+                continue
+            pod_id = str(pod)
+            pods.append(pod_id)
+
+            def default_profile() -> None:
+                cid = container("default")  # no profile asked for: the runtime's default
+                pid = container_pid(cri, cid)
+                attr = Path(f"/proc/{pid}/attr/current").read_text().strip()
+                print(f"   container pid {pid}: {attr}")
+                assert attr == "pycri-default (enforce)", attr
+                exec_attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
+                assert exec_attr == "pycri-default (enforce)", f"ExecSync: {exec_attr}"
                 session = streaming_exec(cri, cid, ["cat", "/proc/self/attr/current"]).decode().strip()
-                assert session == f"{LOCAL_PROFILE} (enforce)", f"Exec session: {session}"
-                rc, out = attempt(cri, cid, "touch /etc/denied")
-                print(f"   {name}: touch /etc/denied: exit {rc}: {out}")
+                print(f"   ExecSync: {exec_attr}; Exec (streaming): {session}")
+                assert session == "pycri-default (enforce)", f"Exec session: {session}"
+                rc, out = attempt(cri, cid, "echo h > /proc/sysrq-trigger")
+                print(f"   write /proc/sysrq-trigger: exit {rc}: {out}")
                 assert rc != 0 and "Permission denied" in out, (rc, out)
-                rc, out = attempt(cri, cid, "touch /tmp/allowed && echo written")
-                assert rc == 0 and out == "written", (rc, out)
+                rc, out = attempt(cri, cid, "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m")
+                print(f"   mount -t tmpfs none /tmp/m: exit {rc}: {out}")
+                assert rc != 0 and "Permission denied" in out, (rc, out)
+                rc, out = attempt(cri, cid, "echo 1 > /proc/sys/vm/drop_caches")
+                print(f"   write /proc/sys/vm/drop_caches: exit {rc}: {out}")
+                assert rc != 0, (rc, out)
                 cri.stop_container(cid, timeout=2)
                 cri.remove_container(cid)
 
-        checks.run(
-            f"localhost/{LOCAL_PROFILE} (denies writes to /etc) is enforced, field and string", localhost
-        )
+            checks.run(
+                f"[{runtime}] default profile: pycri-default (enforce) in the container, ExecSync and Exec; "
+                "no sysrq-trigger, no mount",
+                default_profile,
+            )
+
+            def unconfined() -> None:
+                cid = container("free", pb.SecurityProfile(profile_type=pb.SecurityProfile.Unconfined))
+                attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
+                assert attr == "unconfined", attr
+                mount = "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m && grep ' /tmp/m ' /proc/mounts"
+                rc, out = attempt(cri, cid, mount)
+                print(f"   mount: exit {rc}: {out}")
+                assert rc == 0 and "tmpfs" in out, (rc, out)
+                rc, out = attempt(
+                    cri, cid, "echo h > /proc/sysrq-trigger"
+                )  # h: the help text, to the kernel log
+                assert rc == 0, (rc, out)
+                cri.stop_container(cid, timeout=2)
+                cri.remove_container(cid)
+
+            checks.run(
+                f"[{runtime}] Unconfined: unconfined; mount and sysrq-trigger allowed (else the same)",
+                unconfined,
+            )
+
+            def localhost() -> None:
+                parser("-r", text=LOCAL_PROFILE_TEXT)
+                assert loaded().get(LOCAL_PROFILE) == "enforce"
+                by_field = pb.SecurityProfile(
+                    profile_type=pb.SecurityProfile.Localhost, localhost_ref=LOCAL_PROFILE
+                )
+                for name, profile, legacy in (
+                    ("local", by_field, ""),
+                    ("local-legacy", None, f"localhost/{LOCAL_PROFILE}"),
+                ):
+                    cid = container(name, profile, legacy)
+                    attr = exec_out(cri, cid, "cat", "/proc/self/attr/current").strip()
+                    assert attr == f"{LOCAL_PROFILE} (enforce)", attr
+                    session = streaming_exec(cri, cid, ["cat", "/proc/self/attr/current"]).decode().strip()
+                    assert session == f"{LOCAL_PROFILE} (enforce)", f"Exec session: {session}"
+                    rc, out = attempt(cri, cid, "touch /etc/denied")
+                    print(f"   {name}: touch /etc/denied: exit {rc}: {out}")
+                    assert rc != 0 and "Permission denied" in out, (rc, out)
+                    rc, out = attempt(cri, cid, "touch /tmp/allowed && echo written")
+                    assert rc == 0 and out == "written", (rc, out)
+                    cri.stop_container(cid, timeout=2)
+                    cri.remove_container(cid)
+
+            checks.run(
+                f"[{runtime}] localhost/{LOCAL_PROFILE} (no writes to /etc) is enforced, field and string",
+                localhost,
+            )
+
+        if not pods:
+            return finish(checks)
 
         def not_loaded() -> None:
             dirs_before = {str(p) for d in STATE_DIRS for p in d.iterdir()}
@@ -274,7 +292,8 @@ def main() -> int:
             cri.remove_container(cid)
 
         checks.run("pycri-default removed from the kernel is loaded again at the next create", reloaded)
-        cleanup_pod(checks, cri, pod_id)
+        for each in pods:
+            cleanup_pod(checks, cri, each)
         checks.run("RemoveImage", lambda: cri.remove_image(image))
     try:
         parser("-R", text=LOCAL_PROFILE_TEXT)
