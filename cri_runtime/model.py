@@ -58,6 +58,16 @@ class SecurityProfile:
 
 
 @dataclass(frozen=True)
+class SELinuxOptions:
+    """An SELinux context's parts; empty ones are taken from the pod, then the policy's default."""
+
+    user: str = ""
+    role: str = ""
+    type: str = ""
+    level: str = ""
+
+
+@dataclass(frozen=True)
 class HugepageLimit:
     page_size: str
     limit: int
@@ -107,7 +117,7 @@ class PortMapping:
 
 @dataclass(frozen=True)
 class PodSecurity:
-    """The pod's LinuxSandboxSecurityContext (SELinux options are not kept: pycri does not label)."""
+    """The pod's LinuxSandboxSecurityContext."""
 
     namespace_options: NamespaceOptions = NamespaceOptions()
     run_as_user: int | None = None
@@ -119,6 +129,7 @@ class PodSecurity:
     seccomp: SecurityProfile | None = None
     apparmor: SecurityProfile | None = None
     seccomp_profile_path: str = ""
+    selinux_options: SELinuxOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +196,7 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class ContainerSecurity:
-    """The container's LinuxContainerSecurityContext (SELinux options are not kept)."""
+    """The container's LinuxContainerSecurityContext."""
 
     capabilities: Capabilities = Capabilities()
     privileged: bool = False
@@ -203,6 +214,7 @@ class ContainerSecurity:
     apparmor: SecurityProfile | None = None
     apparmor_profile: str = ""  # deprecated in the schema
     seccomp_profile_path: str = ""  # deprecated in the schema; read when seccomp is None
+    selinux_options: SELinuxOptions | None = None
 
 
 @dataclass(frozen=True)

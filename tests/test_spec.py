@@ -137,13 +137,14 @@ def test_tty_and_read_only_root_and_no_new_privileges_reach_the_spec(rootfs: Pat
     assert "apparmorProfile" not in oci["process"]
 
 
-def test_apparmor_and_selinux_options_are_accepted_and_ignored(rootfs: Path) -> None:
+def test_without_apparmor_and_selinux_the_spec_carries_no_profile_or_label(rootfs: Path) -> None:
+    # Where the LSMs are off (this host): RuntimeDefault is a no-op and SELinux options give no
+    # label; tests/test_apparmor.py covers the spec where they are on.
     config = make_config()
     security = config.linux.security_context
-    security.apparmor.profile_type = pb.SecurityProfile.Localhost
-    security.apparmor.localhost_ref = "my-profile"
+    security.apparmor.profile_type = pb.SecurityProfile.RuntimeDefault
     security.selinux_options.type = "container_t"
-    oci = build(rootfs, config)
+    oci = build(rootfs, config, apparmor_enabled=False, selinux_enabled=False)
     assert "apparmorProfile" not in oci["process"] and "selinuxLabel" not in oci["process"]
     assert "mountLabel" not in oci["linux"]
 

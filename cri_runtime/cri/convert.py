@@ -117,6 +117,15 @@ def _profile(profile: pb.SecurityProfile, refusal: str | None) -> model.Security
     )
 
 
+def _selinux(
+    holder: pb.LinuxContainerSecurityContext | pb.LinuxSandboxSecurityContext,
+) -> model.SELinuxOptions | None:
+    if not holder.HasField("selinux_options"):
+        return None
+    options = holder.selinux_options
+    return model.SELinuxOptions(options.user, options.role, options.type, options.level)
+
+
 def _optional_id(
     holder: pb.LinuxContainerSecurityContext | pb.LinuxSandboxSecurityContext, name: str
 ) -> int | None:
@@ -156,6 +165,7 @@ def pod_sandbox_config(config: pb.PodSandboxConfig) -> model.PodSandboxConfig:
             seccomp=_profile(security.seccomp, None) if security.HasField("seccomp") else None,
             apparmor=_profile(security.apparmor, None) if security.HasField("apparmor") else None,
             seccomp_profile_path=security.seccomp_profile_path,
+            selinux_options=_selinux(security),
         ),
         sysctls=dict(linux.sysctls),
         overhead=linux_resources(linux.overhead) if linux.HasField("overhead") else None,
@@ -261,6 +271,7 @@ def container_config(config: pb.ContainerConfig, *, strict: bool = True) -> mode
             apparmor=_profile(security.apparmor, None) if security.HasField("apparmor") else None,
             apparmor_profile=security.apparmor_profile,
             seccomp_profile_path=security.seccomp_profile_path,
+            selinux_options=_selinux(security),
         ),
         stop_signal=_signal_name(config.stop_signal),
     )

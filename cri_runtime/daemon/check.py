@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cri_runtime.daemon.config import Config
+from cri_runtime.host import apparmor, selinux
 from cri_runtime.oci import conmon, podinit
 from cri_runtime.oci import runtimes as oci_runtimes
 
@@ -450,9 +451,56 @@ def check_platform(config: Config) -> list[Finding]:
     return [Finding(OK, "images", f"pulls {platform} manifests ({source})")]
 
 
+# --- confinement (AppArmor, SELinux) ----------------------------------------------------
+
+
+def check_confinement() -> list[Finding]:
+    """Which LSM confinement containers get here, and whether pycri's AppArmor profile is loaded."""
+    found: list[Finding] = []
+    if not apparmor.enabled():
+        found.append(
+            Finding(
+                OK,
+                "lsm",
+                "AppArmor is not enabled: containers run without an AppArmor profile; "
+                "Localhost AppArmor profiles are refused",
+            )
+        )
+    else:
+        parser = apparmor.parser()
+        mode = apparmor.loaded_profiles().get(apparmor.DEFAULT_PROFILE)
+        profile = (
+            f"{apparmor.DEFAULT_PROFILE} loaded ({mode})"
+            if mode
+            else f"{apparmor.DEFAULT_PROFILE} not loaded yet (pycri loads it at start)"
+        )
+        if parser is None:
+            level = WARN if mode else FAIL
+            found.append(
+                Finding(
+                    level,
+                    "lsm",
+                    f"AppArmor is enabled, apparmor_parser is missing; {profile}: containers "
+                    "under the default profile are refused while it is not loaded",
+                    "apt-get install apparmor",
+                )
+            )
+        else:
+            found.append(Finding(OK, "lsm", f"AppArmor is enabled ({parser}); {profile}"))
+    if selinux.enabled():
+        state = "enforcing" if selinux.enforcing() else "permissive"
+        found.append(
+            Finding(OK, "lsm", f"SELinux is enabled ({state}): containers get process and mount labels")
+        )
+    else:
+        found.append(Finding(OK, "lsm", "SELinux is not enabled: containers get no SELinux labels"))
+    return found
+
+
 def run_checks(config: Config, host: Host = Host()) -> list[Finding]:
     found = check_privileges() + check_config(config) + check_platform(config) + check_kernel(host)
     found += check_binaries(config)
+    found += check_confinement()
     found += check_network(config)
     found += check_socket(config.socket_path)
     found += check_directory("root", Path(config.root), overlay_upper=True, proc=host.proc)

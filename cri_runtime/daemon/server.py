@@ -27,6 +27,7 @@ from cri_runtime.cri.status import status_code
 from cri_runtime.daemon import metrics
 from cri_runtime.daemon.config import Config
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, PycriError
+from cri_runtime.host import apparmor
 from cri_runtime.network.cni import CNI
 from cri_runtime.oci import runtimes as oci_runtimes
 from cri_runtime.oci.conmon import Executor
@@ -231,6 +232,20 @@ def oom_score_adj_floor() -> int | None:
         return int(fh.read().strip())
 
 
+def load_apparmor_profile(state: Path) -> None:
+    """Load pycri-default where AppArmor is on; a failure is said once here, and every container
+    that needs the profile is refused with the reason (it never runs unconfined instead)."""
+    if not apparmor.enabled():
+        log.info("AppArmor is not enabled on this host: containers get no AppArmor profile")
+        return
+    try:
+        loaded = apparmor.ensure_default(state / "apparmor" / apparmor.DEFAULT_PROFILE)
+    except FailedPrecondition as exc:
+        log.error("AppArmor default profile not loaded; containers that need it are refused", error=str(exc))
+        return
+    log.info("AppArmor default profile", profile=apparmor.DEFAULT_PROFILE, loaded_now=loaded)
+
+
 def build_runtime(
     config: Config,
     store: ImageStore,
@@ -239,6 +254,7 @@ def build_runtime(
 ) -> Runtime:
     """The pod and container side: state DB, CNI, executors, managers, restored state."""
     root, state = Path(config.root), Path(config.state)
+    load_apparmor_profile(state)
     # A DB of an older pycri holds configs as the CRI schema's bytes, which only cri/ can read.
     legacy = LegacyConfigs(sandbox=convert.legacy_sandbox_config, container=convert.legacy_container_config)
     db = StateDB(root / "runtime.db", legacy)

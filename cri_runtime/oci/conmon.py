@@ -66,6 +66,7 @@ from cri_runtime.errors import (
     from_os_error,
 )
 from cri_runtime.host import cgroups
+from cri_runtime.oci import apparmor
 
 log = structlog.get_logger("pycri.executor")
 
@@ -843,6 +844,9 @@ class Executor:
         process["args"] = list(cmd)
         process["terminal"] = False
         process.pop("consoleSize", None)
+        # The container's AppArmor profile carries over (with its SELinux label); the default one
+        # is loaded again if an AppArmor reload removed it, or the exec would fail to enter it.
+        apparmor.ensure_loaded(process.get("apparmorProfile"))
         return process
 
     def exec_sync(

@@ -4,10 +4,11 @@
 cri_runtime.model.ContainerConfig, converted from the CRI request by the servicer), the
 image config, the pod's context and the mounted root file system. It reads only the image's /etc/passwd and
 /etc/group (resolved inside the root file system, never following a symlink out of it), the
-seccomp profile a Localhost profile names, and the stat of host device nodes. What it cannot do
-purely is left to the caller, through small helpers: :func:`host_paths_to_create` (host paths of
-mounts that do not exist yet) and :func:`ensure_working_dir` (the working directory inside the
-root file system).
+seccomp profile a Localhost profile names, the stat of host device nodes, and whether the host
+has AppArmor (and which profiles it has loaded) and SELinux (and its policy's container contexts).
+What it cannot do purely is left to the caller, through small helpers: :func:`host_paths_to_create`
+(host paths of mounts that do not exist yet), :func:`relabel_targets` (volumes to relabel for
+SELinux) and :func:`ensure_working_dir` (the working directory inside the root file system).
 
 Choices worth knowing, each where containerd makes the same one:
 - process.oomScoreAdj is always set (0 included): a container that inherited conmon's score of
@@ -21,7 +22,11 @@ Choices worth knowing, each where containerd makes the same one:
   schema (proto3) cannot tell an empty list from an absent one, so "unmasked" /proc is not
   expressible there.
 - memory swap is set only when memory_swap_limit_in_bytes is; swap accounting is a host probe.
-- AppArmor and SELinux options are accepted and ignored.
+- AppArmor: process.apparmorProfile as cri_runtime.oci.apparmor decides (pycri-default unless
+  the config says otherwise or the container is privileged; nothing where AppArmor is off).
+- SELinux: process.selinuxLabel and linux.mountLabel only where SELinux is on
+  (cri_runtime.oci.selinux) and the container is not privileged; elsewhere no label, as the OCI
+  runtime could not apply one.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cri_runtime.errors import InvalidArgument
+from cri_runtime.host import selinux as host_selinux
 from cri_runtime.model import (
     Capabilities,
     ContainerConfig,
@@ -47,8 +53,9 @@ from cri_runtime.model import (
     EnvVar,
     LinuxResources,
     Mount,
+    SELinuxOptions,
 )
-from cri_runtime.oci import seccomp
+from cri_runtime.oci import apparmor, seccomp, selinux
 
 OCI_VERSION = "1.1.0"
 DEFAULT_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -214,6 +221,7 @@ class SandboxContext:
     shm_path: str | None  # the pod's /dev/shm to bind; None: a private 64M tmpfs
     sysctls: Mapping[str, str]
     privileged: bool  # the pod may hold privileged containers
+    selinux_options: SELinuxOptions | None = None  # the pod's
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,8 @@ def build_container_spec(
     seccomp_profile_root: Path | None = None,
     cgroup_namespace: bool = False,
     host_capabilities: Collection[str] | None = None,
+    apparmor_enabled: bool | None = None,
+    selinux_enabled: bool | None = None,
 ) -> dict[str, Any]:
     """The OCI config.json of a container, as a JSON-serialisable dict.
 
@@ -256,7 +266,9 @@ def build_container_spec(
     makes sense on a cgroup v2 host. ``host_capabilities`` is what "all capabilities" means (for
     privileged containers and "ALL"): the capabilities pycri itself holds, which
     :func:`current_capabilities` reads when it is None, because the OCI runtime cannot grant a
-    capability its caller lacks. Raises InvalidArgument, naming the field, for bad input.
+    capability its caller lacks. ``apparmor_enabled`` and ``selinux_enabled`` say whether the
+    host has these LSMs on (None: ask the kernel). Raises InvalidArgument, naming the field, for
+    bad input, and FailedPrecondition for confinement the host cannot give.
     """
     security = config.security
     privileged = security.privileged
@@ -298,6 +310,21 @@ def build_container_spec(
         "resources": resources,
         "namespaces": _namespaces(sandbox, cgroup_namespace),
     }
+    apparmor_profile = apparmor.container_profile(security, enabled=apparmor_enabled)
+    if apparmor_profile is not None:
+        process["apparmorProfile"] = apparmor_profile
+    # A privileged container is not labelled (as with Docker's --privileged: label=disable).
+    if not privileged and (selinux_enabled if selinux_enabled is not None else host_selinux.enabled()):
+        process_context, file_context = host_selinux.container_contexts()
+        labels = selinux.container_labels(
+            sandbox.pod_id,
+            sandbox.selinux_options,
+            security.selinux_options,
+            process_context=process_context,
+            file_context=file_context,
+        )
+        process["selinuxLabel"] = labels.process
+        linux_spec["mountLabel"] = labels.mount
     if devices:
         linux_spec["devices"] = devices
     if not privileged:
@@ -333,6 +360,15 @@ def build_container_spec(
         "annotations": _annotations(container_id, config, sandbox),
         "linux": linux_spec,
     }
+
+
+def relabel_targets(config: ContainerConfig, oci_spec: Mapping[str, Any]) -> list[tuple[Path, str]]:
+    """The host paths of mounts that ask for selinux_relabel, with the label they get (the
+    container's mount label); none where the spec carries no mount label (SELinux off)."""
+    label = oci_spec.get("linux", {}).get("mountLabel")
+    if not label:
+        return []
+    return [(Path(m.host_path), label) for m in config.mounts if m.selinux_relabel and not m.image]
 
 
 def _image_section(image_config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -924,8 +960,8 @@ def _config_mount(position: int, mount: Mount) -> dict[str, Any]:
         options += ["ro", "rro"]
     else:
         options.append("ro" if mount.readonly else "rw")
-    # selinux_relabel is ignored: pycri does not label. mount_options are not passed on: they are
-    # for image volumes, which are refused above.
+    # selinux_relabel is the caller's to do (relabel_targets). mount_options are not passed on: they
+    # are for image volumes, which are refused above.
     return {
         "destination": destination,
         "type": "bind",

@@ -37,9 +37,9 @@ from cri_runtime.errors import (
     NotFound,
     ResourceExhausted,
 )
-from cri_runtime.host import cgroups, mounts
+from cri_runtime.host import cgroups, mounts, selinux
 from cri_runtime.model import ContainerConfig, LinuxResources, Mount
-from cri_runtime.oci import spec
+from cri_runtime.oci import apparmor, spec
 from cri_runtime.oci.conmon import ExecResult, Executor
 from cri_runtime.runtime.events import EventHub
 from cri_runtime.runtime.exits import ExitWatcher
@@ -511,6 +511,7 @@ class ContainerManager:
             # Set once in the pod's namespaces, which the container joins (cri_runtime.host.sysctl).
             sysctls={},
             privileged=sandbox.config.security.privileged,
+            selinux_options=sandbox.config.security.selinux_options,
         )
         if config.security.privileged and not context.privileged:
             raise InvalidArgument("a privileged container needs a privileged pod sandbox")
@@ -532,6 +533,9 @@ class ContainerManager:
                 raise InvalidArgument(
                     f"mount host path {str(host_path)!r} cannot be made: {exc.strerror}"
                 ) from None
+        for host_path, label in spec.relabel_targets(config, oci_spec):
+            selinux.relabel(host_path, label)
+        apparmor.ensure_loaded(oci_spec["process"].get("apparmorProfile"))
         process = oci_spec["process"]
         user = process.get("user", {})
         container.user = [int(user.get("uid", 0)), int(user.get("gid", 0)), *user.get("additionalGids", [])]
