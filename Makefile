@@ -68,9 +68,12 @@ PURGE ?=
 CHECK_ARGS ?=
 RUNTIME_PACKAGES := crun runc conmon catatonit containernetworking-plugins iptables python3-venv
 
+# apparmor (apparmor_parser, to load pycri's default profile) only where the kernel has AppArmor on.
 runtime-deps:
 	@if [ -z "$(SKIP_APT)" ]; then \
-		missing=""; for p in $(RUNTIME_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		wanted="$(RUNTIME_PACKAGES)"; \
+		if [ "$$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ]; then wanted="$$wanted apparmor"; fi; \
+		missing=""; for p in $$wanted; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 		if [ -n "$$missing" ]; then \
 			echo "installing:$$missing"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
