@@ -445,7 +445,7 @@ def test_image_fs_info_reports_the_writable_layers_as_a_filesystem_of_their_own(
     assert images_before.fs_id.mountpoint == str(env.daemon.root / "layers")
     pod = env.pod("writer")
     cid = env.run(pod, "w", ["sh", "-c", "head -c 5000000 /dev/urandom > /big; touch /done; sleep 100"])
-    assert wait_for(lambda: exec_out(env.cri, cid, "ls", "/done"), timeout=15)
+    assert wait_for(lambda: env.cri.exec_sync(cid, ["ls", "/done"], timeout=10).exit_code == 0, timeout=15)
     images_after, after = split()
     assert after.used_bytes.value >= before.used_bytes.value + 5_000_000
     assert after.inodes_used.value >= before.inodes_used.value + 2
