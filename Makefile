@@ -66,7 +66,7 @@ SKIP_MODULES ?=
 SKIP_APT ?=
 PURGE ?=
 CHECK_ARGS ?=
-RUNTIME_PACKAGES := crun runc conmon catatonit containernetworking-plugins iptables python3-venv
+RUNTIME_PACKAGES := crun runc conmon catatonit containernetworking-plugins iptables python3-venv dbus
 
 runtime-deps:
 	@if [ -z "$(SKIP_APT)" ]; then \

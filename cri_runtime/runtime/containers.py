@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -32,6 +32,7 @@ from cri_runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PycriError,
     ResourceExhausted,
 )
 from cri_runtime.host import cgroups, mounts
@@ -57,6 +58,7 @@ class ContainerSettings:
     root_dir: Path  # <root>/containers: upper and work directories
     state_dir: Path  # <state>/containers: rootfs mount points and bundles
     oom_score_adj_floor: int | None
+    cgroup_driver: cgroups.CgroupDriver = field(default_factory=cgroups.CgroupfsDriver)
 
 
 # What "no limit" is for each cgroup setting, to undo a partial update of one that was unset.
@@ -194,10 +196,10 @@ class ContainerManager:
         """A container whose CreateContainer never returned: nothing of it stays."""
         self.executor(container).delete(container.id)
         if sandbox is not None:
-            cgroup = f"{sandbox.cgroup_path}/{container.id}"
+            cgroup = cgroups.container_path(sandbox.cgroup_path, container.id)
             try:
-                cgroups.remove(cgroup, timeout=1.0)
-            except (OSError, ValueError) as exc:
+                self.settings.cgroup_driver.remove_container(sandbox.cgroup_path, container.id, timeout=1.0)
+            except (OSError, ValueError, PycriError) as exc:
                 # The start-up sweep removes container cgroups below known pods.
                 log.warning(
                     "cannot remove a discarded container's cgroup",
@@ -442,7 +444,9 @@ class ContainerManager:
             image_config=image_config,
             sandbox=context,
             rootfs=rootfs,
-            cgroups_path=f"{sandbox.cgroup_path}/{container.id}",
+            cgroups_path=self.settings.cgroup_driver.container_cgroups_path(
+                sandbox.cgroup_path, container.id
+            ),
             oom_score_adj_floor=self.settings.oom_score_adj_floor,
         )
         spec.check_resources_on_host(oci_spec["linux"]["resources"])
@@ -471,6 +475,7 @@ class ContainerManager:
             terminal=config.tty,
             stdin=config.stdin,
             stdin_once=config.stdin_once,
+            conmon_cgroup=self.settings.cgroup_driver.conmon_cgroup(sandbox.cgroup_path),
         )
         undo.callback(executor.delete, container.id)
         failpoints.hit("container.after_conmon")
@@ -611,6 +616,7 @@ class ContainerManager:
                 failpoints.hit("container.remove_recorded")
             self.executor(container).delete(container.id)
             failpoints.hit("container.remove_after_delete")
+            self.settings.cgroup_driver.release_container(container.id)
             mounts.unmount_all_under(Path(container.run_dir))
             shutil.rmtree(container.run_dir, ignore_errors=True)
             shutil.rmtree(container.dir, ignore_errors=True)

@@ -208,8 +208,8 @@ def _limited(value: int | None) -> int | None:
 
 
 def container_cgroup_path(sandbox: Sandbox, container: Container) -> str:
-    # The cgroupsPath pycri's spec builder gives every container (containers.py).
-    return f"{sandbox.cgroup_path}/{container.id}"
+    # Where the runtime made it: below the pod's cgroup, or in a scope of the pod's slice.
+    return cgroups.container_path(sandbox.cgroup_path, container.id)
 
 
 # --- cgroup readers -------------------------------------------------------------------------------
