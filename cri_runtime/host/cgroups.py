@@ -73,11 +73,50 @@ def _init_cpuset(directory: Path) -> None:
             target.write_text((directory.parent / name).read_text())
 
 
+def enable_controllers(root: Path, relative: str) -> None:
+    """cgroup v2: let ``relative`` have the controllers its parents have, as runc and crun do for
+    a container's cgroup: each ancestor below the root enables in ``cgroup.subtree_control`` what
+    its ``cgroup.controllers`` offers and is not enabled yet. Without it a new pod cgroup has no
+    ``cpu.max`` or ``memory.max`` to write."""
+    current = root
+    for part in relative.split("/"):
+        wanted = set((current / "cgroup.controllers").read_text().split())
+        enabled = set((current / "cgroup.subtree_control").read_text().split())
+        missing_here = sorted(wanted - enabled)
+        if missing_here:
+            try:
+                (current / "cgroup.subtree_control").write_text(" ".join("+" + c for c in missing_here))
+            except OSError as exc:
+                # EBUSY: processes live in this cgroup (no internal processes on v2); the write
+                # that needs the controller then fails with its own error.
+                log.warning(
+                    "cannot enable cgroup controllers",
+                    cgroup=str(current),
+                    controllers=missing_here,
+                    error=str(exc),
+                )
+        current = current / part
+
+
 def create(path: str, root: Path = CGROUP_ROOT) -> list[Path]:
     """Make ``path`` in every hierarchy; return the directories this call created (to undo)."""
     relative = normalize(path).lstrip("/")
     created: list[Path] = []
     try:
+        if is_cgroup2_only(root) and relative:
+            # Made first, so the directories below see the controllers as they are created.
+            for i in range(1, len(relative.split("/")) + 1):
+                step = root / "/".join(relative.split("/")[:i])
+                try:
+                    step.mkdir()
+                    created.append(step)
+                except FileExistsError:
+                    if not step.is_dir():
+                        raise NotADirectoryError(
+                            errno.ENOTDIR, "names a cgroup control file, not a cgroup", str(step)
+                        ) from None
+            enable_controllers(root, relative)
+            return created
         for hierarchy in hierarchies(root):
             current = hierarchy
             for part in relative.split("/"):
