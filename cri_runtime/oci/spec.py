@@ -323,6 +323,12 @@ def build_container_spec(
     if rootfs_propagation:
         linux_spec["rootfsPropagation"] = rootfs_propagation
 
+    annotations = _annotations(container_id, config, sandbox)
+    if _SYSTEMD_CGROUPS_PATH.fullmatch(cgroups_path):
+        # Under its systemd manager crun puts the process in a "container" subgroup of the scope on
+        # cgroup v2, runc in the scope itself. One layout for both, runc's: the limits, the stats
+        # and the memory.events conmon watches for OOM kills are the scope's own.
+        annotations["run.oci.systemd.subgroup"] = ""
     # No "hostname": the container never gets a UTS namespace of its own. It joins the pod's, whose
     # hostname the sandbox already set, or the host's, whose name it must not change.
     return {
@@ -330,7 +336,7 @@ def build_container_spec(
         "process": process,
         "root": {"path": str(rootfs), "readonly": security.readonly_rootfs},
         "mounts": mounts,
-        "annotations": _annotations(container_id, config, sandbox),
+        "annotations": annotations,
         "linux": linux_spec,
     }
 
@@ -350,6 +356,10 @@ def _refuse_user_namespace(security: ContainerSecurity) -> None:
         raise InvalidArgument(
             "linux.security_context.namespace_options.userns_options: user namespaces are not supported"
         )
+
+
+# linux.cgroupsPath for an OCI runtime's systemd cgroup manager: "<slice>:<prefix>:<name>".
+_SYSTEMD_CGROUPS_PATH = re.compile(r"[^/:]+\.slice:[^/:]+:[^/:]+")
 
 
 def _annotations(container_id: str, config: ContainerConfig, sandbox: SandboxContext) -> dict[str, str]:
