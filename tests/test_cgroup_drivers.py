@@ -200,3 +200,11 @@ def test_a_pod_slice_made_through_d_bus_is_where_systemd_says_and_goes_away(tmp_
         assert driver.bus.active_state(created[0]) is None
     finally:
         driver.close()
+
+
+def test_pids_limit_is_a_count_of_zero_or_more() -> None:
+    assert config_from_dict({"pids_limit": 2048}).pids_limit == 2048
+    with pytest.raises(InvalidArgument, match="pids_limit must be 0"):
+        config_from_dict({"pids_limit": -1})
+    with pytest.raises(InvalidArgument, match="pids_limit"):
+        config_from_dict({"pids_limit": "1024"})

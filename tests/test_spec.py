@@ -1049,3 +1049,8 @@ def test_under_the_systemd_driver_crun_keeps_the_container_in_its_scope_as_runc_
     assert systemd_form["linux"]["cgroupsPath"] == "kubepods-besteffort-pod1.slice:pycri:ctr-1"
     assert systemd_form["annotations"]["run.oci.systemd.subgroup"] == ""
     assert "run.oci.systemd.subgroup" not in build(tmp_path)["annotations"]
+
+
+def test_the_node_s_pids_limit_becomes_the_container_s_pids_max(tmp_path: Path) -> None:
+    assert build(tmp_path, pids_limit=1024)["linux"]["resources"]["pids"] == {"limit": 1024}
+    assert "pids" not in build(tmp_path)["linux"]["resources"]

@@ -245,6 +245,7 @@ def build_container_spec(
     seccomp_profile_root: Path | None = None,
     cgroup_namespace: bool = False,
     host_capabilities: Collection[str] | None = None,
+    pids_limit: int = 0,
 ) -> dict[str, Any]:
     """The OCI config.json of a container, as a JSON-serialisable dict.
 
@@ -323,6 +324,9 @@ def build_container_spec(
     if rootfs_propagation:
         linux_spec["rootfsPropagation"] = rootfs_propagation
 
+    if pids_limit > 0:
+        # The node's setting (pycri.toml pids_limit): CRI has no field for it.
+        resources["pids"] = {"limit": pids_limit}
     annotations = _annotations(container_id, config, sandbox)
     if _SYSTEMD_CGROUPS_PATH.fullmatch(cgroups_path):
         # Under its systemd manager crun puts the process in a "container" subgroup of the scope on

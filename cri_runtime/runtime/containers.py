@@ -59,6 +59,7 @@ class ContainerSettings:
     state_dir: Path  # <state>/containers: rootfs mount points and bundles
     oom_score_adj_floor: int | None
     cgroup_driver: cgroups.CgroupDriver = field(default_factory=cgroups.CgroupfsDriver)
+    pids_limit: int = 0  # each container's pids.max; 0: none
 
 
 # What "no limit" is for each cgroup setting, to undo a partial update of one that was unset.
@@ -448,6 +449,7 @@ class ContainerManager:
                 sandbox.cgroup_path, container.id
             ),
             oom_score_adj_floor=self.settings.oom_score_adj_floor,
+            pids_limit=self.settings.pids_limit,
         )
         spec.check_resources_on_host(oci_spec["linux"]["resources"])
         # After the spec is built: a config it refuses makes no directory on the host.
