@@ -230,7 +230,13 @@ def oom_score_adj_floor() -> int | None:
 
 def make_cgroup_driver(config: Config) -> cgroups.CgroupDriver:
     """The configured cgroup driver, checked usable on this host (FailedPrecondition if not)."""
-    version = "v2" if cgroups.is_cgroup2_only() else "v1 (hybrid)" if cgroups.CGROUP_ROOT.is_dir() else "none"
+    version = (
+        "v2"
+        if cgroups.is_cgroup2_only()
+        else "hybrid"
+        if (cgroups.CGROUP_ROOT / "unified" / "cgroup.controllers").exists()
+        else "v1"
+    )
     if config.cgroup_driver == "systemd":
         driver = systemd.SystemdDriver()
         try:
@@ -276,7 +282,9 @@ def build_runtime(
         cni,
     )
     containers = ContainerManager(
-        ContainerSettings(root / "containers", state / "containers", oom_score_adj_floor(), cgroup_driver),
+        ContainerSettings(
+            root / "containers", state / "containers", oom_score_adj_floor(), cgroup_driver, config.pids_limit
+        ),
         db,
         store,
         executors,
