@@ -407,8 +407,9 @@ class CgroupDriver(abc.ABC):
     def release_container(self, container_id: str) -> None:  # noqa: B027
         """After the runtime's delete: take away what the driver keeps per container (units)."""
 
-    def sweep(self, known_pods: Iterable[str], known_containers: Iterable[str]) -> list[str]:
-        """Take away what the driver made for pods and containers no record knows."""
+    def sweep(self, orphan_pods: Iterable[str], orphan_containers: Iterable[str]) -> list[str]:
+        """Take away what the driver keeps for these pods and containers, which no record knows
+        (found by ID in this instance's own state); return what it took away."""
         return []
 
 

@@ -57,9 +57,6 @@ _TRANSIENT_ERRORS = {
 _NO_SUCH_UNIT = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed")
 # A unit name systemd accepts for a slice: no path, no doubled, leading or trailing dash.
 _SLICE_NAME = re.compile(r"(?:-|[A-Za-z0-9:_.\\]+(?:-[A-Za-z0-9:_.\\]+)*)\.slice")
-_SCOPE_ID = re.compile(
-    rf"({re.escape(CONMON_SCOPE_PREFIX)}|{re.escape(SCOPE_PREFIX)})-([0-9a-f]{{64}})\.scope"
-)
 
 T = TypeVar("T")
 
@@ -518,23 +515,17 @@ class SystemdDriver(cgroups.CgroupDriver):
         for unit in (container_scope(container_id), conmon_scope(container_id)):
             self.bus.stop(unit)
 
-    def sweep(self, known_pods: Iterable[str], known_containers: Iterable[str]) -> list[str]:
-        """Stop pycri's scopes of containers no record knows, and pycri's default slices of
-        unknown pods; kubelet's slices are kubelet's."""
-        pods, containers = set(known_pods), set(known_containers)
+    def sweep(self, orphan_pods: Iterable[str], orphan_containers: Iterable[str]) -> list[str]:
+        """Stop the scopes of orphaned containers and pycri's own slices of orphaned pods. Only
+        these IDs: the units of another pycri on the same host (its own state) are never touched,
+        and kubelet's slices are kubelet's."""
+        names = [f"{DEFAULT_SLICE_PREFIX}{pod_id}.slice" for pod_id in sorted(orphan_pods)]
+        for container_id in sorted(orphan_containers):
+            names += [container_scope(container_id), conmon_scope(container_id)]
+        if not names:
+            return []
         swept: list[str] = []
-        for unit, _state in self.bus.list_units(
-            [f"{SCOPE_PREFIX}-*.scope", f"{DEFAULT_SLICE_PREFIX}*.slice"]
-        ):
-            matched = _SCOPE_ID.fullmatch(unit)
-            if matched and matched.group(2) in containers:
-                continue
-            if unit.endswith(".slice"):
-                pod_id = unit.removeprefix(DEFAULT_SLICE_PREFIX).removesuffix(".slice")
-                if pod_id in pods or not re.fullmatch(r"[0-9a-f]{64}", pod_id):
-                    continue
-            elif not matched:
-                continue
+        for unit, _state in self.bus.list_units(names):
             try:
                 self.bus.stop(unit)
                 swept.append(unit)

@@ -225,9 +225,17 @@ def sweep(
             except OSError as exc:
                 log.warning("cannot remove an orphaned cgroup", cgroup=cgroup, error=str(exc))
     if cgroup_driver is not None:
-        # The systemd driver's units (conmon and container scopes, pycri's own pod slices).
+        # The systemd driver's units (conmon and container scopes, pycri's own pod slices) of the
+        # objects found above in this instance's own state: another pycri's are never touched.
+        orphan_pods = set(swept.networks) | {
+            Path(d).name for d in swept.directories if Path(d).parent == sandboxes_dir
+        }
+        orphan_containers = set(swept.conmons) | set(swept.runtime_states)
+        orphan_containers |= {Path(d).name for d in swept.directories if Path(d).parent != sandboxes_dir}
         try:
-            swept.cgroups += cgroup_driver.sweep(known.sandboxes, known.containers)
+            swept.cgroups += cgroup_driver.sweep(
+                orphan_pods - known.sandboxes, orphan_containers - known.containers
+            )
         except PycriError as exc:
             log.warning("cannot look for orphaned cgroup units", driver=cgroup_driver.name, error=str(exc))
     # 6. Veths on pycri's bridge whose pod is unknown (or whose netns is going away).
