@@ -378,6 +378,37 @@ def main() -> int:
                 survives("stop"),
             )
 
+        def systemd_restart() -> None:
+            """systemd re-executes itself (as on a package upgrade): pods and containers keep running,
+            stay reported, and pycri still makes and takes away units through D-Bus."""
+            pid = container_pid(cri, cid)
+            sh("systemctl", "daemon-reexec")
+            wait_for(
+                lambda: sh("systemctl", "is-system-running").strip() in ("running", "degraded"),
+                60,
+                "systemd back after daemon-reexec",
+            )
+            assert os.path.exists(f"/proc/{pid}"), "the container died with systemd's re-execution"
+            assert unit_show(scope, "ActiveState")["ActiveState"] == "active"
+            assert unit_show(parent, "ActiveState")["ActiveState"] == "active"
+            assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
+            assert exec_out(cri, cid, "echo", "after reexec") == "after reexec\n"
+            other = cri.create_container(
+                pod_id, "after-reexec", image, command=["sleep", "1000"], log_path="after-reexec.log"
+            )
+            cri.start_container(other)
+            wait_for(lambda: state_of(cri, other) == pb.ContainerState.CONTAINER_RUNNING, 30, "running")
+            assert unit_show(f"pycri-conmon-{other}.scope", "ActiveState")["ActiveState"] == "active"
+            cri.stop_container(other, timeout=0)
+            cri.remove_container(other)
+            assert unit_gone(f"pycri-{other}.scope") and unit_gone(f"pycri-conmon-{other}.scope")
+
+        if args.lifecycle and driver == "systemd":
+            checks.run(
+                f"{tag} systemctl daemon-reexec: the container keeps running, pycri still drives systemd",
+                systemd_restart,
+            )
+
         def stop_remove() -> None:
             cri.stop_container(cid, timeout=5)
             status = cri.container_status(cid).status
