@@ -66,7 +66,7 @@ SKIP_MODULES ?=
 SKIP_APT ?=
 PURGE ?=
 CHECK_ARGS ?=
-RUNTIME_PACKAGES := crun runc conmon catatonit containernetworking-plugins iptables python3-venv
+RUNTIME_PACKAGES := crun runc conmon catatonit containernetworking-plugins iptables python3-venv dbus
 
 # apparmor (apparmor_parser, to load pycri's default profile) only where the kernel has AppArmor on.
 runtime-deps:

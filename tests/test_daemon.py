@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -194,7 +195,8 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path: Path) -> None:
     assert "max_concurent_downloads" in out.stderr
 
 
-def test_unsupported_systemd_cgroup_driver_is_refused_at_start(tmp_path: Path) -> None:
+@pytest.mark.skipif(os.path.isdir("/run/systemd/system"), reason="this host runs systemd")
+def test_systemd_cgroup_driver_without_systemd_is_refused_at_start(tmp_path: Path) -> None:
     config = tmp_path / "pycri.toml"
     config.write_text('cgroup_driver = "systemd"\n')
     result = subprocess.run(
@@ -217,5 +219,8 @@ def test_unsupported_systemd_cgroup_driver_is_refused_at_start(tmp_path: Path) -
         timeout=30,
     )
     assert result.returncode == 2
-    assert "cgroup_driver = systemd is not supported" in result.stderr
+    assert 'cgroup_driver = "systemd" but systemd is not running here' in result.stderr
+    assert 'set cgroup_driver = "cgroupfs"' in result.stderr
+    # Refused before anything is made.
+    assert not (tmp_path / "s.sock").exists() and not (tmp_path / "state").exists()
     assert not (tmp_path / "s.sock").exists()

@@ -82,6 +82,7 @@ def build(
 ) -> dict[str, Any]:
     options.setdefault("oom_score_adj_floor", None)
     options.setdefault("host_capabilities", HOST_CAPS)
+    options.setdefault("cgroups_path", "/kubepods/pod-1/ctr-1")
     # The spec builder takes pycri's own config; the servicer converts the CRI request the same way.
     return spec.build_container_spec(
         container_id="ctr-1",
@@ -89,7 +90,6 @@ def build(
         image_config={"config": image if image is not None else {"Cmd": ["/bin/sh"]}},
         sandbox=sandbox or make_sandbox(),
         rootfs=rootfs,
-        cgroups_path="/kubepods/pod-1/ctr-1",
         **options,
     )
 
@@ -1043,3 +1043,15 @@ def test_oom_score_adj_is_clamped_up_to_the_floor(
 def test_bad_resources_are_invalid_argument(rootfs: Path, fields: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         build(rootfs, with_resources(**fields))
+
+
+def test_under_the_systemd_driver_crun_keeps_the_container_in_its_scope_as_runc_does(tmp_path: Path) -> None:
+    systemd_form = build(tmp_path, cgroups_path="kubepods-besteffort-pod1.slice:pycri:ctr-1")
+    assert systemd_form["linux"]["cgroupsPath"] == "kubepods-besteffort-pod1.slice:pycri:ctr-1"
+    assert systemd_form["annotations"]["run.oci.systemd.subgroup"] == ""
+    assert "run.oci.systemd.subgroup" not in build(tmp_path)["annotations"]
+
+
+def test_the_node_s_pids_limit_becomes_the_container_s_pids_max(tmp_path: Path) -> None:
+    assert build(tmp_path, pids_limit=1024)["linux"]["resources"]["pids"] == {"limit": 1024}
+    assert "pids" not in build(tmp_path)["linux"]["resources"]

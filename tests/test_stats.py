@@ -282,6 +282,44 @@ def test_container_stats_report_limits_swap_and_the_writable_layer(env: Env) -> 
     assert done.writable_layer.used_bytes.value >= 3_000_000
 
 
+def test_container_and_pod_stats_carry_pressure_stall_information_from_cgroup_v2(env: Env) -> None:
+    unified = cgroups.controllers().get("unified")
+    if unified is None or not (unified / "cpu.pressure").exists():
+        pytest.skip("no cgroup2 hierarchy with pressure files (CONFIG_PSI, psi=1) on this host")
+    pod = env.pod("pressured")
+    cid = env.cri.create_container(
+        pod, "burner", env.image, command=["sh", "-c", "while :; do :; done"], log_path="burner.log"
+    )
+    env.cri.start_container(cid)
+    directory = unified / pod_cgroup(env.cri, pod).lstrip("/") / cid
+
+    def totals() -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for resource in ("cpu", "memory", "io"):
+            lines = (directory / f"{resource}.pressure").read_text().splitlines()
+            out[resource] = {line.split()[0]: int(line.rsplit("total=", 1)[1]) for line in lines}
+        return out
+
+    time.sleep(1)
+    before = totals()
+    stats = container_stats(env.cri, cid)
+    after = totals()
+    # The kernel's microseconds as CRI's nanoseconds, read between the two samples of the file.
+    for resource, usage in (("cpu", stats.cpu), ("memory", stats.memory), ("io", stats.io)):
+        psi = usage.psi
+        for kind, data in (("some", psi.Some), ("full", psi.Full)):
+            if kind not in before[resource]:
+                continue
+            assert before[resource][kind] * 1000 <= data.Total <= after[resource][kind] * 1000, (
+                resource,
+                kind,
+            )
+            assert 0 <= data.Avg10 <= 100 and 0 <= data.Avg60 <= 100 and 0 <= data.Avg300 <= 100
+    assert stats.cpu.psi.HasField("Some") and stats.memory.psi.HasField("Full") and stats.io.timestamp > 0
+    pod_usage = pod_stats(env.cri, pod)
+    assert pod_usage.linux.cpu.psi.HasField("Some") and pod_usage.linux.io.psi.HasField("Some")
+
+
 # --- metrics ----------------------------------------------------------------------------------------
 
 

@@ -2,11 +2,18 @@
 
     PYTHONPATH=<tree> /opt/pycri/bin/python vm/guest_e2e.py --summary /mnt/results/summary.txt
 
+    ... --driver systemd --runtime runc --lifecycle
+
 A docker-registry on 127.0.0.1 with a busybox image built by tests/support/images.py, then through
-pycri's socket: pull, a pod, a container with memory, CPU and pids limits checked in the guest's
-cgroupfs (cgroup v2), exec, logs, an OOM kill, `systemctl restart pycri` with the container surviving,
-`kill -9` of pycri (systemd restarts it) with the container surviving, stop and remove. Each check
-prints PASS or FAIL with the error; a failed check skips the checks that need what it should have made.
+pycri's socket, with the cgroup driver pycri runs with (`--driver`, checked against RuntimeConfig) and
+the OCI runtime chosen by the pod's runtime handler (`--runtime`): pull; a pod under the cgroup parent
+kubelet would pass for that driver, with pod-level limits; a container with memory and CPU limits,
+checked with pids.max in the guest's cgroupfs (cgroup v2), and where its cgroup and its conmon's are
+(under systemd: the pod slice, the pycri-<id>.scope and pycri-conmon-<id>.scope units); exec, logs,
+ContainerStats, an OOM kill (reported and counted in the pod's memory.events); with `--lifecycle`,
+`systemctl restart pycri`, `kill -9` of pycri (systemd restarts it) and `systemctl stop pycri` with the
+container surviving; stop and remove leaving no cgroup and no unit; under systemd, a pod slice systemd
+refuses. Each check prints PASS or FAIL with the error; a failed check skips what depends on it.
 """
 
 from __future__ import annotations
@@ -104,11 +111,31 @@ def state_of(cri: CRIClient, cid: str) -> int:
     return cri.container_status(cid).status.state
 
 
+def unit_show(unit: str, *props: str) -> dict[str, str]:
+    out = sh("systemctl", "show", unit, *(f"-p{p}" for p in props))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def unit_gone(unit: str) -> bool:
+    """systemd has forgotten the unit (not loaded, or only as a name with nothing behind it)."""
+    shown = unit_show(unit, "LoadState", "ActiveState")
+    return shown.get("LoadState") == "not-found" or shown.get("ActiveState") == "inactive"
+
+
+def read_keyed(path: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--summary", type=Path)
+    parser.add_argument("--driver", choices=("cgroupfs", "systemd"), default="cgroupfs")
+    parser.add_argument("--runtime", choices=("crun", "runc"), default="crun")
+    parser.add_argument("--lifecycle", action="store_true", help="also restart, kill -9 and stop pycri")
     args = parser.parse_args()
     checks = Checks(args.summary)
+    driver, runtime = args.driver, args.runtime
+    tag = f"[{driver}/{runtime}]"
     work = Path(tempfile.mkdtemp(prefix="pycri-vm-"))
     logs = work / "logs"
     cri = CRIClient(SOCKET, timeout=60)
@@ -118,14 +145,16 @@ def main() -> int:
         config = cri.runtime_config()
         status = cri.status()
         conditions = {c.type: c.status for c in status.status.conditions}
+        reported = pb.CgroupDriver.Name(config.linux.cgroup_driver)
         print(
             f"   {v.runtime_name} {v.runtime_version} (CRI {v.runtime_api_version}); "
-            f"cgroup driver {pb.CgroupDriver.Name(config.linux.cgroup_driver)}; conditions {conditions}"
+            f"cgroup driver {reported}; conditions {conditions}"
         )
         assert all(conditions.values()), conditions
+        assert reported == driver.upper(), f"RuntimeConfig says {reported}, pycri.toml says {driver}"
         return v.runtime_version
 
-    checks.run("CRI Version, RuntimeConfig, Status (RuntimeReady, NetworkReady)", version)
+    checks.run(f"{tag} CRI Version, RuntimeConfig ({driver.upper()}), Status", version)
 
     with running_registry(work / "registry") as reg:
         image = f"{reg.host}/vm/busybox:1"
@@ -133,24 +162,55 @@ def main() -> int:
         def push() -> str:
             return push_image(reg, "vm/busybox", "1", busybox_image())
 
-        checks.run(f"build and push a busybox image to docker-registry at {reg.host}", push)
-        image_id = checks.run(f"PullImage {image}", lambda: cri.pull(image))
+        checks.run(f"{tag} build and push a busybox image to docker-registry at {reg.host}", push)
+        image_id = checks.run(f"{tag} PullImage {image}", lambda: cri.pull(image))
         if image_id is None:
-            checks.skip("everything after the pull", "no image")
+            checks.skip(f"{tag} everything after the pull", "no image")
             return finish(checks)
-        checks.run(
-            "ListImages has it", lambda: [i for i in cri.list_images() if image in i.repo_tags] or fail()
-        )
 
-        pod = checks.run("RunPodSandbox", lambda: cri.run_pod("vm-pod", log_directory=str(logs)))
+        uid = f"{int(time.time())}_{driver}_{runtime}"
+        # What kubelet passes for a BestEffort pod under each of its cgroup drivers.
+        if driver == "systemd":
+            parent = f"kubepods-besteffort-pod{uid}.slice"
+            pod_cgroup = CGROUP_ROOT / f"kubepods.slice/kubepods-besteffort.slice/{parent}"
+        else:
+            parent = f"/kubepods/besteffort/pod{uid}"
+            pod_cgroup = CGROUP_ROOT / parent.lstrip("/")
+        pod_memory = 256 * 1024 * 1024
+
+        def run_pod() -> str:
+            config = cri.pod_config("vm-pod", uid=uid, log_directory=str(logs), cgroup_parent=parent)
+            config.linux.resources.memory_limit_in_bytes = pod_memory
+            config.linux.resources.cpu_period = 100000
+            config.linux.resources.cpu_quota = 150000
+            return cri.run_pod("vm-pod", runtime_handler=runtime, config=config)
+
+        pod = checks.run(f"{tag} RunPodSandbox (cgroup parent {parent}, runtime handler {runtime})", run_pod)
         if pod is None:
-            checks.skip("the containers", "no pod")
+            checks.skip(f"{tag} the containers", "no pod")
             return finish(checks)
         pod_id = str(pod)
         ip = checks.run(
-            "the pod has an IP on the pod network", lambda: cri.pod_status(pod_id).status.network.ip or fail()
+            f"{tag} the pod has an IP on the pod network",
+            lambda: cri.pod_status(pod_id).status.network.ip or fail(),
         )
         print(f"   pod {pod_id} ip {ip}")
+
+        def pod_cgroup_check() -> None:
+            memory_max = (pod_cgroup / "memory.max").read_text().strip()
+            cpu_max = (pod_cgroup / "cpu.max").read_text().strip()
+            print(f"   {pod_cgroup}: memory.max={memory_max} cpu.max={cpu_max}")
+            assert memory_max == str(pod_memory), memory_max
+            assert cpu_max == "150000 100000", cpu_max
+            if driver == "systemd":
+                shown = unit_show(parent, "ActiveState", "ControlGroup", "MemoryMax")
+                print(f"   {parent}: {shown}")
+                assert shown["ActiveState"] == "active", shown
+                assert shown["ControlGroup"] == "/" + str(pod_cgroup.relative_to(CGROUP_ROOT)), shown
+
+        checks.run(
+            f"{tag} the pod cgroup is where kubelet expects it, with the pod's limits", pod_cgroup_check
+        )
 
         memory_limit = 64 * 1024 * 1024
 
@@ -170,26 +230,51 @@ def main() -> int:
             wait_for(lambda: state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING, 30, "running")
             return cid
 
-        created = checks.run("CreateContainer + StartContainer (memory 64 MiB, cpu 0.5)", create)
+        created = checks.run(f"{tag} CreateContainer + StartContainer (memory 64 MiB, cpu 0.5)", create)
         if created is None:
-            checks.skip("the container checks", "no container")
-            cleanup_pod(checks, cri, pod_id)
+            checks.skip(f"{tag} the container checks", "no container")
+            cleanup_pod(checks, cri, pod_id, tag, driver, parent)
             return finish(checks)
         cid = str(created)
+        scope, conmon_scope = f"pycri-{cid}.scope", f"pycri-conmon-{cid}.scope"
 
         def cgroup_limits() -> None:
             pid = container_pid(cri, cid)
             cgroup = cgroup_of(pid)
             print(f"   container pid {pid} in {cgroup}")
+            monitor = json.loads(Path(f"/run/pycri/exec/{cid}/monitor.json").read_text())
+            assert monitor["runtime"] == runtime, f"run by {monitor['runtime']}, wanted {runtime}"
+            expected = pod_cgroup / (scope if driver == "systemd" else cid)
+            # In the scope itself with crun too (pycri sets run.oci.systemd.subgroup to "").
+            assert cgroup == expected, f"container cgroup {cgroup}, wanted {expected}"
             memory_max = (cgroup / "memory.max").read_text().strip()
             cpu_max = (cgroup / "cpu.max").read_text().strip()
-            print(f"   memory.max={memory_max} cpu.max={cpu_max}")
+            pids_max = (cgroup / "pids.max").read_text().strip()
+            print(f"   memory.max={memory_max} cpu.max={cpu_max} pids.max={pids_max}")
             assert memory_max == str(memory_limit), f"memory.max is {memory_max}, wanted {memory_limit}"
             assert cpu_max == "50000 100000", f"cpu.max is {cpu_max!r}, wanted '50000 100000'"
+            assert pids_max == "1024", f"pids.max is {pids_max}, wanted 1024 (pids_limit in pycri.toml)"
+            conmon_pid = int(Path(f"/run/pycri/exec/{cid}/conmon.pid").read_text())
+            conmon_cgroup = cgroup_of(conmon_pid)
+            print(f"   conmon pid {conmon_pid} in {conmon_cgroup}")
+            if driver == "systemd":
+                shown = unit_show(scope, "ActiveState", "ControlGroup", "Slice")
+                print(f"   {scope}: {shown}")
+                assert shown["ActiveState"] == "active" and shown["Slice"] == parent, shown
+                # conmon's memory is the pod's: it runs in a scope of the pod's slice.
+                assert conmon_cgroup == pod_cgroup / conmon_scope, conmon_cgroup
+                assert unit_show(conmon_scope, "ActiveState")["ActiveState"] == "active"
+            else:
+                # cgroupfs on a systemd host: conmon stays in pycri's service; no unit of pycri's own.
+                assert conmon_cgroup == CGROUP_ROOT / "system.slice/pycri.service", conmon_cgroup
+                assert unit_gone(scope) and unit_gone(conmon_scope)
 
-        checks.run("the limits are in the guest's cgroupfs (memory.max, cpu.max)", cgroup_limits)
         checks.run(
-            "ExecSync",
+            f"{tag} container and conmon cgroups in the guest's cgroupfs (memory.max, cpu.max, pids.max)",
+            cgroup_limits,
+        )
+        checks.run(
+            f"{tag} ExecSync",
             lambda: exec_out(cri, cid, "sh", "-c", "echo exec-ok; id -u") == "exec-ok\n0\n" or fail("output"),
         )
 
@@ -199,9 +284,32 @@ def main() -> int:
             print("   " + str(text).replace("\n", "\n   "))
             assert " stdout F hello from the vm" in str(text) and " stderr F to-stderr" in str(text)
 
-        checks.run("the container's log (CRI format, stdout and stderr)", log_lines)
+        checks.run(f"{tag} the container's log (CRI format, stdout and stderr)", log_lines)
+
+        def stats() -> None:
+            response = cri.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=cid), timeout=30)
+            usage = response.stats
+            print(
+                f"   cpu {usage.cpu.usage_core_nano_seconds.value} ns, "
+                f"memory working set {usage.memory.working_set_bytes.value} B"
+            )
+            assert usage.cpu.usage_core_nano_seconds.value > 0 and usage.memory.working_set_bytes.value > 0
+            assert (CGROUP_ROOT / "cpu.pressure").exists(), (
+                "the guest's kernel keeps no PSI (CONFIG_PSI, psi=1)"
+            )
+            psi = {name: getattr(usage, name).psi for name in ("cpu", "memory", "io")}
+            print(
+                "   PSI: "
+                + "; ".join(f"{n} some total {p.Some.Total} ns avg10 {p.Some.Avg10}" for n, p in psi.items())
+            )
+            assert all(p.HasField("Some") for p in psi.values()), psi
+            assert psi["memory"].HasField("Full") and psi["io"].HasField("Full"), psi
+
+        checks.run(f"{tag} ContainerStats reads the container's cgroup, PSI included", stats)
 
         def oom() -> None:
+            events = pod_cgroup / "memory.events"
+            before = read_keyed(events).get("oom_kill", 0)
             config = pb.ContainerConfig(
                 metadata=pb.ContainerMetadata(name="hog"),
                 image=pb.ImageSpec(image=image),
@@ -213,11 +321,30 @@ def main() -> int:
             cri.start_container(hog)
             wait_for(lambda: state_of(cri, hog) == pb.ContainerState.CONTAINER_EXITED, 60, "hog exit")
             status = cri.container_status(hog).status
-            print(f"   hog: exit {status.exit_code} reason {status.reason}")
+            after = read_keyed(events).get("oom_kill", 0)
+            print(f"   hog: exit {status.exit_code} reason {status.reason}; pod oom_kill {before} -> {after}")
             cri.remove_container(hog)
-            assert status.reason == "OOMKilled", (status.exit_code, status.reason)
+            assert after > before, f"memory.events oom_kill stayed {after}"
+            assert status.exit_code == 137, status.exit_code
+            if driver == "cgroupfs":
+                assert status.reason == "OOMKilled", (status.exit_code, status.reason)
+            elif status.reason != "OOMKilled":
+                # conmon (Debian 12: 2.1.6) reads the scope's memory.events after the OOM; systemd
+                # removes the scope as soon as it is empty, sometimes first (containers/conmon#426,
+                # fixed in conmon's PR #581). Said here, not hidden: the summary keeps the line.
+                checks.record(f"NOTE {tag} OOM-killed hog reported with reason {status.reason!r}: conmon#426")
+            if driver == "systemd":
+                assert unit_gone(f"pycri-{hog}.scope") and unit_gone(f"pycri-conmon-{hog}.scope")
 
-        checks.run("a container over its memory limit is OOMKilled", oom)
+        checks.run(
+            f"{tag} a container over its memory limit: exit 137, oom_kill counted in the pod's memory.events"
+            + (
+                ", reason OOMKilled"
+                if driver == "cgroupfs"
+                else " (reason OOMKilled not asserted: conmon#426)"
+            ),
+            oom,
+        )
 
         def survives(how: str) -> Callable[[], None]:
             def run() -> None:
@@ -225,6 +352,14 @@ def main() -> int:
                 pid = container_pid(cri, cid)
                 if how == "restart":
                     sh("systemctl", "restart", "pycri")
+                elif how == "stop":
+                    sh("systemctl", "stop", "pycri")
+                    # KillMode=process: only pycri stopped; the container and its conmon run on.
+                    time.sleep(1)
+                    assert os.path.exists(f"/proc/{pid}"), "the container died with systemctl stop pycri"
+                    if driver == "systemd":
+                        assert unit_show(scope, "ActiveState")["ActiveState"] == "active"
+                    sh("systemctl", "start", "pycri")
                 else:
                     main_pid = sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
                     os.kill(int(main_pid), 9)
@@ -243,25 +378,97 @@ def main() -> int:
                 assert after.state == pb.ContainerState.CONTAINER_RUNNING, after
                 assert after.started_at == before.started_at
                 assert exec_out(cri, cid, "echo", "still here") == "still here\n"
+                assert cgroup_of(pid).is_relative_to(pod_cgroup / (scope if driver == "systemd" else cid))
 
             return run
 
-        checks.run(
-            "systemctl restart pycri: the container keeps running and is reported", survives("restart")
-        )
-        checks.run("kill -9 pycri (systemd restarts it): the container survives", survives("kill"))
+        if args.lifecycle:
+            checks.run(
+                f"{tag} systemctl restart pycri: the container keeps running and is reported",
+                survives("restart"),
+            )
+            checks.run(f"{tag} kill -9 pycri (systemd restarts it): the container survives", survives("kill"))
+            checks.run(
+                f"{tag} systemctl stop pycri leaves the container running (KillMode=process)",
+                survives("stop"),
+            )
+
+        def systemd_restart() -> None:
+            """systemd re-executes itself (as on a package upgrade): pods and containers keep running,
+            stay reported, and pycri still makes and takes away units through D-Bus."""
+            pid = container_pid(cri, cid)
+            sh("systemctl", "daemon-reexec")
+            wait_for(
+                lambda: sh("systemctl", "is-system-running").strip() in ("running", "degraded"),
+                60,
+                "systemd back after daemon-reexec",
+            )
+            assert os.path.exists(f"/proc/{pid}"), "the container died with systemd's re-execution"
+            assert unit_show(scope, "ActiveState")["ActiveState"] == "active"
+            assert unit_show(parent, "ActiveState")["ActiveState"] == "active"
+            assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
+            assert exec_out(cri, cid, "echo", "after reexec") == "after reexec\n"
+            other = cri.create_container(
+                pod_id, "after-reexec", image, command=["sleep", "1000"], log_path="after-reexec.log"
+            )
+            cri.start_container(other)
+            wait_for(lambda: state_of(cri, other) == pb.ContainerState.CONTAINER_RUNNING, 30, "running")
+            assert unit_show(f"pycri-conmon-{other}.scope", "ActiveState")["ActiveState"] == "active"
+            cri.stop_container(other, timeout=0)
+            cri.remove_container(other)
+            assert unit_gone(f"pycri-{other}.scope") and unit_gone(f"pycri-conmon-{other}.scope")
+
+        if args.lifecycle and driver == "systemd":
+            checks.run(
+                f"{tag} systemctl daemon-reexec: the container keeps running, pycri still drives systemd",
+                systemd_restart,
+            )
 
         def stop_remove() -> None:
             cri.stop_container(cid, timeout=5)
             status = cri.container_status(cid).status
             assert status.state == pb.ContainerState.CONTAINER_EXITED, status.state
             cri.remove_container(cid)
+            if driver == "systemd":
+                assert unit_gone(scope), unit_show(scope, "LoadState", "ActiveState")
+                assert unit_gone(conmon_scope), unit_show(conmon_scope, "LoadState", "ActiveState")
+            assert not (pod_cgroup / (scope if driver == "systemd" else cid)).exists()
 
-        checks.run("StopContainer + RemoveContainer", stop_remove)
-        cleanup_pod(checks, cri, pod_id)
-        checks.run("RemoveImage", lambda: cri.remove_image(image))
+        checks.run(f"{tag} StopContainer + RemoveContainer (no cgroup or unit left)", stop_remove)
+        cleanup_pod(checks, cri, pod_id, tag, driver, parent)
+        if driver == "systemd":
+            checks.run(f"{tag} systemd refusing the pod slice fails RunPodSandbox, nothing left", unit_clash)
+        checks.run(f"{tag} RemoveImage", lambda: cri.remove_image(image))
     cri.close()
     return finish(checks)
+
+
+def unit_clash() -> None:
+    """A slice that systemd already has a unit file for cannot be made transient: FAILED_PRECONDITION."""
+    import grpc
+
+    name = f"kubepods-besteffort-podclash{int(time.time())}.slice"
+    unit_file = Path("/run/systemd/system") / name
+    unit_file.write_text("[Unit]\nDescription=in the way of pycri\n")
+    sh("systemctl", "daemon-reload")
+    cri = CRIClient(SOCKET, timeout=60)
+    pods_before = {p.id for p in cri.list_pods()}
+    sandboxes_before = set(os.listdir("/run/pycri/sandboxes"))
+    try:
+        try:
+            cri.run_pod("vm-clash", uid=f"clash{int(time.time())}", cgroup_parent=name)
+        except grpc.RpcError as exc:
+            print(f"   {exc.code().name}: {exc.details()}")
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.code()
+            assert name in (exc.details() or ""), exc.details()
+        else:
+            raise AssertionError("RunPodSandbox succeeded")
+        assert {p.id for p in cri.list_pods()} == pods_before, "a pod was left"
+        assert set(os.listdir("/run/pycri/sandboxes")) == sandboxes_before, "a sandbox directory was left"
+    finally:
+        unit_file.unlink()
+        sh("systemctl", "daemon-reload")
+        cri.close()
 
 
 def _status(cri: CRIClient, cid: str) -> pb.ContainerStatus | None:
@@ -271,15 +478,25 @@ def _status(cri: CRIClient, cid: str) -> pb.ContainerStatus | None:
         return None
 
 
-def cleanup_pod(checks: Checks, cri: CRIClient, pod_id: str) -> None:
+def cleanup_pod(checks: Checks, cri: CRIClient, pod_id: str, tag: str, driver: str, parent: str) -> None:
     def run() -> None:
         cgroups_before = {p for p in CGROUP_ROOT.rglob(f"*{pod_id}*") if p.is_dir()}
+        if driver == "systemd":
+            cgroups_before |= {p for p in CGROUP_ROOT.rglob(parent) if p.is_dir()}
         cri.stop_pod(pod_id)
         cri.remove_pod(pod_id)
         left = [str(p) for p in cgroups_before if p.exists()]
         assert not left, f"cgroups left: {left}"
+        if driver == "systemd":
+            # pycri made the slice (no kubelet made it first), so pycri takes it away.
+            assert unit_gone(parent), unit_show(parent, "LoadState", "ActiveState")
+            units = sh(
+                "systemctl", "list-units", "--all", "--no-legend", "--plain",
+                "pycri-*.scope", "pycri-pod*.slice", "kubepods-*pod*.slice",
+            )  # fmt: skip
+            assert not units.strip(), f"units left: {units}"
 
-    checks.run("StopPodSandbox + RemovePodSandbox (no cgroup left)", run)
+    checks.run(f"{tag} StopPodSandbox + RemovePodSandbox (no cgroup or unit left)", run)
 
 
 def fail(what: str = "empty") -> None:

@@ -380,14 +380,26 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         self._stats.forget_except([s.id for s in sandboxes.all()] + [c.id for c in containers.all()])
 
     @staticmethod
-    def _fill_cpu(target: pb.CpuUsage, cpu: collectors.Cpu) -> None:
+    def _fill_psi(target: pb.PsiStats, psi: collectors.Psi | None) -> None:
+        if psi is None:
+            return
+        for line, data in ((target.Some, psi.some), (target.Full, psi.full)):
+            if data is not None:
+                # The kernel counts stall time in microseconds; CRI (as kubelet's summary API) in ns.
+                line.Total = data.total_us * 1000
+                line.Avg10, line.Avg60, line.Avg300 = data.avg10, data.avg60, data.avg300
+
+    @classmethod
+    def _fill_cpu(cls, target: pb.CpuUsage, cpu: collectors.Cpu) -> None:
         if cpu.usage_ns is not None:
             target.usage_core_nano_seconds.value = cpu.usage_ns
         if cpu.nano_cores is not None:
             target.usage_nano_cores.value = cpu.nano_cores
+        cls._fill_psi(target.psi, cpu.psi)
 
-    @staticmethod
-    def _fill_memory(target: pb.MemoryUsage, memory: collectors.Memory) -> None:
+    @classmethod
+    def _fill_memory(cls, target: pb.MemoryUsage, memory: collectors.Memory) -> None:
+        cls._fill_psi(target.psi, memory.psi)
         for field_name, value in (
             ("working_set_bytes", memory.working_set),
             ("available_bytes", memory.available),
@@ -414,6 +426,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         if usage.cgroup is not None:
             self._fill_cpu(out.cpu, usage.cgroup.cpu)
             self._fill_memory(out.memory, usage.cgroup.memory)
+            if usage.cgroup.io_psi is not None:
+                out.io.timestamp = now
+                self._fill_psi(out.io.psi, usage.cgroup.io_psi)
             swap = usage.cgroup.swap
             if swap is not None:
                 out.swap.timestamp = now
@@ -446,6 +461,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             self._fill_memory(linux.memory, usage.cgroup.memory)
             linux.process.timestamp = now
             linux.process.process_count.value = usage.cgroup.processes.processes
+            if usage.cgroup.io_psi is not None:
+                linux.io.timestamp = now
+                self._fill_psi(linux.io.psi, usage.cgroup.io_psi)
         if usage.network is not None:
             linux.network.timestamp = now
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cri_runtime.daemon.config import Config
-from cri_runtime.host import apparmor, selinux
+from cri_runtime.errors import PycriError
+from cri_runtime.host import apparmor, selinux, systemd
 from cri_runtime.oci import conmon, podinit
 from cri_runtime.oci import runtimes as oci_runtimes
 
@@ -48,6 +49,8 @@ class Host:
 
     proc: Path = Path("/proc")
     cgroup_root: Path = Path("/sys/fs/cgroup")
+    root: Path = Path("/")  # where /run/systemd/system says whether systemd booted the host
+    kubelet_config: Path = Path("/var/lib/kubelet/config.yaml")
 
 
 def _read(path: Path) -> str:
@@ -423,19 +426,66 @@ def check_privileges() -> list[Finding]:
     ]
 
 
-def check_config(config: Config) -> list[Finding]:
-    if config.cgroup_driver != "cgroupfs":
-        return [
+def _kubelet_driver(path: Path) -> str | None:
+    """kubelet's cgroupDriver from its KubeletConfiguration file, if there is one that says."""
+    found = re.search(r"^cgroupDriver:\s*[\"']?(\w+)", _read(path), re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def check_config(config: Config, host: Host = Host(), bus: systemd.SystemdBus | None = None) -> list[Finding]:
+    """The cgroup version, the driver in use, whether systemd answers, and kubelet's driver."""
+    version = _cgroup_layout(host)[0] if host.cgroup_root.is_dir() else "none"
+    booted = systemd.systemd_running(host.root)
+    found: list[Finding] = []
+    reachable = why = ""
+    if config.cgroup_driver == "systemd" or booted:
+        bus = bus or systemd.SystemdBus(timeout=5.0)
+        try:
+            reachable = f"systemd {bus.version()} answers over D-Bus"
+        except PycriError as exc:
+            why = str(exc)
+        finally:
+            bus.close()
+    if config.cgroup_driver == "systemd":
+        if not booted:
+            found.append(
+                Finding(
+                    FAIL,
+                    "config",
+                    f"{systemd.MISSING_SYSTEMD_WHAT} (cgroup {version})",
+                    systemd.MISSING_SYSTEMD_FIX,
+                )
+            )
+        elif not reachable:
+            found.append(
+                Finding(FAIL, "config", f"cgroup_driver = systemd, but {why}", systemd.MISSING_BUS_FIX)
+            )
+        else:
+            found.append(
+                Finding(
+                    OK,
+                    "config",
+                    f"cgroup {version}, driver systemd, {reachable} (kubelet: cgroupDriver: systemd)",
+                )
+            )
+    else:
+        on = f"; {reachable}" if reachable else "; systemd is not running" if not booted else ""
+        found.append(
+            Finding(OK, "config", f"cgroup {version}, driver cgroupfs{on} (kubelet: cgroupDriver: cgroupfs)")
+        )
+    kubelet = _kubelet_driver(host.kubelet_config)
+    if kubelet is not None and kubelet != config.cgroup_driver:
+        found.append(
             Finding(
                 FAIL,
                 "config",
-                f"cgroup_driver = {config.cgroup_driver} is not supported yet",
-                'set cgroup_driver = "cgroupfs" here and cgroupDriver: cgroupfs in kubelet',
+                f"kubelet's cgroupDriver is {kubelet} ({host.kubelet_config}) but pycri's cgroup_driver is "
+                f"{config.cgroup_driver}: pods would be refused",
+                f'set cgroup_driver = "{kubelet}" in /etc/pycri/pycri.toml, or cgroupDriver: '
+                f"{config.cgroup_driver} in kubelet's configuration",
             )
-        ]
-    return [
-        Finding(OK, "config", f"cgroup driver {config.cgroup_driver} (kubelet's cgroupDriver must match)")
-    ]
+        )
+    return found
 
 
 def check_platform(config: Config) -> list[Finding]:
@@ -498,7 +548,7 @@ def check_confinement() -> list[Finding]:
 
 
 def run_checks(config: Config, host: Host = Host()) -> list[Finding]:
-    found = check_privileges() + check_config(config) + check_platform(config) + check_kernel(host)
+    found = check_privileges() + check_config(config, host) + check_platform(config) + check_kernel(host)
     found += check_binaries(config)
     found += check_confinement()
     found += check_network(config)

@@ -48,6 +48,9 @@ class Config:
     default_runtime: str = "crun"
     # HOST:PORT of the Prometheus /metrics endpoint; empty: no endpoint.
     metrics_address: str = ""
+    # Most processes (and threads) a container may have, its pids.max (as CRI-O's pids_limit; CRI
+    # has no field for it). 0: no limit of pycri's (kubelet's podPidsLimit still bounds the pod).
+    pids_limit: int = 0
     image: ImageConfig = field(default_factory=ImageConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
@@ -93,7 +96,7 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config
         raise InvalidArgument(f"unknown configuration keys: {sorted(unknown)}")
     top: dict[str, Any] = {}
     for key in _TOP_KEYS & set(data):
-        _check_type(key, data[key], str)
+        _check_type(key, data[key], int if key == "pids_limit" else str)
         top[key] = data[key]
     image_table = data.get("image", {})
     _check_type("image", image_table, dict)
@@ -156,6 +159,8 @@ def validate(config: Config) -> None:
         raise InvalidArgument(f"log_format must be one of {LOG_FORMATS}, got {config.log_format!r}")
     if config.cgroup_driver not in ("cgroupfs", "systemd"):
         raise InvalidArgument(f"cgroup_driver must be cgroupfs or systemd, got {config.cgroup_driver!r}")
+    if config.pids_limit < 0:
+        raise InvalidArgument(f"pids_limit must be 0 (no limit) or positive, got {config.pids_limit}")
     if config.default_runtime not in ("crun", "runc"):
         raise InvalidArgument(f"default_runtime must be crun or runc, got {config.default_runtime!r}")
     if config.metrics_address:

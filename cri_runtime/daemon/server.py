@@ -27,7 +27,7 @@ from cri_runtime.cri.status import status_code
 from cri_runtime.daemon import metrics
 from cri_runtime.daemon.config import Config
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, PycriError
-from cri_runtime.host import apparmor
+from cri_runtime.host import apparmor, cgroups, systemd
 from cri_runtime.network.cni import CNI
 from cri_runtime.oci import runtimes as oci_runtimes
 from cri_runtime.oci.conmon import Executor
@@ -103,15 +103,10 @@ async def serve(
     stopping: Callable[[], None] | None = None,
 ) -> None:
     socket_path = config.socket_path
-    if config.cgroup_driver == "systemd":
-        # Pods would be systemd slices and containers scopes, made over systemd's D-Bus API;
-        # pycri does not drive systemd yet, and pretending would misplace every pod.
-        raise FailedPrecondition(
-            "cgroup_driver = systemd is not supported yet; "
-            "use cgroupfs (and cgroupDriver: cgroupfs in kubelet)"
-        )
     loop = asyncio.get_running_loop()
     _prepare_loop(loop)
+    # Before anything is made: a systemd driver without a reachable systemd refuses to start.
+    cgroup_driver = await loop.run_in_executor(None, make_cgroup_driver, config)
     # Start-up touches the disk, runs the runtimes' --version and recovers state: off the loop.
     await loop.run_in_executor(None, prepare_socket, socket_path)
     for directory in (Path(config.root), Path(config.state)):
@@ -121,7 +116,7 @@ async def serve(
     (log.info if default else log.warning)("oci runtime", decision=why)
     store = await loop.run_in_executor(None, ImageStore, Path(config.root), config.image)
     store.pull_observer = metrics.METRICS
-    runtime = await loop.run_in_executor(None, build_runtime, config, store, runtimes, default)
+    runtime = await loop.run_in_executor(None, build_runtime, config, store, runtimes, default, cgroup_driver)
     image_service = ImageService(store, container_fs=runtime.containers.writable_layers_usage)
     runtime.containers.start_watcher(loop)
     metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)
@@ -172,6 +167,7 @@ async def serve(
         image_service.close()
         store.close()
         runtime.db.close()
+        cgroup_driver.close()
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
         log.info("stopped")
@@ -246,13 +242,37 @@ def load_apparmor_profile(state: Path) -> None:
     log.info("AppArmor default profile", profile=apparmor.DEFAULT_PROFILE, loaded_now=loaded)
 
 
+def make_cgroup_driver(config: Config) -> cgroups.CgroupDriver:
+    """The configured cgroup driver, checked usable on this host (FailedPrecondition if not)."""
+    version = (
+        "v2"
+        if cgroups.is_cgroup2_only()
+        else "hybrid"
+        if (cgroups.CGROUP_ROOT / "unified" / "cgroup.controllers").exists()
+        else "v1"
+    )
+    if config.cgroup_driver == "systemd":
+        driver = systemd.SystemdDriver()
+        try:
+            systemd_version = driver.require()
+        except BaseException:
+            driver.close()
+            raise
+        log.info("cgroups", version=version, driver="systemd", systemd=systemd_version)
+        return driver
+    log.info("cgroups", version=version, driver="cgroupfs")
+    return cgroups.CgroupfsDriver(DEFAULT_CGROUP_PARENT)
+
+
 def build_runtime(
     config: Config,
     store: ImageStore,
     runtimes: dict[str, oci_runtimes.RuntimeInfo],
     default: oci_runtimes.RuntimeInfo | None,
+    cgroup_driver: cgroups.CgroupDriver | None = None,
 ) -> Runtime:
     """The pod and container side: state DB, CNI, executors, managers, restored state."""
+    cgroup_driver = cgroup_driver or cgroups.CgroupfsDriver(DEFAULT_CGROUP_PARENT)
     root, state = Path(config.root), Path(config.state)
     load_apparmor_profile(state)
     # A DB of an older pycri holds configs as the CRI schema's bytes, which only cri/ can read.
@@ -267,19 +287,26 @@ def build_runtime(
         builtin_bridge=network.bridge,
     )
     usable = {name: info for name, info in runtimes.items() if info.usable}
-    executors = {name: Executor(name, info.path, state / "exec") for name, info in usable.items()}
+    executors = {
+        name: Executor(name, info.path, state / "exec", cgroup_driver=cgroup_driver)
+        for name, info in usable.items()
+    }
     sandboxes = SandboxManager(
-        SandboxSettings(state / "sandboxes", default.name if default else "", tuple(usable)), db, cni
+        SandboxSettings(state / "sandboxes", default.name if default else "", tuple(usable), cgroup_driver),
+        db,
+        cni,
     )
     containers = ContainerManager(
-        ContainerSettings(root / "containers", state / "containers", oom_score_adj_floor()),
+        ContainerSettings(
+            root / "containers", state / "containers", oom_score_adj_floor(), cgroup_driver, config.pids_limit
+        ),
         db,
         store,
         executors,
         default.name if default else "",
     )
     pods = Pods(sandboxes, containers)
-    recover(db, root, state, pods, executors, cni)
+    recover(db, root, state, pods, executors, cni, cgroup_driver)
     store.collect_unused()
     return Runtime(db, cni, pods)
 
@@ -291,6 +318,7 @@ def recover(
     pods: Pods,
     executors: dict[str, Executor],
     cni: CNI,
+    cgroup_driver: cgroups.CgroupDriver | None = None,
 ) -> None:
     """Bring the host and the records into agreement after a restart or a crash."""
     started = time.perf_counter()
@@ -313,7 +341,7 @@ def recover(
         | {c.id for c in containers.all()},
         pod_cgroups=[s.cgroup_path for s in sandboxes.all() if s.cgroup_path],
     )
-    recovery.sweep(state, root, executors, cni, known, DEFAULT_CGROUP_PARENT)
+    recovery.sweep(state, root, executors, cni, known, DEFAULT_CGROUP_PARENT, cgroup_driver)
     log.info(
         "state restored",
         pods=len(known.sandboxes),

@@ -1,20 +1,28 @@
-"""cgroupfs driver for the v1 hierarchies (and the cgroup2 mount where it is the only one).
+"""The cgroup driver interface, and the cgroupfs driver for v1, hybrid and v2-only hosts.
 
-Pods get a cgroup under the parent kubelet names; the OCI runtime creates each container's
-cgroup below it from the spec's cgroupsPath.
+A driver decides where a pod's cgroup is and who makes it, what a container's OCI ``cgroupsPath``
+is, where conmon goes, and what flags the runtimes and conmon get. ``CgroupfsDriver`` (here):
+pods get a cgroup under the parent kubelet names, written directly in cgroupfs, and the OCI
+runtime creates each container's cgroup below it. ``SystemdDriver`` (``host/systemd.py``): pods are
+slices and containers scopes, made through systemd.
+
+Every pod record keeps its cgroup's cgroupfs path (for the systemd driver, the slice's place in
+the tree), so statistics and recovery read the kernel's files without asking a driver.
 """
 
 from __future__ import annotations
 
+import abc
 import errno
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from cri_runtime.errors import from_os_error
+from cri_runtime.errors import InvalidArgument, from_os_error
 
 log = structlog.get_logger("pycri.cgroups")
 
@@ -65,11 +73,50 @@ def _init_cpuset(directory: Path) -> None:
             target.write_text((directory.parent / name).read_text())
 
 
+def enable_controllers(root: Path, relative: str) -> None:
+    """cgroup v2: let ``relative`` have the controllers its parents have, as runc and crun do for
+    a container's cgroup: each ancestor below the root enables in ``cgroup.subtree_control`` what
+    its ``cgroup.controllers`` offers and is not enabled yet. Without it a new pod cgroup has no
+    ``cpu.max`` or ``memory.max`` to write."""
+    current = root
+    for part in relative.split("/"):
+        wanted = set((current / "cgroup.controllers").read_text().split())
+        enabled = set((current / "cgroup.subtree_control").read_text().split())
+        missing_here = sorted(wanted - enabled)
+        if missing_here:
+            try:
+                (current / "cgroup.subtree_control").write_text(" ".join("+" + c for c in missing_here))
+            except OSError as exc:
+                # EBUSY: processes live in this cgroup (no internal processes on v2); the write
+                # that needs the controller then fails with its own error.
+                log.warning(
+                    "cannot enable cgroup controllers",
+                    cgroup=str(current),
+                    controllers=missing_here,
+                    error=str(exc),
+                )
+        current = current / part
+
+
 def create(path: str, root: Path = CGROUP_ROOT) -> list[Path]:
     """Make ``path`` in every hierarchy; return the directories this call created (to undo)."""
     relative = normalize(path).lstrip("/")
     created: list[Path] = []
     try:
+        if is_cgroup2_only(root) and relative:
+            # Made first, so the directories below see the controllers as they are created.
+            for i in range(1, len(relative.split("/")) + 1):
+                step = root / "/".join(relative.split("/")[:i])
+                try:
+                    step.mkdir()
+                    created.append(step)
+                except FileExistsError:
+                    if not step.is_dir():
+                        raise NotADirectoryError(
+                            errno.ENOTDIR, "names a cgroup control file, not a cgroup", str(step)
+                        ) from None
+            enable_controllers(root, relative)
+            return created
         for hierarchy in hierarchies(root):
             current = hierarchy
             for part in relative.split("/"):
@@ -258,8 +305,7 @@ def apply_limits(
         directory = CGROUP_ROOT / relative
         writes = []
         if cpu_shares:
-            # The kernel's own conversion from v1 shares to v2 weight.
-            writes.append((directory / "cpu.weight", str(1 + ((cpu_shares - 2) * 9999) // 262142)))
+            writes.append((directory / "cpu.weight", str(shares_to_weight(cpu_shares))))
         if cpu_quota:
             writes.append(
                 (directory / "cpu.max", f"{cpu_quota if cpu_quota > 0 else 'max'} {cpu_period or 100000}")
@@ -286,3 +332,152 @@ def apply_limits(
         except OSError as exc:
             # EINVAL: a value the kernel refuses; ENOENT: a controller file this host lacks.
             raise from_os_error(exc, f"cannot set {target.name} = {value} on pod cgroup {path}") from exc
+
+
+def shares_to_weight(cpu_shares: int) -> int:
+    """The kernel's (and runc's, crun's, systemd's) conversion of v1 cpu.shares to v2 cpu.weight."""
+    return 1 + ((max(2, min(cpu_shares, 262144)) - 2) * 9999) // 262142
+
+
+# A container's cgroup under a systemd pod slice (host/systemd.py names the scope so too).
+SYSTEMD_SCOPE_PREFIX = "pycri"
+
+
+def container_path(pod_path: str, container_id: str) -> str:
+    """The cgroupfs path of a container's cgroup, from its pod's: a pod that is a systemd slice
+    holds its containers in scopes, a cgroupfs pod in directories named by ID."""
+    if pod_path.endswith(".slice"):
+        return f"{pod_path.rstrip('/')}/{SYSTEMD_SCOPE_PREFIX}-{container_id}.scope"
+    return f"{pod_path.rstrip('/')}/{container_id}"
+
+
+class CgroupDriver(abc.ABC):
+    """Where pods and containers get their cgroups, and who makes them."""
+
+    name: str
+    # Global flags for crun and runc, and flags for conmon, that select this driver.
+    runtime_args: tuple[str, ...] = ()
+    conmon_args: tuple[str, ...] = ()
+
+    def close(self) -> None:  # noqa: B027 (most drivers hold nothing)
+        """Release what the driver holds (a D-Bus connection)."""
+
+    @abc.abstractmethod
+    def pod_cgroup(self, sandbox_id: str, cgroup_parent: str) -> str:
+        """The cgroupfs path of the pod's cgroup for kubelet's ``cgroup_parent`` (InvalidArgument)."""
+
+    @abc.abstractmethod
+    def pod_missing(self, pod_path: str) -> list[str]:
+        """What ``create_pod`` would make now (recorded before it does, for recovery)."""
+
+    @abc.abstractmethod
+    def create_pod(self, pod_path: str, description: str = "") -> list[str]:
+        """Make the pod's cgroup where missing; return what this call made (to undo)."""
+
+    @abc.abstractmethod
+    def apply_pod_limits(
+        self, pod_path: str, *, cpu_shares: int = 0, cpu_quota: int = 0, cpu_period: int = 0, memory: int = 0
+    ) -> None:
+        """Size the pod's cgroup; zero means unset."""
+
+    @abc.abstractmethod
+    def remove_pod(self, pod_path: str, created: list[str]) -> None:
+        """Remove what ``create_pod`` made (``created``), with whatever is left below it."""
+
+    @abc.abstractmethod
+    def container_cgroups_path(self, pod_path: str, container_id: str) -> str:
+        """The OCI spec's ``linux.cgroupsPath`` for a container of this pod."""
+
+    def conmon_cgroup(self, pod_path: str) -> str | None:
+        """Where a container's conmon goes; None: it stays in pycri's cgroup."""
+        return None
+
+    def enter_conmon(self, pid: int, conmon_cgroup: str, container_id: str, created: list[str]) -> None:
+        """Move a conmon that has not forked yet into ``conmon_cgroup``; add what was made to
+        ``created`` as soon as it exists."""
+        raise NotImplementedError
+
+    def remove_conmon_cgroup(self, created: list[str]) -> None:  # noqa: B027
+        """Undo ``enter_conmon`` once conmon is dead."""
+
+    @abc.abstractmethod
+    def remove_container(self, pod_path: str, container_id: str, timeout: float = 5.0) -> None:
+        """Take away a container's cgroup that its runtime left behind; fine if absent."""
+
+    def release_container(self, container_id: str) -> None:  # noqa: B027
+        """After the runtime's delete: take away what the driver keeps per container (units)."""
+
+    def sweep(self, orphan_pods: Iterable[str], orphan_containers: Iterable[str]) -> list[str]:
+        """Take away what the driver keeps for these pods and containers, which no record knows
+        (found by ID in this instance's own state); return what it took away."""
+        return []
+
+
+class CgroupfsDriver(CgroupDriver):
+    """Pod cgroups written in cgroupfs; containers' made by the runtime below them."""
+
+    name = "cgroupfs"
+
+    def __init__(self, default_parent: str = "/pycri") -> None:
+        self.default_parent = default_parent
+
+    def pod_cgroup(self, sandbox_id: str, cgroup_parent: str) -> str:
+        if os.path.basename(cgroup_parent.rstrip("/")).endswith(".slice"):
+            # As CRI-O: a slice means kubelet drives systemd; a directory of that name would
+            # put the pod where neither systemd nor kubelet looks.
+            raise InvalidArgument(
+                f"pod linux.cgroup_parent {cgroup_parent!r} is a systemd slice, but pycri's cgroup_driver "
+                "is cgroupfs: set kubelet's cgroupDriver and pycri's cgroup_driver to the same driver"
+            )
+        try:
+            return normalize(cgroup_parent or f"{self.default_parent}/{sandbox_id}")
+        except ValueError as exc:
+            raise InvalidArgument(f"pod linux.cgroup_parent: {exc}") from exc
+
+    def pod_missing(self, pod_path: str) -> list[str]:
+        return [str(p) for p in missing(pod_path)]
+
+    def create_pod(self, pod_path: str, description: str = "") -> list[str]:
+        try:
+            return [str(p) for p in create(pod_path)]
+        except NotADirectoryError as exc:
+            raise InvalidArgument(f"pod linux.cgroup_parent {pod_path!r}: {exc}") from None
+
+    def apply_pod_limits(
+        self, pod_path: str, *, cpu_shares: int = 0, cpu_quota: int = 0, cpu_period: int = 0, memory: int = 0
+    ) -> None:
+        apply_limits(
+            pod_path, cpu_shares=cpu_shares, cpu_quota=cpu_quota, cpu_period=cpu_period, memory=memory
+        )
+
+    def remove_pod(self, pod_path: str, created: list[str]) -> None:
+        """Remove the pod cgroup if pycri made it (with whatever the runtime left below it), then
+        the parents pycri made that no other pod uses now."""
+        if not created:
+            return
+        mine = {str(h / pod_path.lstrip("/")) for h in hierarchies()}
+        if any(p in mine for p in created):
+            remove(pod_path)
+        for parent in sorted(
+            (Path(p) for p in created if p not in mine), key=lambda p: len(p.parts), reverse=True
+        ):
+            try:
+                parent.rmdir()
+            except OSError as exc:  # busy (another pod lives there) is expected
+                log.debug("pod cgroup parent kept", path=str(parent), error=str(exc))
+
+    def container_cgroups_path(self, pod_path: str, container_id: str) -> str:
+        return container_path(pod_path, container_id)
+
+    def enter_conmon(self, pid: int, conmon_cgroup: str, container_id: str, created: list[str]) -> None:
+        made = create(conmon_cgroup)
+        created.extend(str(p) for p in made)
+        relative = normalize(conmon_cgroup).lstrip("/")
+        for hierarchy in hierarchies():
+            (hierarchy / relative / "cgroup.procs").write_text(str(pid))
+
+    def remove_conmon_cgroup(self, created: list[str]) -> None:
+        remove_dirs([Path(p) for p in created], timeout=1.0)
+
+    def remove_container(self, pod_path: str, container_id: str, timeout: float = 5.0) -> None:
+        remove(container_path(pod_path, container_id), timeout=timeout)

@@ -241,6 +241,7 @@ class Executor:
         state_dir: Path,
         *,
         conmon_path: str = CONMON,
+        cgroup_driver: cgroups.CgroupDriver | None = None,
     ) -> None:
         if runtime_name not in RUNTIMES:
             raise InvalidArgument(f"unsupported OCI runtime {runtime_name!r}; expected one of {RUNTIMES}")
@@ -249,6 +250,9 @@ class Executor:
         self.state_dir = Path(state_dir)
         self.conmon_path = conmon_path
         self.runtime_root = self.state_dir / f"runtime-{runtime_name}"
+        self.cgroup_driver = cgroup_driver or cgroups.CgroupfsDriver()
+        # --root, and --systemd-cgroup under the systemd driver: every call must agree on both.
+        self._runtime_globals = ["--root", str(self.runtime_root), *self.cgroup_driver.runtime_args]
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.runtime_root.mkdir(exist_ok=True, mode=0o700)
         # conmon and the runtime get a fixed, small environment (as CRI-O's conmon_env does):
@@ -290,7 +294,7 @@ class Executor:
     def _runtime(
         self, args: list[str], timeout: float = RUNTIME_CALL_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
-        argv = [self.runtime_path, "--root", str(self.runtime_root), *args]
+        argv = [self.runtime_path, *self._runtime_globals, *args]
         try:
             return subprocess.run(
                 argv,
@@ -348,7 +352,7 @@ class Executor:
                 f"container {container_id} already has monitor state in {directory}"
             ) from None
         log_existed = log_path.exists()
-        created_cgroups: list[Path] = []
+        created_cgroups: list[str] = []
         try:
             (directory / "exits").mkdir(mode=0o700)
             (directory / "monitor.json").write_text(
@@ -373,8 +377,8 @@ class Executor:
                     log_path.unlink()
             if created_cgroups:
                 try:
-                    cgroups.remove_dirs(created_cgroups, timeout=1.0)
-                except OSError as exc:
+                    self.cgroup_driver.remove_conmon_cgroup(created_cgroups)
+                except (OSError, PycriError) as exc:
                     log.warning("conmon cgroup left behind", id=container_id, error=str(exc))
             raise
 
@@ -410,6 +414,8 @@ class Executor:
             "--name", container_id,
             "--runtime", self.runtime_path,
             "--runtime-arg", f"--root={self.runtime_root}",
+            *(f"--runtime-arg={arg}" for arg in self.cgroup_driver.runtime_args),
+            *self.cgroup_driver.conmon_args,
             "--bundle", str(bundle),
             "--container-pidfile", str(directory / "pidfile"),
             "--conmon-pidfile", str(directory / "conmon.pid"),
@@ -441,7 +447,7 @@ class Executor:
         stdin: bool,
         stdin_once: bool,
         conmon_cgroup: str | None,
-        created_cgroups: list[Path],
+        created_cgroups: list[str],
         timeout: float,
     ) -> int:
         deadline = time.monotonic() + timeout
@@ -482,7 +488,7 @@ class Executor:
                 if conmon_cgroup:
                     # conmon waits on the start pipe before forking: its children (the daemon
                     # conmon and through it the runtime) are born in this cgroup.
-                    self._enter_cgroup(proc.pid, conmon_cgroup, created_cgroups)
+                    self._enter_cgroup(proc.pid, conmon_cgroup, container_id, created_cgroups)
                 os.write(start_write, b"0")
             except BaseException:
                 proc.kill()
@@ -551,19 +557,15 @@ class Executor:
             raise Internal(f"conmon sent an unexpected sync message: {line!r}")
         return parsed
 
-    @staticmethod
-    def _enter_cgroup(pid: int, path: str, created: list[Path]) -> None:
-        """Move ``pid`` into ``path`` in every hierarchy, making it where missing.
+    def _enter_cgroup(self, pid: int, path: str, container_id: str, created: list[str]) -> None:
+        """Move ``pid`` into ``path`` (a cgroup, or under systemd a slice), making what is missing.
 
-        The directories made are added to ``created`` as soon as they exist, so a failed
-        create can remove them once conmon is dead (not before: rmdir needs them empty).
+        What is made is added to ``created`` as soon as it exists, so a failed create can remove
+        it once conmon is dead (not before: rmdir needs the cgroup empty).
         A conmon cgroup that existed already (the pod's) is the caller's to remove.
         """
         try:
-            created.extend(cgroups.create(path))
-            relative = cgroups.normalize(path).lstrip("/")
-            for hierarchy in cgroups.hierarchies():
-                (hierarchy / relative / "cgroup.procs").write_text(str(pid))
+            self.cgroup_driver.enter_conmon(pid, path, container_id, created)
         except ValueError as exc:
             raise InvalidArgument(f"cannot move conmon into cgroup {path}: {exc}") from exc
         except OSError as exc:
@@ -879,7 +881,7 @@ class Executor:
         process_file.write_text(json.dumps(self._exec_process(container_id, cmd)))
         argv = [
             self.runtime_path,
-            "--root", str(self.runtime_root),
+            *self._runtime_globals,
             "exec",
             "--process", str(process_file),
             "--pid-file", str(pid_file),
@@ -1058,7 +1060,7 @@ class Executor:
         process_file.write_text(json.dumps(process))
         argv = [
             self.runtime_path,
-            "--root", str(self.runtime_root),
+            *self._runtime_globals,
             "exec",
             "--process", str(process_file),
             "--pid-file", str(pid_file),

@@ -255,6 +255,7 @@ def build_container_spec(
     host_capabilities: Collection[str] | None = None,
     apparmor_enabled: bool | None = None,
     selinux_enabled: bool | None = None,
+    pids_limit: int = 0,
 ) -> dict[str, Any]:
     """The OCI config.json of a container, as a JSON-serialisable dict.
 
@@ -350,6 +351,15 @@ def build_container_spec(
     if rootfs_propagation:
         linux_spec["rootfsPropagation"] = rootfs_propagation
 
+    if pids_limit > 0:
+        # The node's setting (pycri.toml pids_limit): CRI has no field for it.
+        resources["pids"] = {"limit": pids_limit}
+    annotations = _annotations(container_id, config, sandbox)
+    if _SYSTEMD_CGROUPS_PATH.fullmatch(cgroups_path):
+        # Under its systemd manager crun puts the process in a "container" subgroup of the scope on
+        # cgroup v2, runc in the scope itself. One layout for both, runc's: the limits, the stats
+        # and the memory.events conmon watches for OOM kills are the scope's own.
+        annotations["run.oci.systemd.subgroup"] = ""
     # No "hostname": the container never gets a UTS namespace of its own. It joins the pod's, whose
     # hostname the sandbox already set, or the host's, whose name it must not change.
     return {
@@ -357,7 +367,7 @@ def build_container_spec(
         "process": process,
         "root": {"path": str(rootfs), "readonly": security.readonly_rootfs},
         "mounts": mounts,
-        "annotations": _annotations(container_id, config, sandbox),
+        "annotations": annotations,
         "linux": linux_spec,
     }
 
@@ -386,6 +396,10 @@ def _refuse_user_namespace(security: ContainerSecurity) -> None:
         raise InvalidArgument(
             "linux.security_context.namespace_options.userns_options: user namespaces are not supported"
         )
+
+
+# linux.cgroupsPath for an OCI runtime's systemd cgroup manager: "<slice>:<prefix>:<name>".
+_SYSTEMD_CGROUPS_PATH = re.compile(r"[^/:]+\.slice:[^/:]+:[^/:]+")
 
 
 def _annotations(container_id: str, config: ContainerConfig, sandbox: SandboxContext) -> dict[str, str]:

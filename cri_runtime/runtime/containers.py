@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -35,6 +35,7 @@ from cri_runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PycriError,
     ResourceExhausted,
 )
 from cri_runtime.host import cgroups, mounts, selinux
@@ -66,6 +67,8 @@ class ContainerSettings:
     root_dir: Path  # <root>/containers: upper and work directories
     state_dir: Path  # <state>/containers: rootfs mount points and bundles
     oom_score_adj_floor: int | None
+    cgroup_driver: cgroups.CgroupDriver = field(default_factory=cgroups.CgroupfsDriver)
+    pids_limit: int = 0  # each container's pids.max; 0: none
 
 
 # What "no limit" is for each cgroup setting, to undo a partial update of one that was unset.
@@ -248,10 +251,10 @@ class ContainerManager:
         """A container whose CreateContainer never returned: nothing of it stays."""
         self.executor(container).delete(container.id)
         if sandbox is not None:
-            cgroup = f"{sandbox.cgroup_path}/{container.id}"
+            cgroup = cgroups.container_path(sandbox.cgroup_path, container.id)
             try:
-                cgroups.remove(cgroup, timeout=1.0)
-            except (OSError, ValueError) as exc:
+                self.settings.cgroup_driver.remove_container(sandbox.cgroup_path, container.id, timeout=1.0)
+            except (OSError, ValueError, PycriError) as exc:
                 # The start-up sweep removes container cgroups below known pods.
                 log.warning(
                     "cannot remove a discarded container's cgroup",
@@ -521,8 +524,11 @@ class ContainerManager:
             image_config=image_config,
             sandbox=context,
             rootfs=rootfs,
-            cgroups_path=f"{sandbox.cgroup_path}/{container.id}",
+            cgroups_path=self.settings.cgroup_driver.container_cgroups_path(
+                sandbox.cgroup_path, container.id
+            ),
             oom_score_adj_floor=self.settings.oom_score_adj_floor,
+            pids_limit=self.settings.pids_limit,
         )
         spec.check_resources_on_host(oci_spec["linux"]["resources"])
         # After the spec is built: a config it refuses makes no directory on the host.
@@ -601,7 +607,7 @@ class ContainerManager:
 
     # --- Start / Stop ----------------------------------------------------------------
 
-    def start(self, container_id: str) -> None:
+    def start(self, container_id: str, sandbox: Sandbox) -> None:
         """conmon runs ``<runtime> create``, then ``<runtime> start``. A failure leaves the
         container exited with code 128 and reason StartError (as containerd does), and nothing
         of the runtime's behind; kubelet removes it and creates the next attempt."""
@@ -622,6 +628,7 @@ class ContainerManager:
                         terminal=container.config.tty,
                         stdin=container.config.stdin,
                         stdin_once=container.config.stdin_once,
+                        conmon_cgroup=self.settings.cgroup_driver.conmon_cgroup(sandbox.cgroup_path),
                     )
                     failpoints.hit("container.after_conmon")
                 started = time.time_ns()  # before: a quick process may exit before start returns
@@ -782,6 +789,7 @@ class ContainerManager:
         try:
             self.executor(container).delete(container.id)
             failpoints.hit("container.remove_after_delete")
+            self.settings.cgroup_driver.release_container(container.id)
             mounts.unmount_all_under(Path(container.run_dir))
         except Exception as exc:
             log.error("cannot clean up a removed container", id=container.id, error=str(exc))

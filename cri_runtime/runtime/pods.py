@@ -102,7 +102,7 @@ class Pods:
                 raise FailedPrecondition(
                     f"pod sandbox {container.pod_id} is not ready; cannot start container {container.id}"
                 )
-            self.containers.start(container.id)
+            self.containers.start(container.id, sandbox)
 
     def stop_container(self, container_id: str, timeout: float) -> None:
         container = self.containers.find(container_id)

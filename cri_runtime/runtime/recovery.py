@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cri_runtime.errors import PycriError
 from cri_runtime.host import cgroups, mounts
 from cri_runtime.network import netns
 from cri_runtime.network.cni import CNI
@@ -127,6 +128,7 @@ def sweep(
     cni: CNI,
     known: Known,
     default_cgroup_parent: str,
+    cgroup_driver: cgroups.CgroupDriver | None = None,
 ) -> Swept:
     swept = Swept()
     sandboxes_dir = state_dir / "sandboxes"
@@ -222,6 +224,20 @@ def sweep(
                 swept.cgroups.append(cgroup)
             except OSError as exc:
                 log.warning("cannot remove an orphaned cgroup", cgroup=cgroup, error=str(exc))
+    if cgroup_driver is not None:
+        # The systemd driver's units (conmon and container scopes, pycri's own pod slices) of the
+        # objects found above in this instance's own state: another pycri's are never touched.
+        orphan_pods = set(swept.networks) | {
+            Path(d).name for d in swept.directories if Path(d).parent == sandboxes_dir
+        }
+        orphan_containers = set(swept.conmons) | set(swept.runtime_states)
+        orphan_containers |= {Path(d).name for d in swept.directories if Path(d).parent != sandboxes_dir}
+        try:
+            swept.cgroups += cgroup_driver.sweep(
+                orphan_pods - known.sandboxes, orphan_containers - known.containers
+            )
+        except PycriError as exc:
+            log.warning("cannot look for orphaned cgroup units", driver=cgroup_driver.name, error=str(exc))
     # 6. Veths on pycri's bridge whose pod is unknown (or whose netns is going away).
     known_pins = [sandboxes_dir / pod_id / "ns" / "net" for pod_id in sorted(known.sandboxes)]
     try:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -41,6 +41,7 @@ class SandboxSettings:
     state_dir: Path  # <state>/sandboxes
     default_runtime: str
     runtimes: tuple[str, ...]
+    cgroup_driver: cgroups.CgroupDriver = field(default_factory=cgroups.CgroupfsDriver)
 
 
 def _metadata_name(meta: PodMetadata) -> str:
@@ -124,10 +125,8 @@ class SandboxManager:
         pod_sysctls = sysctl.pod_sysctls(
             config.sysctls, own_net=not host_network, own_ipc=not host_ipc, own_uts=not host_network
         )
-        try:
-            cgroup_path = cgroups.normalize(config.cgroup_parent or f"{DEFAULT_CGROUP_PARENT}/{sandbox_id}")
-        except ValueError as exc:
-            raise InvalidArgument(f"pod linux.cgroup_parent: {exc}") from exc
+        driver = self.settings.cgroup_driver
+        cgroup_path = driver.pod_cgroup(sandbox_id, config.cgroup_parent)
         directory = self.settings.state_dir / sandbox_id
         sandbox = Sandbox(
             id=sandbox_id,
@@ -147,7 +146,7 @@ class SandboxManager:
             dir=str(directory),
             cgroup_path=cgroup_path,
             # The directories the cgroup step will make, known before it makes them.
-            cgroup_created=[str(p) for p in cgroups.missing(cgroup_path)],
+            cgroup_created=driver.pod_missing(cgroup_path),
             pending="creating",
         )
         # On record before the first step: after a crash from here on, start-up finds the
@@ -172,11 +171,10 @@ class SandboxManager:
         sandbox.utsns_path = str(pinned.uts or "")
         failpoints.hit("sandbox.after_netns")
         # The pod cgroup: kubelet names it; crictl users often don't.
-        try:
-            created = cgroups.create(sandbox.cgroup_path)
-        except NotADirectoryError as exc:
-            raise InvalidArgument(f"pod linux.cgroup_parent {config.cgroup_parent!r}: {exc}") from None
-        undo.callback(_remove_pod_cgroup, sandbox.cgroup_path, [str(p) for p in created])
+        created = driver.create_pod(
+            sandbox.cgroup_path, f"pycri pod {meta.namespace}/{meta.name} {sandbox_id}"
+        )
+        undo.callback(driver.remove_pod, sandbox.cgroup_path, created)
         self._apply_pod_limits(sandbox.cgroup_path, config.resources, config.overhead)
         failpoints.hit("sandbox.after_cgroup")
         if options.pid == "pod":
@@ -238,7 +236,7 @@ class SandboxManager:
             # The child cgroup of every container is charged to it: below this none can be made.
             raise InvalidArgument(f"pod memory limit {memory} (with overhead) is below {spec.MIN_MEMORY}")
         # A refused write is already the domain error its errno calls for (cgroups.apply_limits).
-        cgroups.apply_limits(
+        self.settings.cgroup_driver.apply_pod_limits(
             cgroup_path,
             cpu_shares=resources.cpu_shares + overhead.cpu_shares if resources.cpu_shares else 0,
             cpu_quota=quota,
@@ -352,7 +350,7 @@ class SandboxManager:
         """Everything of the pod goes; each step tolerates having been done before a crash."""
         self._teardown(sandbox)
         failpoints.hit("sandbox.remove_after_teardown")
-        _remove_pod_cgroup(sandbox.cgroup_path, sandbox.cgroup_created)
+        self.settings.cgroup_driver.remove_pod(sandbox.cgroup_path, sandbox.cgroup_created)
         directory = Path(sandbox.dir)
         mounts.unmount_all_under(directory)
         shutil.rmtree(directory, ignore_errors=True)
@@ -388,7 +386,7 @@ class SandboxManager:
                 netns=str(netns_path),
                 error=str(exc),
             )
-        _remove_pod_cgroup(sandbox.cgroup_path, sandbox.cgroup_created)
+        self.settings.cgroup_driver.remove_pod(sandbox.cgroup_path, sandbox.cgroup_created)
         self.db.delete(sandbox)
         with self._guard:
             self.sandboxes.pop(sandbox.id, None)
@@ -415,23 +413,6 @@ def _intact(sandbox: Sandbox) -> bool:
         except OSError:
             return False
     return True
-
-
-def _remove_pod_cgroup(path: str, created: list[str]) -> None:
-    """Remove the pod cgroup if pycri made it (with whatever the runtime left below it), then
-    the parents pycri made that no other pod uses now."""
-    if not created:
-        return
-    mine = {str(h / path.lstrip("/")) for h in cgroups.hierarchies()}
-    if any(p in mine for p in created):
-        cgroups.remove(path)
-    for parent in sorted(
-        (Path(p) for p in created if p not in mine), key=lambda p: len(p.parts), reverse=True
-    ):
-        try:
-            parent.rmdir()
-        except OSError as exc:  # busy (another pod lives there) is expected
-            log.debug("pod cgroup parent kept", path=str(parent), error=str(exc))
 
 
 def _kill_init(pid: int) -> None:

@@ -43,6 +43,24 @@ log = structlog.get_logger("pycri.stats")
 
 
 @dataclass(frozen=True)
+class PsiData:
+    """One line of a cgroup v2 pressure file: stall time (microseconds) and its running averages (%)."""
+
+    total_us: int
+    avg10: float
+    avg60: float
+    avg300: float
+
+
+@dataclass(frozen=True)
+class Psi:
+    """Pressure stall information: some task stalled, and (memory, io; cpu on 5.13+) all stalled."""
+
+    some: PsiData | None
+    full: PsiData | None
+
+
+@dataclass(frozen=True)
 class Cpu:
     usage_ns: int | None
     nano_cores: int | None  # rate since the previous sample; None for the first one
@@ -51,6 +69,7 @@ class Cpu:
     periods: int | None  # CFS enforcement periods, throttled ones, time throttled
     throttled_periods: int | None
     throttled_ns: int | None
+    psi: Psi | None = None  # cgroup v2 cpu.pressure, when the kernel keeps it
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,7 @@ class Memory:
     max_usage: int | None
     oom_kills: int | None
     kernel: int | None = None  # kernel memory charged to the cgroup (slab, stacks, ...)
+    psi: Psi | None = None  # cgroup v2 memory.pressure
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,7 @@ class CgroupUsage:
     limits: Limits
     io: tuple[DeviceIo, ...] = ()
     files: Files | None = None
+    io_psi: Psi | None = None  # cgroup v2 io.pressure
 
 
 @dataclass(frozen=True)
@@ -207,9 +228,35 @@ def _limited(value: int | None) -> int | None:
     return value if value is not None and 0 <= value < _UNLIMITED else None
 
 
+def parse_psi(text: str | None) -> Psi | None:
+    """A pressure file (``some avg10=0.12 avg60=0.05 avg300=0.01 total=1234`` and a ``full`` line)."""
+    if not text:
+        return None
+    found: dict[str, PsiData] = {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        fields = dict(part.partition("=")[::2] for part in rest.split())
+        try:
+            found[kind] = PsiData(
+                int(fields["total"]), float(fields["avg10"]), float(fields["avg60"]), float(fields["avg300"])
+            )
+        except (KeyError, ValueError):
+            continue
+    if not found:
+        return None
+    return Psi(found.get("some"), found.get("full"))
+
+
+def _pressure(h: _Hierarchies, path: str, resource: str) -> Psi | None:
+    """cgroup v2 only (a hybrid host keeps it on its cgroup2 mount): absent without CONFIG_PSI or
+    with psi=0 on the kernel's command line."""
+    directory = h.dir("unified", path)
+    return parse_psi(_read_text(directory / f"{resource}.pressure")) if directory is not None else None
+
+
 def container_cgroup_path(sandbox: Sandbox, container: Container) -> str:
-    # The cgroupsPath pycri's spec builder gives every container (containers.py).
-    return f"{sandbox.cgroup_path}/{container.id}"
+    # Where the runtime made it: below the pod's cgroup, or in a scope of the pod's slice.
+    return cgroups.container_path(sandbox.cgroup_path, container.id)
 
 
 # --- cgroup readers -------------------------------------------------------------------------------
@@ -543,11 +590,26 @@ class StatsCollector:
             return None  # the cgroup is gone (or was never made)
         user, system, periods, throttled, throttled_ns = _cpu_details(h, path)
         cpu = Cpu(
-            base.cpu_ns, self._rate(key, now, base.cpu_ns), user, system, periods, throttled, throttled_ns
+            base.cpu_ns,
+            self._rate(key, now, base.cpu_ns),
+            user,
+            system,
+            periods,
+            throttled,
+            throttled_ns,
+            _pressure(h, path, "cpu"),
         )
         memory, swap = _memory_details(h, path, base)
+        memory = replace(memory, psi=_pressure(h, path, "memory"))
         return CgroupUsage(
-            cpu, memory, swap, _processes(h, path), _limits(h, path), _io(h, path), _files(h, path)
+            cpu,
+            memory,
+            swap,
+            _processes(h, path),
+            _limits(h, path),
+            _io(h, path),
+            _files(h, path),
+            _pressure(h, path, "io"),
         )
 
     def _device(self, st_dev: int) -> str:
