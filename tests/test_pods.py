@@ -294,8 +294,13 @@ def test_mount_the_runtime_rejects_fails_the_start_and_leaves_nothing_of_the_run
     env.cri.remove_container(cid)
     assert env.cri.list_containers() == []
     # The files go right after the call (the record went first).
-    assert wait_for(lambda: not list((env.daemon.state / "containers").iterdir()), timeout=5)
-    assert list((env.daemon.root / "containers").iterdir()) == []
+    assert wait_for(
+        lambda: (
+            not list((env.daemon.state / "containers").iterdir())
+            and not list((env.daemon.root / "containers").iterdir())
+        ),
+        timeout=5,
+    )
     # The name is free again: the same container can be created with a good config.
     del config.mounts[:]
     assert env.cri.create_container(pod, "bad", env.image, config=config)
