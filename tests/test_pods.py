@@ -580,6 +580,48 @@ def test_bad_image_volume_sub_paths_are_refused_and_leave_nothing(
     assert env.cri.create_container(pod, "bad", env.image, config=config)
 
 
+def test_update_pod_sandbox_resources_resizes_the_pod_cgroup_all_or_nothing(env: Env) -> None:
+    config = env.cri.pod_config("resizepod", log_directory=str(env.logs / "resizepod"))
+    config.linux.resources.cpu_shares = 512
+    config.linux.resources.memory_limit_in_bytes = 128 * 1024 * 1024
+    pod = env.cri.run_pod("resizepod", config=config)
+    env.pods.append(pod)
+    cgroup = json.loads(env.cri.pod_status(pod, verbose=True).info["info"])["cgroupPath"].lstrip("/")
+    cpu = Path("/sys/fs/cgroup/cpu") / cgroup
+    memory = Path("/sys/fs/cgroup/memory") / cgroup
+    env.run(pod, "filler", ["sh", "-c", "head -c 40000000 /dev/zero > /dev/shm/fill; sleep 100"])
+    assert wait_for(lambda: memory_usage_bytes(cgroup) >= 40_000_000), memory_usage_bytes(cgroup)
+
+    def update(**fields: int) -> None:
+        request = pb.UpdatePodSandboxResourcesRequest(pod_sandbox_id=pod)
+        for name, value in fields.items():
+            setattr(request.resources, name, value)
+        request.overhead.memory_limit_in_bytes = 8 * 1024 * 1024
+        env.cri.runtime.UpdatePodSandboxResources(request, timeout=30)
+
+    update(cpu_shares=1024, memory_limit_in_bytes=256 * 1024 * 1024)
+    assert (cpu / "cpu.shares").read_text().strip() == "1024"
+    assert int((memory / "memory.limit_in_bytes").read_text()) == 264 * 1024 * 1024
+    # Below what the pod holds in /dev/shm: refused, and the CPU change that came with it undone.
+    with pytest.raises(grpc.RpcError) as err:
+        update(cpu_shares=256, memory_limit_in_bytes=8 * 1024 * 1024)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    assert (cpu / "cpu.shares").read_text().strip() == "1024"
+    assert int((memory / "memory.limit_in_bytes").read_text()) == 264 * 1024 * 1024
+    for request, code in (
+        (pb.UpdatePodSandboxResourcesRequest(pod_sandbox_id=pod), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            pb.UpdatePodSandboxResourcesRequest(
+                pod_sandbox_id="0" * 64, resources=pb.LinuxContainerResources(cpu_shares=2)
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as bad:
+            env.cri.runtime.UpdatePodSandboxResources(request, timeout=30)
+        assert bad.value.code() == code
+
+
 def test_reopen_container_log_starts_a_new_file(env: Env) -> None:
     pod = env.pod("rotate")
     cid = env.run(

@@ -366,6 +366,18 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
         await _in_thread(self._pods().update_container_resources, request.container_id, resources)
         return pb.UpdateContainerResourcesResponse()
 
+    async def UpdatePodSandboxResources(
+        self, request: pb.UpdatePodSandboxResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdatePodSandboxResourcesResponse:
+        if not request.pod_sandbox_id:
+            raise InvalidArgument("UpdatePodSandboxResources: pod_sandbox_id is empty")
+        if not request.HasField("resources") and not request.HasField("overhead"):
+            raise InvalidArgument("UpdatePodSandboxResources: neither resources nor overhead is set")
+        resources = convert.linux_resources(request.resources) if request.HasField("resources") else None
+        overhead = convert.linux_resources(request.overhead) if request.HasField("overhead") else None
+        await _in_thread(self._pods().update_pod_resources, request.pod_sandbox_id, resources, overhead)
+        return pb.UpdatePodSandboxResourcesResponse()
+
     # --- stats --------------------------------------------------------------------------
 
     _METRIC_TYPES = {"counter": pb.MetricType.COUNTER, "gauge": pb.MetricType.GAUGE}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from cri_runtime.errors import InvalidArgument, from_os_error
+from cri_runtime.errors import FailedPrecondition, InvalidArgument, from_os_error
 
 log = structlog.get_logger("pycri.cgroups")
 
@@ -330,6 +330,11 @@ def apply_limits(
         try:
             target.write_text(value)
         except OSError as exc:
+            if exc.errno == errno.EBUSY and target.name.startswith("memory."):
+                # Not transient: the pod holds more memory than the new limit (tmpfs, unreclaimable).
+                raise FailedPrecondition(
+                    f"cannot set {target.name} = {value} on pod cgroup {path}: the pod uses more than that"
+                ) from exc
             # EINVAL: a value the kernel refuses; ENOENT: a controller file this host lacks.
             raise from_os_error(exc, f"cannot set {target.name} = {value} on pod cgroup {path}") from exc
 

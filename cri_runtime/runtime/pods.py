@@ -58,6 +58,15 @@ class Pods:
         one waited for the pod's lock."""
         return self.sandboxes.find(sandbox.id) is sandbox
 
+    def update_pod_resources(
+        self, pod_id: str, resources: LinuxResources | None, overhead: LinuxResources | None
+    ) -> None:
+        sandbox = self.sandboxes.get(pod_id)
+        with self.locks.exclusive(sandbox.id):
+            if not self._current(sandbox):
+                raise NotFound(f"pod sandbox {pod_id!r} not found")
+            self.sandboxes.update_resources(sandbox, resources, overhead)
+
     def stop_pod(self, pod_id: str) -> None:
         sandbox = self.sandboxes.find(pod_id)
         if sandbox is None:

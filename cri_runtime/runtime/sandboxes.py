@@ -15,13 +15,13 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
 
 from cri_runtime import failpoints
-from cri_runtime.errors import InvalidArgument, NotFound, PycriError
+from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PycriError
 from cri_runtime.host import cgroups, mounts, sysctl
 from cri_runtime.model import LinuxResources, PodMetadata, PodSandboxConfig
 from cri_runtime.network import netns
@@ -243,6 +243,35 @@ class SandboxManager:
             cpu_period=resources.cpu_period,
             memory=memory + overhead.memory_limit_in_bytes if memory else 0,
         )
+
+    def update_resources(
+        self, sandbox: Sandbox, resources: LinuxResources | None, overhead: LinuxResources | None
+    ) -> None:
+        """UpdatePodSandboxResources (pod-level in-place resize): the pod cgroup sized anew, all or
+        nothing: a limit the kernel refuses (memory below what the pod holds) puts back the
+        previous ones. The caller holds the pod's lock exclusively."""
+        if sandbox.state != "ready" or sandbox.pending:
+            raise FailedPrecondition(
+                f"pod sandbox {sandbox.id} is not ready; its resources cannot be updated"
+            )
+        before = (sandbox.config.resources, sandbox.config.overhead)
+        try:
+            self._apply_pod_limits(sandbox.cgroup_path, resources, overhead)
+        except Exception as failure:
+            try:
+                self._apply_pod_limits(sandbox.cgroup_path, *before)
+            except Exception as exc:
+                # The cgroup may now hold some of the new limits and some of the old.
+                log.error(
+                    "cannot roll back a failed pod resource update",
+                    id=sandbox.id,
+                    update_error=str(failure),
+                    error=str(exc),
+                )
+            raise
+        sandbox.config = replace(sandbox.config, resources=resources, overhead=overhead)
+        self.db.save(sandbox)
+        log.info("pod sandbox resources updated", id=sandbox.id)
 
     def _start_pod_init(self, pinned: netns.PodNamespaces, directory: Path) -> int:
         return podinit.start(str(directory), net=pinned.net, ipc=pinned.ipc, uts=pinned.uts)
