@@ -120,6 +120,31 @@ def _process_start_ns(pid: int) -> int:
     return (boot * ticks + int(fields[19])) * (1_000_000_000 // ticks)
 
 
+def _kill_pid_namespace(pid: int, container_id: str) -> bool:
+    """SIGKILL a container whose first process is the init of its own PID namespace, which takes
+    every process of the namespace with it (the kernel's doing): no ``<runtime> kill --all``
+    subprocess. The process is held by a pidfd before it is checked to be that init and in the
+    container's cgroup, so a recycled PID is never signalled. False: not such a container (a shared
+    pod PID namespace, or gone); the caller asks the runtime."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            nspid = next((line.split()[1:] for line in fh if line.startswith("NSpid:")), [])
+        with open(f"/proc/{pid}/cgroup") as fh:
+            in_container = container_id in fh.read()
+        if len(nspid) < 2 or nspid[-1] != "1" or not in_container:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except (OSError, ValueError):
+        return False
+    finally:
+        os.close(fd)
+
+
 def _signal_number(name: str) -> int:
     if not name:
         return signal.SIGTERM
@@ -695,8 +720,13 @@ class ContainerManager:
                 executor.kill(container.id, _signal_number(container.stop_signal))
                 failpoints.hit("container.stop_after_kill")
                 return "signalled"
-            executor.kill(container.id, signal.SIGKILL, all_processes=True)
+            self._kill_all(container, executor)
             return "killed"
+
+    def _kill_all(self, container: Container, executor: Executor) -> None:
+        """SIGKILL everything the container runs."""
+        if not (container.pid and _kill_pid_namespace(container.pid, container.id)):
+            executor.kill(container.id, signal.SIGKILL, all_processes=True)
 
     def stop_kill(self, container: Container) -> str:
         """After the grace period: SIGKILL everything the container runs ("killed"), unless it
@@ -707,7 +737,7 @@ class ContainerManager:
             executor = self.executor(container)
             if executor.exit_info(container.id) is not None:
                 return "killed"  # exited; the watcher records it, or stop_finish does
-            executor.kill(container.id, signal.SIGKILL, all_processes=True)
+            self._kill_all(container, executor)
             return "killed"
 
     def stop_finish(self, container: Container, wait: float = KILL_WAIT) -> None:
@@ -717,7 +747,7 @@ class ContainerManager:
                 return
             executor = self.executor(container)
             if executor.exit_info(container.id) is None:
-                executor.kill(container.id, signal.SIGKILL, all_processes=True)
+                self._kill_all(container, executor)
             self._record_exit(container, executor.wait_exit(container.id, wait))
 
     def _record_exit(self, container: Container, info: object) -> None:
