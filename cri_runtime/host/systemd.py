@@ -275,7 +275,12 @@ class SystemdBus:
         return list(reply.body)
 
     async def _job(self, member: str, signature: str, body: list[Any], unit: str) -> str:
-        """Call a manager method that queues a job on ``unit`` and wait for the job's result."""
+        """Call a manager method that queues a job on ``unit`` and wait for the job's result.
+
+        The result comes with the JobRemoved signal. The signal is not what correctness rests on:
+        while waiting, the job object is looked at every second, and a job that is gone without a
+        signal seen is judged by the unit's state (active after a start, not active after a stop).
+        """
         loop = asyncio.get_running_loop()
         (job,) = await self._call(member, signature, body)
         result = self._finished.pop(job, None)
@@ -283,12 +288,50 @@ class SystemdBus:
             return result
         waiter: asyncio.Future[str] = loop.create_future()
         self._jobs[job] = waiter
+        deadline = loop.time() + self.timeout
         try:
-            return await asyncio.wait_for(waiter, self.timeout)
-        except TimeoutError:
-            raise Unavailable(f"systemd did not finish {member} of {unit} within {self.timeout:g}s") from None
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(waiter), min(1.0, deadline - loop.time()))
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise Unavailable(
+                            f"systemd did not finish {member} of {unit} within {self.timeout:g}s"
+                        ) from None
+                if await self._job_exists(job):
+                    continue
+                if waiter.done():
+                    return waiter.result()
+                state = await self._active_state(unit)
+                log.warning("no JobRemoved signal for a finished job", job=job, unit=unit, state=state)
+                if member == "StopUnit":
+                    return "done" if state in (None, "inactive", "failed") else "failed"
+                return "done" if state in ("active", "reloading") else "failed"
         finally:
             self._jobs.pop(job, None)
+
+    async def _job_exists(self, job: str) -> bool:
+        try:
+            await self._call(
+                "Get", "ss", ["org.freedesktop.systemd1.Job", "State"], path=job,
+                interface="org.freedesktop.DBus.Properties",
+            )  # fmt: skip
+        except DBusCallError:
+            return False  # UnknownObject / UnknownMethod: the job is gone
+        return True
+
+    async def _active_state(self, unit: str) -> str | None:
+        try:
+            (path,) = await self._call("GetUnit", "s", [unit])
+        except DBusCallError as exc:
+            if exc.name in _NO_SUCH_UNIT:
+                return None
+            raise
+        (value,) = await self._call(
+            "Get", "ss", ["org.freedesktop.systemd1.Unit", "ActiveState"], path=path,
+            interface="org.freedesktop.DBus.Properties",
+        )  # fmt: skip
+        return str(value.value)
 
     # --- what the driver asks (from any thread) ---
 
@@ -333,25 +376,8 @@ class SystemdBus:
     def active_state(self, unit: str) -> str | None:
         """The unit's ActiveState, or None when systemd has no such unit loaded."""
         what = f"cannot read the state of systemd unit {unit}"
-
-        async def read() -> str | None:
-            try:
-                (path,) = await self._call("GetUnit", "s", [unit])
-            except DBusCallError as exc:
-                if exc.name in _NO_SUCH_UNIT:
-                    return None
-                raise
-            (value,) = await self._call(
-                "Get",
-                "ss",
-                ["org.freedesktop.systemd1.Unit", "ActiveState"],
-                path=path,
-                interface="org.freedesktop.DBus.Properties",
-            )
-            return str(value.value)
-
         try:
-            return self._run(read(), what)
+            return self._run(self._active_state(unit), what)
         except DBusCallError as exc:
             raise _refusal(what, exc) from None
 
