@@ -451,7 +451,7 @@ def _kill_init(pid: int) -> None:
             if b"catatonit" not in fh.read():
                 return  # the PID was reused by something else
         os.kill(pid, signal.SIGKILL)
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:  # gone (no file, or ESRCH on the read or the kill)
         return
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
@@ -459,6 +459,7 @@ def _kill_init(pid: int) -> None:
             with open(f"/proc/{pid}/stat") as fh:
                 if fh.read().split(") ", 1)[1].startswith("Z"):
                     break  # a zombie of our own or of init's: it is dead
-        except (FileNotFoundError, IndexError):
+        except (OSError, IndexError):
+            # Gone: reaped between the open and the read, the kernel answers ESRCH to the read.
             break
         time.sleep(0.01)
