@@ -215,6 +215,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
         "format": args.format or "",
         "username": args.username or "",
         "password": password or "",
+        "chunk_size": args.chunk_size,
     }
     result = _images_call(args, "Push", request)
     if result is None:
@@ -254,6 +255,12 @@ def _add_workflow_commands(sub: argparse._SubParsersAction, image_sub: argparse.
     push.add_argument("--username")
     push.add_argument("--password")
     push.add_argument("--password-stdin", action="store_true")
+    push.add_argument(
+        "--chunk-size",
+        type=int,
+        default=8 * 1024 * 1024,
+        help="blobs bigger than this go up in PATCH chunks of this size (bytes)",
+    )
     push.add_argument("--timeout", type=float, default=3600.0)
     _add_config_flags(push)
     push.set_defaults(func=_cmd_push)

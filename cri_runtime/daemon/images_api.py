@@ -24,7 +24,7 @@ from cri_runtime.runtime.commit import CommitRequest, commit_container
 from cri_runtime.runtime.containers import ContainerManager
 from imageservice.db import ImageRecord
 from imageservice.export import export_image
-from imageservice.push import push_image
+from imageservice.push import CHUNK_SIZE, push_image
 from imageservice.registry import Credentials
 from imageservice.store import ImageStore
 
@@ -87,12 +87,16 @@ class ImagesAPI:
             username=_text(request, "username", required=False),
             password=_text(request, "password", required=False),
         )
+        chunk_size = request.get("chunk_size") or CHUNK_SIZE
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1024:
+            raise InvalidArgument("chunk_size must be a number of bytes, at least 1024")
         result = push_image(
             self.store,
             _text(request, "image"),
             _text(request, "dest", required=False),
             credentials,
             fmt=fmt,  # type: ignore[arg-type]
+            chunk_size=chunk_size,
         )
         return {
             "reference": result.reference,
