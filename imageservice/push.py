@@ -38,7 +38,6 @@ from cri_runtime.errors import (
     Unauthenticated,
     Unavailable,
 )
-from imageservice.db import ImageRecord
 from imageservice.export import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
@@ -235,17 +234,22 @@ def _detail(body: bytes) -> str:
     return f" ({'; '.join(messages)})" if messages else ""
 
 
-def _mount_source(record: ImageRecord, ref: Reference) -> str | None:
-    """A repository of the destination's registry that the image came from (its repo digests)."""
-    for name in record.repo_digests:
-        repository = name.partition("@")[0]
-        try:
-            source = parse_reference(repository)
-        except InvalidArgument:
-            continue
-        if source.domain == ref.domain and source.path != ref.path:
-            return source.path
-    return None
+def _mount_sources(store: ImageStore, ref: Reference) -> dict[str, str]:
+    """blob digest -> a repository of the destination's registry that has it: one an image with
+    that layer was pulled from (its repo digests). A commit's parent layers are found through
+    the parent image."""
+    sources: dict[str, str] = {}
+    for image in store.list_images():
+        for name in image.repo_digests:
+            try:
+                source = parse_reference(name.partition("@")[0])
+            except InvalidArgument:
+                continue
+            if source.domain != ref.domain or source.path == ref.path:
+                continue
+            for layer in image.layers:
+                sources.setdefault(layer.blob_digest, source.path)
+    return sources
 
 
 def push_image(
@@ -261,6 +265,11 @@ def push_image(
     """Push the image ``text`` names to ``dest`` (default: its own first tag)."""
     cancel = cancel or threading.Event()
     record = store.get(text)
+    if not dest:
+        # ``pycri push NAME`` pushes NAME, not whichever tag of the same image came first.
+        named = _named(text)
+        if named in record.repo_tags:
+            dest = named or ""
     if not dest:
         if not record.repo_tags:
             raise InvalidArgument(f"image {record.id} has no tag: name a destination to push it to")
@@ -281,7 +290,7 @@ def push_image(
     result = PushResult(
         f"{ref.repository}:{ref.tag or 'latest'}" if not ref.digest else str(ref), digest, media_type
     )
-    source = _mount_source(record, ref)
+    sources = _mount_sources(store, ref)
     items: list[tuple[str, int, Callable[[], BinaryIO]]] = [
         (b.digest, b.size, _opener(b.path)) for b in {b.digest: b for b in blobs}.values()
     ]
@@ -290,7 +299,8 @@ def push_image(
         if pusher.has_blob(blob_digest, size):
             result.skipped.append(blob_digest)
             continue
-        if source and blob_digest != record.id:
+        source = sources.get(blob_digest)
+        if source:
             mounted_or_location = pusher.mount(blob_digest, source)
             if mounted_or_location is None:
                 result.mounted.append(blob_digest)
@@ -322,6 +332,14 @@ def push_image(
         skipped=len(result.skipped),
     )
     return result
+
+
+def _named(text: str) -> str | None:
+    """The full tag ``text`` names, when it is a tag (not an ID)."""
+    try:
+        return parse_reference(text).tagged
+    except InvalidArgument:
+        return None
 
 
 def _opener(path: Path) -> Callable[[], BinaryIO]:
