@@ -3,14 +3,25 @@ store, stacked on its image's layers, runnable at once through CRI."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import grpc
 import pytest
 
+from cri_runtime.errors import InvalidArgument
+from cri_runtime.host import mounts
+from imageservice.commit import apply_changes, commit_config, pack_upper
+from imageservice.unpack import unpack_layer
 from tests.support.pods import Env, container_pid, exec_out, wait_exited
 
 pytestmark = pytest.mark.root
@@ -185,3 +196,86 @@ def test_commit_through_the_socket_reports_grpc_codes(env: Env) -> None:
         with pytest.raises(grpc.RpcError) as info:
             call({"container_id": 5}, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- the packer and the config changes, without a daemon ------------------------------------
+
+
+def test_pack_upper_turns_overlay_markers_into_oci_whiteouts(tmp_path: Path) -> None:
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for directory in (lower / "gone-dir", upper, work, merged):
+        directory.mkdir(parents=True)
+    (lower / "gone-dir" / "old").write_text("old")
+    (lower / "deleted").write_text("x")
+    mounts.mount_overlay([lower], upper, work, merged)
+    try:
+        (merged / "deleted").unlink()
+        shutil.rmtree(merged / "gone-dir")
+        (merged / "gone-dir").mkdir()  # recreated: overlayfs marks it opaque
+        (merged / "gone-dir" / "new").write_text("new")
+        (merged / "one").write_text("linked")
+        os.link(merged / "one", merged / "two")
+        os.setxattr(merged / "one", "user.k", b"v\x00\xff")
+        os.mknod(merged / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    finally:
+        mounts.unmount(merged)
+    packed = pack_upper(upper, tmp_path / "layer.tar.gz")
+    raw = gzip.decompress((tmp_path / "layer.tar.gz").read_bytes())
+    assert packed.diff_id == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert packed.digest == "sha256:" + hashlib.sha256((tmp_path / "layer.tar.gz").read_bytes()).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members[".wh.deleted"].isfile() and members[".wh.deleted"].size == 0
+    assert "gone-dir/.wh..wh..opq" in members and "gone-dir/new" in members
+    assert "gone-dir/old" not in members and "deleted" not in members
+    assert members["two"].islnk() and members["two"].linkname == "one"
+    assert (
+        members["one"].pax_headers["SCHILY.xattr.user.k"].encode("utf-8", "surrogateescape") == b"v\x00\xff"
+    )
+    assert not any(
+        k.startswith("SCHILY.xattr.trusted.overlay") for m in members.values() for k in m.pax_headers
+    )
+    assert members["null"].ischr() and (members["null"].devmajor, members["null"].devminor) == (1, 3)
+    # The layer unpacks through the store's hostile-content path to what the container saw.
+    dest = tmp_path / "unpacked"
+    dest.mkdir()
+    assert unpack_layer(tmp_path / "layer.tar.gz", dest, blob_digest=packed.digest).diff_id == packed.diff_id
+    assert os.stat(dest / "one").st_ino == os.stat(dest / "two").st_ino
+    assert os.getxattr(dest / "gone-dir", "trusted.overlay.opaque") == b"y"
+    assert stat.S_ISCHR(os.lstat(dest / "deleted").st_mode) and os.lstat(dest / "deleted").st_rdev == 0
+
+
+def test_changes_edit_the_parent_config_and_refuse_what_they_do_not_know() -> None:
+    parent = {"Env": ["PATH=/bin", "A=1"], "Cmd": ["sh"], "WorkingDir": "/srv"}
+    changed = apply_changes(
+        parent,
+        [
+            "ENV A=2 B='two words'",
+            "CMD echo hi",
+            'ENTRYPOINT ["/bin/tini", "--"]',
+            "WORKDIR app",
+            "USER 1000:1000",
+            "LABEL a=b c=d",
+            "EXPOSE 80 53/udp",
+        ],
+    )
+    assert changed["Env"] == ["PATH=/bin", "A=2", "B=two words"]
+    assert changed["Cmd"] == ["/bin/sh", "-c", "echo hi"]
+    assert changed["Entrypoint"] == ["/bin/tini", "--"]
+    assert changed["WorkingDir"] == "/srv/app" and changed["User"] == "1000:1000"
+    assert changed["Labels"] == {"a": "b", "c": "d"}
+    assert changed["ExposedPorts"] == {"80/tcp": {}, "53/udp": {}}
+    assert parent["Env"] == ["PATH=/bin", "A=1"]  # the parent's config is not touched
+    for bad in ("RUN rm -rf /", "CMD", 'CMD ["unclosed"', "EXPOSE 99999", "LABEL =x"):
+        with pytest.raises(InvalidArgument):
+            apply_changes(parent, [bad])
+    config = json.loads(
+        commit_config(
+            {"config": parent, "rootfs": {"diff_ids": ["sha256:" + "a" * 64]}},
+            "sha256:" + "b" * 64,
+            [],
+            comment="c",
+        )
+    )
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + "a" * 64, "sha256:" + "b" * 64]
+    assert config["history"][-1]["comment"] == "c"
