@@ -4,7 +4,10 @@ and comes back by pull with the same digests."""
 
 from __future__ import annotations
 
+import json
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -105,3 +108,84 @@ def test_push_with_credentials_and_without(
         env.cri.remove_image(target)
         pulled = env.cri.pull(target, username="pycri", password=registry.password)
         assert pulled == pod_image_id
+
+
+class _Misbehaving(BaseHTTPRequestHandler):
+    """A registry that claims every blob (HEAD 200) or takes uploads and then fails them."""
+
+    mode = "lies"
+    seen: list[str] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _answer(self, status: int, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)) if self.command != "HEAD" else "0")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _drain(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_HEAD(self) -> None:
+        self.seen.append(f"HEAD {self.path}")
+        if self.mode == "lies":
+            self.send_response(200)  # no size given: a claim pycri cannot check until the manifest
+            self.end_headers()
+            return
+        self._answer(404)
+
+    def do_POST(self) -> None:
+        self.seen.append(f"POST {self.path}")
+        self._drain()
+        self._answer(202, {"Location": "/v2/upload/1"})
+
+    def do_PUT(self) -> None:
+        self.seen.append(f"PUT {self.path}")
+        self._drain()
+        if "/manifests/" in self.path and self.mode == "lies":
+            body = json.dumps({"errors": [{"code": "MANIFEST_BLOB_UNKNOWN", "message": "blob unknown"}]})
+            self._answer(400, {"Content-Type": "application/json"}, body.encode())
+            return
+        self._answer(
+            500,
+            {"Content-Type": "application/json"},
+            b'{"errors":[{"code":"UNKNOWN","message":"disk full"}]}',
+        )
+
+
+@pytest.mark.parametrize("mode", ["lies", "fails"])
+def test_a_registry_that_lies_or_fails_halfway_leaves_the_store_as_it_was(
+    env: Env, registry: Registry, mode: str
+) -> None:
+    _Misbehaving.mode = mode
+    _Misbehaving.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        images_before = {(i.id, tuple(i.repo_tags), tuple(i.repo_digests)) for i in env.cri.list_images()}
+        layers_before = sorted(p.name for p in (env.daemon.root / "layers").iterdir())
+        target = f"127.0.0.1:{server.server_address[1]}/bad/image:1"
+        result = pycri(env, "push", env.image, target)
+        assert result.returncode == 1
+        if mode == "lies":
+            assert "INVALID_ARGUMENT" in result.stderr and "MANIFEST_BLOB_UNKNOWN" in result.stderr
+        else:
+            assert "UNAVAILABLE" in result.stderr and "disk full" in result.stderr, result.stderr
+            assert not any(line.startswith("PUT /v2/bad/image/manifests") for line in _Misbehaving.seen)
+        assert f"127.0.0.1:{server.server_address[1]}" in result.stderr
+        assert {
+            (i.id, tuple(i.repo_tags), tuple(i.repo_digests)) for i in env.cri.list_images()
+        } == images_before
+        assert sorted(p.name for p in (env.daemon.root / "layers").iterdir()) == layers_before
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The store is intact: the same image pushes to a registry that works.
+    retried = pycri(env, "push", env.image, f"{registry.host}/test/after-failure-{mode}:1")
+    assert retried.returncode == 0, retried.stderr
