@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cri_runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, from_os_error
+from imageservice.db import ImageRecord
+from imageservice.store import Descriptor, ImageStore
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -41,7 +43,7 @@ _OPAQUE_XATTR = "trusted.overlay.opaque"
 _UNSUPPORTED_XATTRS = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
 _CHUNK = 1 << 20
 
-CHANGE_KEYS = ("CMD", "ENTRYPOINT", "ENV", "WORKDIR", "USER", "LABEL", "EXPOSE")
+CHANGE_KEYS = ("CMD", "ENTRYPOINT", "ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "STOPSIGNAL", "VOLUME")
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,13 @@ def apply_changes(config: dict, changes: list[str]) -> dict:
             labels = dict(out.get("Labels") or {})
             labels.update(_pairs(value, "LABEL"))
             out["Labels"] = labels
+        elif keyword == "STOPSIGNAL":
+            out["StopSignal"] = value
+        elif keyword == "VOLUME":
+            volumes = dict(out.get("Volumes") or {})
+            paths = _json_or_shell(value) if value.startswith("[") else value.split()
+            volumes.update({path: {} for path in paths})
+            out["Volumes"] = volumes
         elif keyword == "EXPOSE":
             ports = dict(out.get("ExposedPorts") or {})
             for port in value.split():
@@ -258,3 +267,49 @@ def commit_config(
     config["history"] = [*(config.get("history") or []), entry]
     config["created"] = now
     return json.dumps(config, separators=(",", ":")).encode()
+
+
+def stack_image(
+    store: ImageStore,
+    parent_text: str,
+    names: list[str],
+    changes: list[str],
+    layer_tar: Path | None,
+    *,
+    created_by: str,
+    cancel: threading.Event | None = None,
+) -> ImageRecord:
+    """A new image: ``parent_text``'s layers, plus the plain tar ``layer_tar`` as one more layer
+    when given (unpacked through the hostile-content path, as any layer), and its config with
+    ``changes`` and a history entry (``empty_layer`` when there is no tar). Used by builds."""
+    apply_changes({}, changes)
+    parent = store.get(parent_text)
+    blobs: list[tuple[Descriptor, Path | None]] = [
+        (Descriptor("", layer.blob_digest, layer.blob_size), None) for layer in parent.layers
+    ]
+    config = copy.deepcopy(parent.config)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    config["config"] = apply_changes(parent.config.get("config") or {}, changes)
+    entry: dict[str, object] = {"created": now, "created_by": created_by}
+    if layer_tar is not None:
+        if not layer_tar.is_file():
+            raise InvalidArgument(f"layer {str(layer_tar)!r} is not a file")
+        digest = _sha256_file(layer_tar)
+        size = layer_tar.stat().st_size
+        rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+        rootfs["diff_ids"] = [*(rootfs.get("diff_ids") or []), digest]
+        blobs.append((Descriptor("application/vnd.oci.image.layer.v1.tar", digest, size), layer_tar))
+    else:
+        entry["empty_layer"] = True
+    config["history"] = [*(config.get("history") or []), entry]
+    config["created"] = now
+    config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    return store.import_image(names, None, config_bytes, blobs, cancel)
+
+
+def _sha256_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()

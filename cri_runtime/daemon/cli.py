@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,59 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    import grpc
+
+    from cri_runtime import errors
+    from cri_runtime.daemon.build import BuildOptions, build
+    from cri_runtime.daemon.client import CRIClient
+    from cri_runtime.daemon.images_api import IMAGES_SERVICE
+
+    config = _config(args)
+    by_code = {
+        "INVALID_ARGUMENT": errors.InvalidArgument,
+        "NOT_FOUND": errors.NotFound,
+        "FAILED_PRECONDITION": errors.FailedPrecondition,
+        "UNAVAILABLE": errors.Unavailable,
+    }
+    build_args = {}
+    for item in args.build_arg:
+        key, sep, value = item.partition("=")
+        build_args[key] = value if sep else os.environ.get(key, "")
+    context = Path(args.context)
+    options = BuildOptions(
+        containerfile=Path(args.file) if args.file else context / "Containerfile",
+        context=context,
+        tag=args.tag or "",
+        build_args=build_args,
+        host_network=args.network == "host",
+        no_cache=args.no_cache,
+        cache_file=Path(config.root) / "build-cache.json",
+    )
+    if not args.file and not options.containerfile.is_file():
+        options.containerfile = context / "Dockerfile"
+    with CRIClient(f"unix://{config.socket_path}", timeout=args.timeout) as cri:
+
+        def images(method: str, request: dict) -> dict:
+            call = cri.channel.unary_unary(
+                f"/{IMAGES_SERVICE}/{method}",
+                request_serializer=lambda d: json.dumps(d).encode(),
+                response_deserializer=json.loads,
+            )
+            try:
+                return dict(call(request, timeout=args.timeout))
+            except grpc.RpcError as exc:
+                raise by_code.get(exc.code().name, errors.Internal)(str(exc.details())) from None
+
+        try:
+            image = build(cri, images, options)
+        except grpc.RpcError as exc:
+            print(f"pycri: build failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"{image}{' ' + args.tag if args.tag else ''}")
+    return 0
+
+
 def _add_workflow_commands(sub: argparse._SubParsersAction, image_sub: argparse._SubParsersAction) -> None:
     commit = sub.add_parser("commit", help="make an image of a container's changes")
     commit.add_argument("container")
@@ -264,6 +318,16 @@ def _add_workflow_commands(sub: argparse._SubParsersAction, image_sub: argparse.
     push.add_argument("--timeout", type=float, default=3600.0)
     _add_config_flags(push)
     push.set_defaults(func=_cmd_push)
+    build = sub.add_parser("build", help="build an image from a Containerfile")
+    build.add_argument("context")
+    build.add_argument("-f", "--file", help="the Containerfile (default CONTEXT/Containerfile or Dockerfile)")
+    build.add_argument("-t", "--tag", help="NAME[:TAG] of the result")
+    build.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]")
+    build.add_argument("--network", choices=("pod", "host"), default="pod", help="RUN steps' network")
+    build.add_argument("--no-cache", action="store_true")
+    build.add_argument("--timeout", type=float, default=3600.0)
+    _add_config_flags(build)
+    build.set_defaults(func=_cmd_build)
     tag = image_sub.add_parser("tag", help="give an image another name")
     tag.add_argument("source")
     tag.add_argument("name")

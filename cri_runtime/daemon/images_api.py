@@ -22,9 +22,11 @@ from cri_runtime.cri.status import status_code
 from cri_runtime.errors import InvalidArgument, PycriError
 from cri_runtime.runtime.commit import CommitRequest, commit_container
 from cri_runtime.runtime.containers import ContainerManager
+from imageservice.commit import stack_image
 from imageservice.db import ImageRecord
 from imageservice.export import export_image
 from imageservice.push import CHUNK_SIZE, push_image
+from imageservice.reference import parse_reference
 from imageservice.registry import Credentials
 from imageservice.store import ImageStore
 
@@ -107,6 +109,22 @@ class ImagesAPI:
             "skipped": result.skipped,
         }
 
+    def stack(self, request: dict) -> dict:
+        changes = request.get("changes") or []
+        if not isinstance(changes, list) or not all(isinstance(c, str) for c in changes):
+            raise InvalidArgument("changes must be a list of strings")
+        layer = _text(request, "layer_path", required=False)
+        name = _text(request, "name", required=False)
+        record = stack_image(
+            self.store,
+            _text(request, "image"),
+            [str(parse_reference(name))] if name else [],
+            changes,
+            Path(layer) if layer else None,
+            created_by=_text(request, "created_by", required=False) or "pycri build",
+        )
+        return {"image": _image(record)}
+
     def _unary(self, method: Callable[[dict], dict]) -> Handler:
         async def call(request: dict, context: grpc.aio.ServicerContext) -> dict:
             if not isinstance(request, dict):
@@ -121,7 +139,13 @@ class ImagesAPI:
         return call
 
     def handler(self) -> grpc.GenericRpcHandler:
-        methods = {"Commit": self.commit, "Tag": self.tag, "Export": self.export, "Push": self.push}
+        methods = {
+            "Commit": self.commit,
+            "Tag": self.tag,
+            "Export": self.export,
+            "Push": self.push,
+            "Stack": self.stack,
+        }
         return grpc.method_handlers_generic_handler(
             IMAGES_SERVICE,
             {
