@@ -4,6 +4,7 @@ as layers through the hostile-content unpacker), cached per step, failing cleanl
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import time
 from pathlib import Path
@@ -126,3 +127,28 @@ def test_copy_of_a_symlink_leaving_the_context_or_a_missing_file_is_refused(env:
     missing = pycri(env, "build", str(context))
     assert missing.returncode != 0 and "not in the build context" in missing.stderr
     assert env.cri.list_pods() == []
+
+
+def test_multi_stage_build_copies_from_an_earlier_stage(env: Env, tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Containerfile").write_text(
+        f"FROM {env.image} AS builder\n"
+        "RUN mkdir -p /out/dir && echo artifact > /out/dir/result && ln -s result /out/dir/link\n"
+        f"FROM {env.image}\n"
+        "COPY --from=builder /out/dir /dist\n"
+        "COPY --from=0 /out/dir/result /single\n"
+        'CMD ["sh", "-c", "cat /dist/result /dist/link /single"]\n'
+    )
+    result = pycri(env, "build", "-t", "staged:1", str(context))
+    assert result.returncode == 0, result.stderr + result.stdout
+    pod = env.pod("build")
+    assert _run_image(env, pod, "staged:1", "staged").count("artifact") == 3
+    # The final image has no trace of the builder's RUN layer: only the two COPY layers on top.
+    final = env.cri.image_status("staged:1", verbose=True)
+    base = env.cri.image_status(env.image, verbose=True)
+    layers = json.loads(final.info["info"])["layers"]
+    assert len(layers) == len(json.loads(base.info["info"])["layers"]) + 2
+    assert env.cri.list_containers() == [] or all(
+        c.metadata.name in ("staged",) for c in env.cri.list_containers()
+    )

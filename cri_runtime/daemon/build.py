@@ -123,10 +123,10 @@ def _ignored(relative: str, patterns: list[tuple[bool, str]]) -> bool:
     return ignored
 
 
-def _inside(context: Path, path: Path, what: str) -> Path:
+def _inside(root: Path, path: Path, what: str, where: str = "the build context") -> Path:
     real = Path(os.path.realpath(path))
-    if real != context and context not in real.parents:
-        raise InvalidArgument(f"{what}: {path} is outside the build context {context}")
+    if real != root and root not in real.parents:
+        raise InvalidArgument(f"{what}: {path} is outside {where} ({root})")
     return real
 
 
@@ -228,7 +228,9 @@ class Build:
                 self.cache = json.loads(options.cache_file.read_text())
         self.pod: str | None = None
         self.work = Path(tempfile.mkdtemp(prefix="pycri-build-"))
-        self.runs = 0  # RUN steps executed (not cached)
+        self.runs = 0  # containers made (RUN steps not cached, COPY --from sources)
+        self.stages: dict[str, str] = {}  # stage name and index -> its image
+        self._stage_count = 0
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -267,6 +269,7 @@ class Build:
         config: dict = {}
         shell = ["/bin/sh", "-c"]
         declared_args: dict[str, str] = {}
+        stage = ""
         try:
             for number, step in enumerate(steps, 1):
                 self.say(f"STEP {number}/{len(steps)}: {step}")
@@ -279,11 +282,15 @@ class Build:
                     continue
                 if keyword == "FROM":
                     words = substitute(step.args, variables).split()
+                    stage_name = ""
                     if len(words) == 3 and words[1].upper() == "AS":
+                        stage_name = words[2]
                         words = words[:1]
                     if len(words) != 1:
                         raise InvalidArgument(f"line {step.line}: FROM IMAGE [AS NAME]")
-                    image = self._from(words[0])
+                    self._end_stage(image, stage)
+                    stage = stage_name
+                    image = self.stages.get(words[0]) or self._from(words[0])
                     config = self._config(image)
                     variables = {**declared_args, **_env_map(config)}
                     continue
@@ -319,6 +326,13 @@ class Build:
             return image
         finally:
             self._cleanup()
+
+    def _end_stage(self, image: str, name: str) -> None:
+        if image:
+            self.stages[str(self._stage_count)] = image
+            if name:
+                self.stages[name] = image
+            self._stage_count += 1
 
     def _from(self, ref: str) -> str:
         try:
@@ -389,21 +403,22 @@ class Build:
         self._remember(key, image_id)
         return image_id
 
-    def _sources(self, words: list[str]) -> Iterator[Path]:
+    @staticmethod
+    def _sources(root: Path, words: list[str], where: str) -> Iterator[Path]:
         for word in words:
-            matches = (
-                sorted(self.context.glob(word)) if any(c in word for c in "*?[") else [self.context / word]
-            )
+            pattern = word.lstrip("/") if root != Path("/") else word
+            matches = sorted(root.glob(pattern)) if any(c in word for c in "*?[") else [root / pattern]
             if not matches:
-                raise NotFound(f"COPY: {word} matches nothing in the build context")
+                raise NotFound(f"COPY: {word} matches nothing in {where}")
             for match in matches:
                 if not match.exists() and not match.is_symlink():
-                    raise NotFound(f"COPY: {word} is not in the build context")
+                    raise NotFound(f"COPY: {word} is not in {where}")
                 yield match
 
     def _copy(self, image: str, step: Instruction, variables: dict[str, str], config: dict) -> str:
         words = shlex.split(substitute(step.args, variables))
         chown: tuple[int, int] | None = None
+        source_image = ""
         while words and words[0].startswith("--"):
             flag = words.pop(0)
             if flag.startswith("--chown="):
@@ -411,28 +426,59 @@ class Build:
                 if not user.isdigit() or (group and not group.isdigit()):
                     raise InvalidArgument(f"line {step.line}: --chown takes numeric UID[:GID]")
                 chown = (int(user), int(group or user))
-            elif flag.startswith("--from="):
-                raise InvalidArgument(f"line {step.line}: COPY --from is not supported by pycri build yet")
+            elif flag.startswith("--from=") and step.keyword == "COPY":
+                name = flag.removeprefix("--from=")
+                source_image = self.stages.get(name) or self._from(name)
             else:
                 raise InvalidArgument(f"line {step.line}: unknown flag {flag}")
         if len(words) < 2:
             raise InvalidArgument(f"line {step.line}: {step.keyword} SRC... DEST")
+        if source_image:
+            with self._image_root(source_image) as root:
+                return self._copy_from(image, step, words, chown, config, root, source_image)
+        return self._copy_from(image, step, words, chown, config, self.context, "")
+
+    @contextlib.contextmanager
+    def _image_root(self, image: str) -> Iterator[Path]:
+        """An image's root file system, read-only in use: a created (never started) container's
+        overlay, removed afterwards."""
+        pod = self._ensure_pod()
+        self.runs += 1
+        cid = self.cri.create_container(pod, f"copy-from-{self.runs}", image, command=["true"])
+        try:
+            info = json.loads(self.cri.container_status(cid, verbose=True).info["info"])
+            yield Path(os.path.realpath(info["rootfs"]))
+        finally:
+            with contextlib.suppress(Exception):
+                self.cri.remove_container(cid)
+
+    def _copy_from(
+        self,
+        image: str,
+        step: Instruction,
+        words: list[str],
+        chown: tuple[int, int] | None,
+        config: dict,
+        root: Path,
+        source_image: str,
+    ) -> str:
         *sources, dest = words
+        where = f"image {source_image[7:19]}" if source_image else "the build context"
+        ignore = [] if source_image else self.ignore
         workdir = config.get("WorkingDir") or "/"
         dest_path = os.path.normpath(os.path.join(workdir, dest)).lstrip("/")
         into_dir = dest.endswith("/") or len(sources) > 1
         tar_path = self.work / f"layer-{secrets.token_hex(4)}.tar"
         with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
             layer = _LayerTar(tar)
-            for source in self._sources(sources):
-                relative = str(source.relative_to(self.context))
-                if _ignored(relative, self.ignore):
+            for source in self._sources(root, sources, where):
+                if _ignored(str(source.relative_to(root)), ignore):
                     continue
-                real = _inside(self.context, source, f"line {step.line}")
+                real = _inside(root, source, f"line {step.line}", where)
                 if step.keyword == "ADD" and _is_archive(real):
                     layer.add_archive(real, dest_path)
                 elif real.is_dir():
-                    self._add_tree(layer, real, dest_path, chown, step)
+                    self._add_tree(layer, real, dest_path, chown, step, root, ignore, not source_image)
                 else:
                     name = f"{dest_path}/{source.name}" if into_dir else dest_path
                     layer.add(real, name.lstrip("/"), chown)
@@ -448,21 +494,28 @@ class Build:
         return image_id
 
     def _add_tree(
-        self, layer: _LayerTar, root: Path, dest: str, chown: tuple[int, int] | None, step: Instruction
+        self,
+        layer: _LayerTar,
+        top: Path,
+        dest: str,
+        chown: tuple[int, int] | None,
+        step: Instruction,
+        root: Path,
+        ignore: list[tuple[bool, str]],
+        check_links: bool,
     ) -> None:
-        for directory, dirnames, filenames in os.walk(root):
+        for directory, dirnames, filenames in os.walk(top):
             dirnames.sort()
             for name in sorted(dirnames) + sorted(filenames):
                 path = Path(directory) / name
-                relative = str(path.relative_to(self.context))
-                if _ignored(relative, self.ignore):
+                if _ignored(str(path.relative_to(root)), ignore):
                     if name in dirnames:
                         dirnames.remove(name)
                     continue
-                if path.is_symlink():
+                if check_links and path.is_symlink():
                     # Kept as a link; one pointing out of the context is refused, not followed.
-                    _inside(self.context, path, f"line {step.line}")
-                inner = str(path.relative_to(root))
+                    _inside(root, path, f"line {step.line}", "the build context")
+                inner = str(path.relative_to(top))
                 layer.add(path, f"{dest}/{inner}".lstrip("/"), chown)
 
     def _cleanup(self) -> None:
