@@ -42,6 +42,7 @@ _OPAQUE_XATTR = "trusted.overlay.opaque"
 # (redirect_dir, metacopy); packing it as plain files would give a wrong layer.
 _UNSUPPORTED_XATTRS = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
 _CHUNK = 1 << 20
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 CHANGE_KEYS = ("CMD", "ENTRYPOINT", "ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "STOPSIGNAL", "VOLUME")
 
@@ -291,25 +292,32 @@ def stack_image(
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     config["config"] = apply_changes(parent.config.get("config") or {}, changes)
     entry: dict[str, object] = {"created": now, "created_by": created_by}
-    if layer_tar is not None:
-        if not layer_tar.is_file():
-            raise InvalidArgument(f"layer {str(layer_tar)!r} is not a file")
-        digest = _sha256_file(layer_tar)
-        size = layer_tar.stat().st_size
-        rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-        rootfs["diff_ids"] = [*(rootfs.get("diff_ids") or []), digest]
-        blobs.append((Descriptor("application/vnd.oci.image.layer.v1.tar", digest, size), layer_tar))
-    else:
-        entry["empty_layer"] = True
-    config["history"] = [*(config.get("history") or []), entry]
-    config["created"] = now
-    config_bytes = json.dumps(config, separators=(",", ":")).encode()
-    return store.import_image(names, None, config_bytes, blobs, cancel)
+    blob = store.tmp_dir / f"stack-{os.urandom(8).hex()}.tar.gz"
+    try:
+        if layer_tar is not None:
+            if not layer_tar.is_file():
+                raise InvalidArgument(f"layer {str(layer_tar)!r} is not a file")
+            # Stored gzip-compressed like a commit's layer: every registry and runtime takes it.
+            packed = _gzip(layer_tar, blob)
+            rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+            rootfs["diff_ids"] = [*(rootfs.get("diff_ids") or []), packed.diff_id]
+            blobs.append((Descriptor(GZIP_LAYER, packed.digest, packed.size), blob))
+        else:
+            entry["empty_layer"] = True
+        config["history"] = [*(config.get("history") or []), entry]
+        config["created"] = now
+        config_bytes = json.dumps(config, separators=(",", ":")).encode()
+        return store.import_image(names, None, config_bytes, blobs, cancel)
+    finally:
+        blob.unlink(missing_ok=True)
 
 
-def _sha256_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            hasher.update(chunk)
-    return "sha256:" + hasher.hexdigest()
+def _gzip(source: Path, blob: Path) -> PackedLayer:
+    fd = os.open(blob, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as raw, open(source, "rb") as src:
+        blob_writer = _HashingWriter(raw)
+        with gzip.GzipFile(fileobj=blob_writer, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
+            diff_writer = _HashingWriter(gz)
+            while chunk := src.read(_CHUNK):
+                diff_writer.write(chunk)
+    return PackedLayer(blob_writer.digest, diff_writer.digest, blob_writer.size)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.pods import Env, wait_exited
+from tests.support.registry import Registry
 from tests.test_commit import pycri
 
 pytestmark = pytest.mark.root
@@ -152,3 +153,21 @@ def test_multi_stage_build_copies_from_an_earlier_stage(env: Env, tmp_path: Path
     assert env.cri.list_containers() == [] or all(
         c.metadata.name in ("staged",) for c in env.cri.list_containers()
     )
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker"])
+def test_a_built_image_pushes_and_pulls_back_in_either_format(
+    env: Env, registry: Registry, tmp_path: Path, fmt: str
+) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "hello.txt").write_text("hello\n")
+    (context / "Containerfile").write_text(f"FROM {env.image}\nCOPY hello.txt /hello.txt\nENV BUILT=1\n")
+    target = f"{registry.host}/test/built-{fmt}-{env.daemon.workdir.name}:1"
+    built = pycri(env, "build", "-t", target, str(context))
+    assert built.returncode == 0, built.stderr
+    image_id = built.stdout.split()[-2]
+    pushed = pycri(env, "push", "--format", fmt, target)
+    assert pushed.returncode == 0, pushed.stderr
+    env.cri.remove_image(target)
+    assert env.cri.pull(target) == image_id

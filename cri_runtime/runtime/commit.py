@@ -21,14 +21,12 @@ import structlog
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from cri_runtime.host import freezer
 from cri_runtime.runtime.containers import ContainerManager
-from imageservice.commit import apply_changes, commit_config, pack_upper
+from imageservice.commit import GZIP_LAYER, apply_changes, commit_config, pack_upper
 from imageservice.db import ImageRecord
 from imageservice.reference import parse_reference
 from imageservice.store import Descriptor, ImageStore
 
 log = structlog.get_logger("pycri.commit")
-
-GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 @dataclass(frozen=True)
