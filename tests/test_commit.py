@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import grpc
@@ -279,3 +280,36 @@ def test_changes_edit_the_parent_config_and_refuse_what_they_do_not_know() -> No
     )
     assert config["rootfs"]["diff_ids"] == ["sha256:" + "a" * 64, "sha256:" + "b" * 64]
     assert config["history"][-1]["comment"] == "c"
+
+
+def test_commit_of_100_mb_of_changes_costs_about_what_tar_does(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pod = env.pod("big")
+    # Compressible and not: half text-like, half random, in 10 files.
+    script = (
+        "for i in 0 1 2 3 4; do head -c 10485760 /dev/urandom > /r$i; "
+        "yes line-of-text | head -c 10485760 > /t$i; done; touch /ready; sleep 1000"
+    )
+    cid = env.run(pod, "writer", ["sh", "-c", script])
+    for _ in range(600):
+        if env.cri.exec_sync(cid, ["test", "-e", "/ready"], timeout=5).exit_code == 0:
+            break
+        subprocess.run(["sleep", "0.1"], check=True)
+    upper = env.daemon.root / "containers" / cid / "upper"
+    started = time.monotonic()
+    subprocess.run(
+        ["tar", "-czf", str(tmp_path / "ref.tar.gz"), "-C", str(upper), "."], check=True, timeout=300
+    )
+    subprocess.run(["sha256sum", str(tmp_path / "ref.tar.gz")], check=True, capture_output=True, timeout=60)
+    tar_seconds = time.monotonic() - started
+    started = time.monotonic()
+    result = pycri(env, "commit", cid, "big:1")
+    commit_seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    with capsys.disabled():
+        print(
+            f"\n100 MiB of changes: tar -czf + sha256sum {tar_seconds:.2f}s, "
+            f"pycri commit {commit_seconds:.2f}s"
+        )
+    assert commit_seconds < 3 * tar_seconds + 2
