@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.images import hostile_layer
 from tests.support.pods import Env, wait_exited
 from tests.support.registry import Registry
 from tests.test_commit import pycri
@@ -171,3 +172,22 @@ def test_a_built_image_pushes_and_pulls_back_in_either_format(
     assert pushed.returncode == 0, pushed.stderr
     env.cri.remove_image(target)
     assert env.cri.pull(target) == image_id
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "dotdot_nested", "symlink_escape", "hardlink_escape"])
+def test_add_of_a_hostile_archive_is_refused_and_writes_nothing(env: Env, tmp_path: Path, kind: str) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "evil.tar.gz").write_bytes(hostile_layer(kind).blob)  # type: ignore[arg-type]
+    (context / "Containerfile").write_text(f"FROM {env.image}\nADD evil.tar.gz /opt/\n")
+    layers_before = sorted(p.name for p in (env.daemon.root / "layers").iterdir())
+    images_before = {i.id for i in env.cri.list_images()}
+    result = pycri(env, "build", "-t", "evil:1", str(context))
+    assert result.returncode != 0
+    assert any(
+        why in result.stderr for why in ("leaves its destination", "outside the layer", "above the layer")
+    ), result.stderr
+    assert sorted(p.name for p in (env.daemon.root / "layers").iterdir()) == layers_before
+    assert {i.id for i in env.cri.list_images()} == images_before
+    assert list((env.daemon.root / "tmp").iterdir()) == []
+    assert not Path("/tmp/evil").exists() and not (tmp_path / "evil").exists()

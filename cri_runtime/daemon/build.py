@@ -179,6 +179,9 @@ class _LayerTar:
         with open(archive, "rb") as fh:
             self.key.update(hashlib.sha256(fh.read()).digest())
         with tarfile.open(archive, "r:*") as source:
+            # Only the destination's directories are added: the archive's own entries (its
+            # symlinks too) reach the unpacker as they are, and it judges them.
+            self._parents(f"{dest}/-", 0, 0)
             for member in source:
                 name = os.path.normpath(f"{dest}/{member.name}").lstrip("/")
                 if name.startswith("..") or "/../" in f"/{member.name}/":
@@ -186,7 +189,6 @@ class _LayerTar:
                 member.name = name
                 if member.islnk():
                     member.linkname = os.path.normpath(f"{dest}/{member.linkname}").lstrip("/")
-                self._parents(name, 0, 0)
                 data = source.extractfile(member) if member.isreg() else None
                 self.tar.addfile(member, data)
 
