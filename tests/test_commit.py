@@ -89,7 +89,14 @@ def test_commit_of_a_running_container_keeps_whiteouts_opaque_dirs_links_devices
     )
     assert result.returncode == 0, result.stderr
     image_id = result.stdout.split()[0]
-    # Thawed after the pause: the container still answers.
+    # Frozen while read (the daemon says which cgroup), thawed after: the container still answers.
+    frozen = [
+        line for line in env.daemon.log_path.read_text().splitlines() if "container frozen for commit" in line
+    ]
+    assert len(frozen) == 1 and cid in frozen[0]
+    cgroup_dir = json.loads(frozen[0])["cgroup"]
+    state_file = Path(cgroup_dir) / ("freezer.state" if "/freezer/" in cgroup_dir else "cgroup.freeze")
+    assert state_file.read_text().strip() in ("THAWED", "0")
     assert exec_out(env.cri, cid, "echo", "alive") == "alive\n"
 
     listed = {tag: image.id for image in env.cri.list_images() for tag in image.repo_tags}

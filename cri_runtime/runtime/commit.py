@@ -66,7 +66,9 @@ def commit_container(
             if not upper.is_dir():
                 raise FailedPrecondition(f"container {container.id} has no writable layer at {upper}")
             pause = request.pause and container.state == "running" and container.pid > 0
-            with freezer.frozen(container.pid) if pause else contextlib.nullcontext():
+            with freezer.frozen(container.pid) if pause else contextlib.nullcontext() as frozen_cgroup:
+                if frozen_cgroup is not None:
+                    log.info("container frozen for commit", container=container.id, cgroup=str(frozen_cgroup))
                 packed = pack_upper(upper, work / "layer.tar.gz", cancel)
         config_bytes = commit_config(
             parent.config,
