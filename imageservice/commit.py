@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import json
 import os
+import queue
 import shlex
 import stat
 import tarfile
@@ -76,6 +77,51 @@ class _HashingWriter:
         return "sha256:" + self.hasher.hexdigest()
 
 
+class _BackgroundWriter:
+    """Hands what is written to ``target`` in 1 MiB pieces on a thread of its own: compression
+    (zlib releases the GIL) then runs beside the walk, the reads and the diff hashing, as
+    ``tar | gzip`` runs in two processes."""
+
+    _PIECE = 1 << 20
+
+    def __init__(self, target: gzip.GzipFile) -> None:
+        self.target = target
+        self._buffer = bytearray()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="commit-gzip", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.target.write(piece)
+                except BaseException as exc:  # reported to the writer by close()
+                    self._error = exc
+
+    def write(self, data: bytes) -> int:
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        if len(self._buffer) >= self._PIECE:
+            self._queue.put(bytes(self._buffer))
+            self._buffer.clear()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._buffer:
+            self._queue.put(bytes(self._buffer))
+            self._buffer.clear()
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def _xattrs(path: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     try:
@@ -106,15 +152,19 @@ def pack_upper(upper: Path, blob: Path, cancel: threading.Event | None = None) -
     with os.fdopen(fd, "wb") as raw:
         blob_writer = _HashingWriter(raw)
         with gzip.GzipFile(fileobj=blob_writer, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
-            diff_writer = _HashingWriter(gz)
-            with tarfile.open(fileobj=diff_writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                try:
-                    for current, name in _entries(str(upper)):
-                        if cancel is not None and cancel.is_set():
-                            raise DeadlineExceeded("commit cancelled")
-                        _add(tar, current, name)
-                except OSError as exc:
-                    raise from_os_error(exc, f"cannot read the container's changes at {current}") from exc
+            background = _BackgroundWriter(gz)
+            diff_writer = _HashingWriter(background)  # type: ignore[arg-type]
+            try:
+                with tarfile.open(fileobj=diff_writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                    try:
+                        for current, name in _entries(str(upper)):
+                            if cancel is not None and cancel.is_set():
+                                raise DeadlineExceeded("commit cancelled")
+                            _add(tar, current, name)
+                    except OSError as exc:
+                        raise from_os_error(exc, f"cannot read the container's changes at {current}") from exc
+            finally:
+                background.close()
         raw.flush()
         os.fsync(raw.fileno())
     return PackedLayer(blob_writer.digest, diff_writer.digest, blob_writer.size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ def commit_container(
         names.append(str(ref))
     apply_changes({}, request.changes)  # refuse bad --change before any work
     container = containers.get(request.container_id)
+    started = time.monotonic()
     work = store.tmp_dir / f"commit-{uuid.uuid4().hex}"
     work.mkdir(mode=0o700)
     try:
@@ -95,5 +97,6 @@ def commit_container(
         tags=record.repo_tags,
         layer=packed.digest,
         layer_bytes=packed.size,
+        seconds=round(time.monotonic() - started, 3),
     )
     return record
