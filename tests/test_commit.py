@@ -326,3 +326,45 @@ def test_commit_of_100_mb_of_changes_costs_about_what_tar_does(
             f"pycri commit {commit_seconds:.2f}s (in the daemon {in_daemon:.2f}s)"
         )
     assert commit_seconds < 3 * tar_seconds + 2
+
+
+def test_commit_racing_a_removal_either_commits_or_is_not_found(env: Env) -> None:
+    import threading
+
+    pod = env.pod("race")
+    outcomes: list[str] = []
+    with grpc.insecure_channel(env.daemon.endpoint) as channel:
+        commit = channel.unary_unary(
+            "/pycri.v1.Images/Commit",
+            request_serializer=lambda d: json.dumps(d).encode(),
+            response_deserializer=json.loads,
+        )
+
+        def committing(cid: str, name: str) -> None:
+            try:
+                commit({"container_id": cid, "name": name}, timeout=120)
+                outcomes.append("committed")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+
+        for attempt, head_start in enumerate((0.1, 0.0, 0.1, 0.0)):
+            script = "head -c 20000000 /dev/urandom > /blob; touch /ready; sleep 1000"
+            cid = env.run(pod, f"racer{attempt}", ["sh", "-c", script])
+            _ready(env, cid)
+            committer = threading.Thread(target=committing, args=(cid, f"race:{attempt}"))
+            committer.start()
+            time.sleep(head_start)
+            env.cri.remove_container(cid)
+            committer.join()
+    assert set(outcomes) <= {"committed", "NOT_FOUND"}, outcomes
+    # Whatever was committed is whole and runnable; nothing of a refused commit is left.
+    for image in env.cri.list_images():
+        for tag in image.repo_tags:
+            if "/race:" in tag:
+                check = env.cri.create_container(
+                    pod, f"check-{tag[-1]}", tag, command=["test", "-s", "/blob"], log_path="c.log"
+                )
+                env.cri.start_container(check)
+                assert wait_exited(env.cri, check).exit_code == 0
+    assert list((env.daemon.root / "tmp").iterdir()) == []
+    print(f"\ncommit vs removal: {outcomes}")
