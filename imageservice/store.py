@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
@@ -570,7 +570,7 @@ class ImageStore:
                     f"layer {desc.digest}: uncompressed content has digest {result.diff_id}, "
                     f"but the image config says {diff_id}"
                 )
-            blob.unlink()
+            _keep_blob(blob, unpacked, desc.digest)
             _syncfs(unpacked)
             failpoints.hit("image.after_download")
             # What the layer costs on disk, as du counts it (ImageFsInfo adds these up).
@@ -652,12 +652,14 @@ class ImageStore:
         names: list[str],
         manifest_digest: str | None,
         config_bytes: bytes,
-        layer_blobs: list[tuple[Descriptor, Path]],
+        layer_blobs: Sequence[tuple[Descriptor, Path | None]],
         cancel: threading.Event | None = None,
     ) -> ImageRecord:
-        """Store an image whose blobs are already on local disk (from an archive).
+        """Store an image whose blobs are already on local disk (from an archive, or a commit).
 
-        ``names`` are full references; with none the image is known by its ID only.
+        ``names`` are full references; with none the image is known by its ID only. A blob may
+        be None for a layer the store already has (a commit's parent layers): such a layer is
+        stacked on, never copied.
         """
         cancel = cancel or threading.Event()
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
@@ -672,6 +674,8 @@ class ImageStore:
                 with self._state_lock:
                     present = chain_id in self._layers
                 if not present:
+                    if blob is None:
+                        raise FailedPrecondition(f"layer {chain_id} is no longer in the store")
                     self._unpack_local(blob, desc, diff_id, chain_id, cancel)
             size = len(config_bytes) + sum(desc.size for desc, _ in layer_blobs)
             descs = [d for d, _ in layer_blobs]
@@ -700,6 +704,7 @@ class ImageStore:
                     f"layer {desc.digest}: uncompressed content has digest {result.diff_id}, "
                     f"but the image config says {diff_id}"
                 )
+            _keep_blob(blob, work / "layer", desc.digest, link=True)
             _syncfs(work)
             layer = LayerRecord(chain_id, diff_id, *disk_usage(work / "layer"))
             with self._writer_lock:
@@ -726,6 +731,30 @@ class ImageStore:
     def _layer_path(self, chain_id: str) -> Path:
         return self.layers_dir / chain_id.removeprefix("sha256:")
 
+    def layer_blob(self, chain_id: str, blob_digest: str) -> Path | None:
+        """The compressed blob a layer was unpacked from, when the store kept it (pushes and
+        exports read it; layers stored before blobs were kept have none)."""
+        path = self._layer_path(chain_id) / "blobs" / blob_digest.removeprefix("sha256:")
+        return path if path.is_file() else None
+
+    def tag(self, text: str, name: str) -> ImageRecord:
+        """Give the image ``text`` names the tag ``name`` (moved from any image that had it)."""
+        ref = parse_reference(name)
+        if ref.digest or not ref.tag:
+            raise InvalidArgument(f"{name!r}: a tag is NAME[:TAG], without a digest")
+        record = self.get(text)
+        descs = [Descriptor("", layer.blob_digest, layer.blob_size) for layer in record.layers]
+        return self._record(
+            ref,
+            None,
+            record.id,
+            record.config_bytes,
+            record.size,
+            descs,
+            [layer.diff_id for layer in record.layers],
+            [layer.chain_id for layer in record.layers],
+        )
+
 
 def _index_of(images: dict[str, ImageRecord]) -> _ImageIndex:
     names = {name: r.id for r in images.values() for name in (*r.repo_tags, *r.repo_digests)}
@@ -745,6 +774,18 @@ def _syncfs(path: Path) -> None:
             raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def _keep_blob(blob: Path, layer_dir: Path, digest: str, *, link: bool = False) -> None:
+    """Keep a layer's compressed blob inside its (not yet published) layer directory, so it
+    goes with the layer: pushes and exports send the very bytes the diff ID was computed from."""
+    kept = layer_dir / "blobs"
+    kept.mkdir(mode=0o700, exist_ok=True)
+    target = kept / digest.removeprefix("sha256:")
+    if link:
+        os.link(blob, target)
+    else:
+        os.rename(blob, target)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -26,6 +26,7 @@ from cri_runtime.cri.servicers import add_servicers
 from cri_runtime.cri.status import status_code
 from cri_runtime.daemon import metrics
 from cri_runtime.daemon.config import Config
+from cri_runtime.daemon.images_api import ImagesAPI
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, PycriError
 from cri_runtime.host import apparmor, cgroups, systemd
 from cri_runtime.network.cni import CNI
@@ -138,7 +139,7 @@ async def serve(
     metrics_server = await metrics.start_server(config.metrics_address)
     runtime_service.streaming = streaming
     add_servicers(server, runtime_service, image_service, metrics.METRICS.observe_rpc)
-    server.add_generic_rpc_handlers((_admin_handler(store),))
+    server.add_generic_rpc_handlers((_admin_handler(store), ImagesAPI(store, runtime.containers).handler()))
     # The socket is born 0660 (umask) so there is no moment when others may connect.
     old_umask = os.umask(0o117)
     try:

@@ -1,0 +1,558 @@
+"""``pycri build``: a Containerfile built on the daemon, as a client of its two APIs.
+
+Each ``RUN`` is a CRI container of the current image in one pod per build (pycri's own
+runtime path: namespaces, seccomp, the pod's network; ``--network host`` gives the node's),
+committed through ``pycri.v1.Images/Commit`` when it exits 0. ``COPY``/``ADD`` pack the named
+context files into a plain layer tar that ``pycri.v1.Images/Stack`` unpacks through the
+store's hostile-content path; instructions that only change the config (``ENV``, ``CMD``...)
+stack an empty layer. Every step's result is cached under a key of the parent image, the
+instruction and (for ``COPY``/``ADD``) the copied files' names, modes and contents, so an
+unchanged rebuild runs nothing. A failing ``RUN`` stops the build with its step and output;
+its container and the build's pod are removed, the cache of the steps before is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from cri_runtime.daemon.client import CRIClient
+from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PycriError
+
+ImagesCall = Callable[[str, dict], dict]
+
+_VAR = re.compile(r"\$(?:\{(\w+)(?::-([^}]*))?\}|(\w+))")
+_CONFIG_ONLY = ("ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "CMD", "ENTRYPOINT", "STOPSIGNAL", "VOLUME")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.keyword} {self.args}"
+
+
+def parse(text: str) -> list[Instruction]:
+    out: list[Instruction] = []
+    pending = ""
+    start = 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if not pending:
+            start = number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        keyword, _, args = line.partition(" ")
+        out.append(Instruction(keyword.upper(), args.strip(), start))
+    if pending:
+        raise InvalidArgument(f"Containerfile line {start}: continuation at the end of the file")
+    if not out or out[0].keyword not in ("FROM", "ARG"):
+        raise InvalidArgument("a Containerfile starts with FROM (or ARG before FROM)")
+    return out
+
+
+def substitute(text: str, variables: dict[str, str]) -> str:
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(3)
+        default = match.group(2)
+        value = variables.get(name)
+        return value if value else (default or "")
+
+    return _VAR.sub(one, text)
+
+
+def _exec_form(text: str) -> list[str] | None:
+    if not text.startswith("["):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+# --- the build context -------------------------------------------------------------
+
+
+def _ignore_patterns(context: Path) -> list[tuple[bool, str]]:
+    path = context / ".dockerignore"
+    if not path.is_file():
+        return []
+    patterns = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        patterns.append((negate, os.path.normpath(line.lstrip("!").strip("/"))))
+    return patterns
+
+
+def _ignored(relative: str, patterns: list[tuple[bool, str]]) -> bool:
+    ignored = False
+    for negate, pattern in patterns:
+        parts = relative.split("/")
+        # A pattern names a path or any of its parents (``dir`` excludes ``dir/file``).
+        if any(fnmatch.fnmatch("/".join(parts[: i + 1]), pattern) for i in range(len(parts))):
+            ignored = not negate
+    return ignored
+
+
+def _inside(root: Path, path: Path, what: str, where: str = "the build context") -> Path:
+    real = Path(os.path.realpath(path))
+    if real != root and root not in real.parents:
+        raise InvalidArgument(f"{what}: {path} is outside {where} ({root})")
+    return real
+
+
+@dataclass
+class _LayerTar:
+    tar: tarfile.TarFile
+    key: hashlib._Hash = field(default_factory=hashlib.sha256)
+    dirs: set[str] = field(default_factory=set)
+
+    def _parents(self, name: str, uid: int, gid: int) -> None:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/".join(parts[:i])
+            if parent and parent not in self.dirs:
+                info = tarfile.TarInfo(parent)
+                info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o755, uid, gid
+                self.tar.addfile(info)
+                self.dirs.add(parent)
+
+    def add(self, source: Path, name: str, chown: tuple[int, int] | None) -> None:
+        st = source.lstat()
+        info = self.tar.gettarinfo(str(source), arcname=name)
+        info.uname = info.gname = ""
+        if chown:
+            info.uid, info.gid = chown
+        else:
+            info.uid = info.gid = 0
+        self._parents(name, info.uid, info.gid)
+        self.key.update(
+            f"{name}\0{info.mode}\0{info.uid}\0{info.gid}\0{info.type!r}\0{info.linkname}\0".encode()
+        )
+        if info.isreg():
+            with open(source, "rb") as fh:
+                self.key.update(hashlib.sha256(fh.read()).digest())
+                fh.seek(0)
+                self.tar.addfile(info, fh)
+        elif info.isdir():
+            if name not in self.dirs:
+                self.tar.addfile(info)
+                self.dirs.add(name)
+        elif info.issym():
+            self.tar.addfile(info)
+        else:
+            raise InvalidArgument(
+                f"COPY: {source} is neither a file, a directory nor a symlink ({st.st_mode:o})"
+            )
+
+    def add_archive(self, archive: Path, dest: str) -> None:
+        """ADD of a local tar archive: its entries under ``dest`` (the unpacker judges them)."""
+        with open(archive, "rb") as fh:
+            self.key.update(hashlib.sha256(fh.read()).digest())
+        with tarfile.open(archive, "r:*") as source:
+            # Only the destination's directories are added: the archive's own entries (its
+            # symlinks too) reach the unpacker as they are, and it judges them.
+            self._parents(f"{dest}/-", 0, 0)
+            for member in source:
+                name = os.path.normpath(f"{dest}/{member.name}").lstrip("/")
+                if name.startswith("..") or "/../" in f"/{member.name}/":
+                    raise InvalidArgument(f"ADD {archive.name}: entry {member.name!r} leaves its destination")
+                member.name = name
+                if member.islnk():
+                    member.linkname = os.path.normpath(f"{dest}/{member.linkname}").lstrip("/")
+                data = source.extractfile(member) if member.isreg() else None
+                self.tar.addfile(member, data)
+
+
+def _is_archive(path: Path) -> bool:
+    try:
+        return path.is_file() and tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+# --- the build -----------------------------------------------------------------------
+
+
+@dataclass
+class BuildOptions:
+    containerfile: Path
+    context: Path
+    tag: str = ""
+    build_args: dict[str, str] = field(default_factory=dict)
+    host_network: bool = False
+    no_cache: bool = False
+    cache_file: Path = Path("/var/lib/pycri/build-cache.json")
+
+
+class Build:
+    def __init__(self, cri: CRIClient, images: ImagesCall, options: BuildOptions, out: IO[str]) -> None:
+        self.cri = cri
+        self.images = images
+        self.options = options
+        self.out = out
+        self.context = Path(os.path.realpath(options.context))
+        if not self.context.is_dir():
+            raise InvalidArgument(f"build context {options.context} is not a directory")
+        self.ignore = _ignore_patterns(self.context)
+        self.cache: dict[str, str] = {}
+        if options.cache_file.is_file() and not options.no_cache:
+            with contextlib.suppress(ValueError):
+                self.cache = json.loads(options.cache_file.read_text())
+        self.pod: str | None = None
+        self.work = Path(tempfile.mkdtemp(prefix="pycri-build-"))
+        self.runs = 0  # containers made (RUN steps not cached, COPY --from sources)
+        self.stages: dict[str, str] = {}  # stage name and index -> its image
+        self._stage_count = 0
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # --- cache ---------------------------------------------------------------------
+
+    def _cached(self, key: str) -> str | None:
+        image_id = self.cache.get(key)
+        if image_id is None or self.options.no_cache:
+            return None
+        try:
+            return self.cri.image_status(image_id).image.id or None
+        except Exception:
+            return None
+
+    def _remember(self, key: str, image_id: str) -> None:
+        self.cache[key] = image_id
+        path = self.options.cache_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + f".{os.getpid()}")
+        partial.write_text(json.dumps(self.cache))
+        os.replace(partial, path)
+
+    @staticmethod
+    def _key(*parts: str) -> str:
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    # --- steps ---------------------------------------------------------------------
+
+    def run(self) -> str:
+        text = self.options.containerfile.read_text()
+        steps = parse(text)
+        variables: dict[str, str] = {}
+        image = ""
+        config: dict = {}
+        shell = ["/bin/sh", "-c"]
+        declared_args: dict[str, str] = {}
+        stage = ""
+        try:
+            for number, step in enumerate(steps, 1):
+                self.say(f"STEP {number}/{len(steps)}: {step}")
+                keyword = step.keyword
+                if keyword == "ARG":
+                    name, _, default = step.args.partition("=")
+                    value = self.options.build_args.get(name, substitute(default, variables))
+                    declared_args[name] = value
+                    variables.setdefault(name, value)
+                    continue
+                if keyword == "FROM":
+                    words = substitute(step.args, variables).split()
+                    stage_name = ""
+                    if len(words) == 3 and words[1].upper() == "AS":
+                        stage_name = words[2]
+                        words = words[:1]
+                    if len(words) != 1:
+                        raise InvalidArgument(f"line {step.line}: FROM IMAGE [AS NAME]")
+                    self._end_stage(image, stage)
+                    stage = stage_name
+                    image = self.stages.get(words[0]) or self._from(words[0])
+                    config = self._config(image)
+                    variables = {**declared_args, **_env_map(config)}
+                    continue
+                if not image:
+                    raise InvalidArgument(f"line {step.line}: {keyword} before FROM")
+                if keyword == "SHELL":
+                    form = _exec_form(step.args)
+                    if not form:
+                        raise InvalidArgument(f"line {step.line}: SHELL takes a JSON array")
+                    shell = form
+                    continue
+                if keyword == "RUN":
+                    image = self._run(image, step, shell, declared_args)
+                elif keyword in ("COPY", "ADD"):
+                    image = self._copy(image, step, variables, config)
+                elif keyword in _CONFIG_ONLY:
+                    change = self._change(step, variables, shell)
+                    key = self._key(image, change)
+                    cached = self._cached(key)
+                    if cached:
+                        self.say(f"--> Using cache {cached[7:19]}")
+                        image = cached
+                    else:
+                        image = self._stack(image, [change], None, str(step))
+                        self._remember(key, image)
+                else:
+                    raise InvalidArgument(f"line {step.line}: {keyword} is not supported by pycri build")
+                config = self._config(image)
+                variables = {**declared_args, **_env_map(config)}
+                self.say(f"--> {image[7:19]}")
+            if self.options.tag:
+                self.images("Tag", {"source": image, "name": self.options.tag})
+            return image
+        finally:
+            self._cleanup()
+
+    def _end_stage(self, image: str, name: str) -> None:
+        if image:
+            self.stages[str(self._stage_count)] = image
+            if name:
+                self.stages[name] = image
+            self._stage_count += 1
+
+    def _from(self, ref: str) -> str:
+        try:
+            return self.cri.image_status(ref).image.id or self.cri.pull(ref)
+        except Exception as exc:
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise NotFound(f"FROM {ref}: {detail}") from None
+
+    def _config(self, image: str) -> dict:
+        info = self.cri.image_status(image, verbose=True).info.get("info", "{}")
+        document = json.loads(info)
+        return dict((document.get("imageSpec") or {}).get("config") or {})
+
+    def _change(self, step: Instruction, variables: dict[str, str], shell: list[str]) -> str:
+        if step.keyword in ("CMD", "ENTRYPOINT"):
+            form = _exec_form(step.args) or [*shell, step.args]
+            return f"{step.keyword} {json.dumps(form)}"
+        return f"{step.keyword} {substitute(step.args, variables)}"
+
+    def _stack(self, image: str, changes: list[str], layer: Path | None, created_by: str) -> str:
+        request: dict = {"image": image, "changes": changes, "created_by": created_by}
+        if layer is not None:
+            request["layer_path"] = str(layer)
+        return str(self.images("Stack", request)["image"]["id"])
+
+    def _ensure_pod(self) -> str:
+        if self.pod is None:
+            name = f"pycri-build-{secrets.token_hex(4)}"
+            logs = self.work / "logs"
+            logs.mkdir(exist_ok=True)
+            self.pod = self.cri.run_pod(
+                name, namespace="pycri-build", log_directory=str(logs), host_network=self.options.host_network
+            )
+        return self.pod
+
+    def _run(self, image: str, step: Instruction, shell: list[str], args: dict[str, str]) -> str:
+        command = _exec_form(step.args) or [*shell, step.args]
+        key = self._key(image, "RUN", json.dumps(command), json.dumps(sorted(args.items())))
+        cached = self._cached(key)
+        if cached:
+            self.say(f"--> Using cache {cached[7:19]}")
+            return cached
+        pod = self._ensure_pod()
+        self.runs += 1
+        log_name = f"run-{self.runs}.log"
+        cid = self.cri.create_container(
+            pod, f"step-{self.runs}", image, command=command, envs=args, log_path=log_name
+        )
+        try:
+            self.cri.start_container(cid)
+            while True:
+                status = self.cri.container_status(cid).status
+                if status.state == 2:  # CONTAINER_EXITED
+                    break
+                time.sleep(0.05)
+            output = _log_text(self.work / "logs" / log_name)
+            if output:
+                self.out.write(output)
+            if status.exit_code != 0:
+                raise FailedPrecondition(
+                    f"step at line {step.line} ({step}) failed with exit code {status.exit_code}:\n{output}"
+                )
+            result = self.images("Commit", {"container_id": cid, "changes": [], "comment": str(step)})
+        finally:
+            with contextlib.suppress(Exception):
+                self.cri.remove_container(cid)
+        image_id = str(result["image"]["id"])
+        self._remember(key, image_id)
+        return image_id
+
+    @staticmethod
+    def _sources(root: Path, words: list[str], where: str) -> Iterator[Path]:
+        for word in words:
+            pattern = word.lstrip("/") if root != Path("/") else word
+            matches = sorted(root.glob(pattern)) if any(c in word for c in "*?[") else [root / pattern]
+            if not matches:
+                raise NotFound(f"COPY: {word} matches nothing in {where}")
+            for match in matches:
+                if not match.exists() and not match.is_symlink():
+                    raise NotFound(f"COPY: {word} is not in {where}")
+                yield match
+
+    def _copy(self, image: str, step: Instruction, variables: dict[str, str], config: dict) -> str:
+        words = shlex.split(substitute(step.args, variables))
+        chown: tuple[int, int] | None = None
+        source_image = ""
+        while words and words[0].startswith("--"):
+            flag = words.pop(0)
+            if flag.startswith("--chown="):
+                user, _, group = flag.removeprefix("--chown=").partition(":")
+                if not user.isdigit() or (group and not group.isdigit()):
+                    raise InvalidArgument(f"line {step.line}: --chown takes numeric UID[:GID]")
+                chown = (int(user), int(group or user))
+            elif flag.startswith("--from=") and step.keyword == "COPY":
+                name = flag.removeprefix("--from=")
+                source_image = self.stages.get(name) or self._from(name)
+            else:
+                raise InvalidArgument(f"line {step.line}: unknown flag {flag}")
+        if len(words) < 2:
+            raise InvalidArgument(f"line {step.line}: {step.keyword} SRC... DEST")
+        if source_image:
+            with self._image_root(source_image) as root:
+                return self._copy_from(image, step, words, chown, config, root, source_image)
+        return self._copy_from(image, step, words, chown, config, self.context, "")
+
+    @contextlib.contextmanager
+    def _image_root(self, image: str) -> Iterator[Path]:
+        """An image's root file system, read-only in use: a created (never started) container's
+        overlay, removed afterwards."""
+        pod = self._ensure_pod()
+        self.runs += 1
+        cid = self.cri.create_container(pod, f"copy-from-{self.runs}", image, command=["true"])
+        try:
+            info = json.loads(self.cri.container_status(cid, verbose=True).info["info"])
+            yield Path(os.path.realpath(info["rootfs"]))
+        finally:
+            with contextlib.suppress(Exception):
+                self.cri.remove_container(cid)
+
+    def _copy_from(
+        self,
+        image: str,
+        step: Instruction,
+        words: list[str],
+        chown: tuple[int, int] | None,
+        config: dict,
+        root: Path,
+        source_image: str,
+    ) -> str:
+        *sources, dest = words
+        where = f"image {source_image[7:19]}" if source_image else "the build context"
+        ignore = [] if source_image else self.ignore
+        workdir = config.get("WorkingDir") or "/"
+        dest_path = os.path.normpath(os.path.join(workdir, dest)).lstrip("/")
+        into_dir = dest.endswith("/") or len(sources) > 1
+        tar_path = self.work / f"layer-{secrets.token_hex(4)}.tar"
+        with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+            layer = _LayerTar(tar)
+            for source in self._sources(root, sources, where):
+                if _ignored(str(source.relative_to(root)), ignore):
+                    continue
+                real = _inside(root, source, f"line {step.line}", where)
+                if step.keyword == "ADD" and _is_archive(real):
+                    layer.add_archive(real, dest_path)
+                elif real.is_dir():
+                    self._add_tree(layer, real, dest_path, chown, step, root, ignore, not source_image)
+                else:
+                    name = f"{dest_path}/{source.name}" if into_dir else dest_path
+                    layer.add(real, name.lstrip("/"), chown)
+        key = self._key(image, step.keyword, dest_path, layer.key.hexdigest())
+        cached = self._cached(key)
+        if cached:
+            self.say(f"--> Using cache {cached[7:19]}")
+            tar_path.unlink()
+            return cached
+        image_id = self._stack(image, [], tar_path, str(step))
+        tar_path.unlink()
+        self._remember(key, image_id)
+        return image_id
+
+    def _add_tree(
+        self,
+        layer: _LayerTar,
+        top: Path,
+        dest: str,
+        chown: tuple[int, int] | None,
+        step: Instruction,
+        root: Path,
+        ignore: list[tuple[bool, str]],
+        check_links: bool,
+    ) -> None:
+        for directory, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(dirnames) + sorted(filenames):
+                path = Path(directory) / name
+                if _ignored(str(path.relative_to(root)), ignore):
+                    if name in dirnames:
+                        dirnames.remove(name)
+                    continue
+                if check_links and path.is_symlink():
+                    # Kept as a link; one pointing out of the context is refused, not followed.
+                    _inside(root, path, f"line {step.line}", "the build context")
+                inner = str(path.relative_to(top))
+                layer.add(path, f"{dest}/{inner}".lstrip("/"), chown)
+
+    def _cleanup(self) -> None:
+        if self.pod is not None:
+            with contextlib.suppress(Exception):
+                self.cri.stop_pod(self.pod)
+            with contextlib.suppress(Exception):
+                self.cri.remove_pod(self.pod)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _env_map(config: dict) -> dict[str, str]:
+    out = {}
+    for item in config.get("Env") or []:
+        key, _, value = str(item).partition("=")
+        out[key] = value
+    return out
+
+
+def _log_text(path: Path) -> str:
+    """The content of a CRI log file (``<time> <stream> <tag> <content>`` lines)."""
+    if not path.is_file():
+        return ""
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) == 4:
+            lines.append(parts[3] + ("\n" if parts[2] == "F" else ""))
+    return "".join(lines)
+
+
+def build(cri: CRIClient, images: ImagesCall, options: BuildOptions) -> str:
+    try:
+        return Build(cri, images, options, sys.stdout).run()
+    except PycriError:
+        raise
+    except OSError as exc:
+        raise InvalidArgument(f"build: {exc}") from exc

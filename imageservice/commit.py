@@ -1,0 +1,373 @@
+"""Layers out: a container's overlay upper directory packed as one OCI layer, and the image
+config of a commit (the parent's, with ``--change`` instructions, a history entry and the new
+diff ID).
+
+The packer turns overlayfs's own markers back into the OCI forms the unpacker reads:
+a whiteout (a character device 0/0) becomes an empty ``.wh.<name>`` file, an opaque
+directory (xattr ``trusted.overlay.opaque=y``) gets a ``.wh..wh..opq`` entry. Device nodes,
+fifos, symlinks, hard links (one ``LNKTYPE`` entry per extra name), ownership, modes,
+times and xattrs (``SCHILY.xattr.*`` PAX records) are kept; overlayfs's private
+``trusted.overlay.*`` xattrs are not written. A sparse file's content is kept (its holes read
+as zeros), not its holes. The tar goes through gzip while both digests (the blob's and the
+uncompressed diff ID) are computed in the same pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import gzip
+import hashlib
+import json
+import os
+import queue
+import shlex
+import stat
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from cri_runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, from_os_error
+from imageservice.db import ImageRecord
+from imageservice.store import Descriptor, ImageStore
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+_OVERLAY_XATTR = "trusted.overlay."
+_OPAQUE_XATTR = "trusted.overlay.opaque"
+# An upper directory with these was written by overlay features pycri does not enable
+# (redirect_dir, metacopy); packing it as plain files would give a wrong layer.
+_UNSUPPORTED_XATTRS = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
+_CHUNK = 1 << 20
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+CHANGE_KEYS = ("CMD", "ENTRYPOINT", "ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "STOPSIGNAL", "VOLUME")
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    digest: str  # of the gzip blob
+    diff_id: str  # of the uncompressed tar
+    size: int  # blob bytes
+
+
+class _HashingWriter:
+    """Hashes what passes through to ``target`` and counts it."""
+
+    def __init__(self, target: BinaryIO | gzip.GzipFile) -> None:
+        self.target = target
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        self.target.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
+
+
+class _BackgroundWriter:
+    """Hands what is written to ``target`` in 1 MiB pieces on a thread of its own: compression
+    (zlib releases the GIL) then runs beside the walk, the reads and the diff hashing, as
+    ``tar | gzip`` runs in two processes."""
+
+    _PIECE = 1 << 20
+
+    def __init__(self, target: gzip.GzipFile) -> None:
+        self.target = target
+        self._buffer = bytearray()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="commit-gzip", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.target.write(piece)
+                except BaseException as exc:  # reported to the writer by close()
+                    self._error = exc
+
+    def write(self, data: bytes) -> int:
+        if self._error is not None:
+            raise self._error
+        self._buffer += data
+        if len(self._buffer) >= self._PIECE:
+            self._queue.put(bytes(self._buffer))
+            self._buffer.clear()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._buffer:
+            self._queue.put(bytes(self._buffer))
+            self._buffer.clear()
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _xattrs(path: str) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return out
+    for name in names:
+        with contextlib.suppress(OSError):
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+    return out
+
+
+def _entries(root: str) -> Iterator[tuple[str, str]]:
+    """Depth-first, sorted, each directory before its contents."""
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        yield entry.path, entry.name
+        if entry.is_dir(follow_symlinks=False):
+            for path, name in _entries(entry.path):
+                yield path, f"{entry.name}/{name}"
+
+
+def pack_upper(upper: Path, blob: Path, cancel: threading.Event | None = None) -> PackedLayer:
+    """Write the OCI layer (gzip tar) of overlay upper directory ``upper`` to new file ``blob``."""
+    fd = os.open(blob, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    current = str(upper)
+    with os.fdopen(fd, "wb") as raw:
+        blob_writer = _HashingWriter(raw)
+        with gzip.GzipFile(fileobj=blob_writer, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
+            background = _BackgroundWriter(gz)
+            diff_writer = _HashingWriter(background)  # type: ignore[arg-type]
+            try:
+                with tarfile.open(fileobj=diff_writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                    try:
+                        for current, name in _entries(str(upper)):
+                            if cancel is not None and cancel.is_set():
+                                raise DeadlineExceeded("commit cancelled")
+                            _add(tar, current, name)
+                    except OSError as exc:
+                        raise from_os_error(exc, f"cannot read the container's changes at {current}") from exc
+            finally:
+                background.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    return PackedLayer(blob_writer.digest, diff_writer.digest, blob_writer.size)
+
+
+def _add(tar: tarfile.TarFile, path: str, name: str) -> None:
+    st = os.lstat(path)
+    parent, _, base = name.rpartition("/")
+    prefix = f"{parent}/" if parent else ""
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        # overlayfs's whiteout: the lower file is deleted.
+        info = tarfile.TarInfo(f"{prefix}{WHITEOUT_PREFIX}{base}")
+        info.mtime = int(st.st_mtime)
+        info.uid, info.gid = st.st_uid, st.st_gid
+        tar.addfile(info)
+        return
+    xattrs = _xattrs(path)
+    for key in xattrs:
+        if key.startswith(_UNSUPPORTED_XATTRS):
+            raise FailedPrecondition(
+                f"{name} carries overlay xattr {key}: written by an overlay feature "
+                "(redirect_dir/metacopy) that commit cannot turn into a layer"
+            )
+    info = tar.gettarinfo(path, arcname=name)
+    info.uname = info.gname = ""
+    info.mtime = int(st.st_mtime)
+    pax = dict(info.pax_headers)
+    for key, value in xattrs.items():
+        if not key.startswith(_OVERLAY_XATTR):
+            pax["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+    info.pax_headers = pax
+    if info.isreg():
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as fh:
+            tar.addfile(info, fh)
+    else:
+        tar.addfile(info)
+    if info.isdir() and xattrs.get(_OPAQUE_XATTR) == b"y":
+        opaque = tarfile.TarInfo(f"{name}/{OPAQUE_MARKER}")
+        opaque.mtime = int(st.st_mtime)
+        tar.addfile(opaque)
+
+
+# --- the image config ----------------------------------------------------------
+
+
+def _json_or_shell(value: str) -> list[str]:
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            raise InvalidArgument(f"{value!r} is not a JSON array of strings") from None
+        if not isinstance(parsed, list) or not all(isinstance(p, str) for p in parsed):
+            raise InvalidArgument(f"{value!r} is not a JSON array of strings")
+        return parsed
+    return ["/bin/sh", "-c", text]
+
+
+def _pairs(value: str, what: str) -> list[tuple[str, str]]:
+    """``K=V K2="v 2"`` (or the old ``K V`` form for one pair)."""
+    words = shlex.split(value)
+    if not words:
+        raise InvalidArgument(f"{what} needs at least one key")
+    if "=" not in words[0]:
+        key, _, rest = value.strip().partition(" ")
+        return [(key, rest.strip())]
+    out = []
+    for word in words:
+        key, sep, val = word.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"{what}: {word!r} is not KEY=VALUE")
+        out.append((key, val))
+    return out
+
+
+def apply_changes(config: dict, changes: list[str]) -> dict:
+    """The runtime config (the ``config`` object of an image config) with Dockerfile-style
+    ``changes`` applied: CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, EXPOSE."""
+    out = copy.deepcopy(config)
+    for change in changes:
+        keyword, _, value = change.strip().partition(" ")
+        keyword = keyword.upper()
+        value = value.strip()
+        if keyword not in CHANGE_KEYS:
+            raise InvalidArgument(
+                f"--change {change!r}: {keyword or 'nothing'} is not one of {', '.join(CHANGE_KEYS)}"
+            )
+        if not value:
+            raise InvalidArgument(f"--change {change!r}: {keyword} needs a value")
+        if keyword == "CMD":
+            out["Cmd"] = _json_or_shell(value)
+        elif keyword == "ENTRYPOINT":
+            out["Entrypoint"] = _json_or_shell(value)
+        elif keyword == "ENV":
+            env = [e for e in out.get("Env") or [] if isinstance(e, str)]
+            for key, val in _pairs(value, "ENV"):
+                env = [e for e in env if e.partition("=")[0] != key] + [f"{key}={val}"]
+            out["Env"] = env
+        elif keyword == "WORKDIR":
+            base = out.get("WorkingDir") or "/"
+            out["WorkingDir"] = os.path.normpath(os.path.join(base, value))
+        elif keyword == "USER":
+            out["User"] = value
+        elif keyword == "LABEL":
+            labels = dict(out.get("Labels") or {})
+            labels.update(_pairs(value, "LABEL"))
+            out["Labels"] = labels
+        elif keyword == "STOPSIGNAL":
+            out["StopSignal"] = value
+        elif keyword == "VOLUME":
+            volumes = dict(out.get("Volumes") or {})
+            paths = _json_or_shell(value) if value.startswith("[") else value.split()
+            volumes.update({path: {} for path in paths})
+            out["Volumes"] = volumes
+        elif keyword == "EXPOSE":
+            ports = dict(out.get("ExposedPorts") or {})
+            for port in value.split():
+                number, _, proto = port.partition("/")
+                if (
+                    not number.isdigit()
+                    or not 0 < int(number) < 65536
+                    or proto not in ("", "tcp", "udp", "sctp")
+                ):
+                    raise InvalidArgument(f"--change {change!r}: {port!r} is not PORT[/tcp|udp|sctp]")
+                ports[f"{number}/{proto or 'tcp'}"] = {}
+            out["ExposedPorts"] = ports
+    return out
+
+
+def commit_config(
+    parent: dict,
+    diff_id: str,
+    changes: list[str],
+    *,
+    comment: str = "",
+    author: str = "",
+    created_by: str = "pycri commit",
+) -> bytes:
+    """The committed image's config: ``parent`` plus changes, a history entry and ``diff_id``."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    config = copy.deepcopy(parent)
+    config["config"] = apply_changes(parent.get("config") or {}, changes)
+    rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+    rootfs["diff_ids"] = [*(rootfs.get("diff_ids") or []), diff_id]
+    entry: dict[str, str] = {"created": now, "created_by": created_by}
+    if comment:
+        entry["comment"] = comment
+    if author:
+        entry["author"] = author
+        config["author"] = author
+    config["history"] = [*(config.get("history") or []), entry]
+    config["created"] = now
+    return json.dumps(config, separators=(",", ":")).encode()
+
+
+def stack_image(
+    store: ImageStore,
+    parent_text: str,
+    names: list[str],
+    changes: list[str],
+    layer_tar: Path | None,
+    *,
+    created_by: str,
+    cancel: threading.Event | None = None,
+) -> ImageRecord:
+    """A new image: ``parent_text``'s layers, plus the plain tar ``layer_tar`` as one more layer
+    when given (unpacked through the hostile-content path, as any layer), and its config with
+    ``changes`` and a history entry (``empty_layer`` when there is no tar). Used by builds."""
+    apply_changes({}, changes)
+    parent = store.get(parent_text)
+    blobs: list[tuple[Descriptor, Path | None]] = [
+        (Descriptor("", layer.blob_digest, layer.blob_size), None) for layer in parent.layers
+    ]
+    config = copy.deepcopy(parent.config)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    config["config"] = apply_changes(parent.config.get("config") or {}, changes)
+    entry: dict[str, object] = {"created": now, "created_by": created_by}
+    blob = store.tmp_dir / f"stack-{os.urandom(8).hex()}.tar.gz"
+    try:
+        if layer_tar is not None:
+            if not layer_tar.is_file():
+                raise InvalidArgument(f"layer {str(layer_tar)!r} is not a file")
+            # Stored gzip-compressed like a commit's layer: every registry and runtime takes it.
+            packed = _gzip(layer_tar, blob)
+            rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+            rootfs["diff_ids"] = [*(rootfs.get("diff_ids") or []), packed.diff_id]
+            blobs.append((Descriptor(GZIP_LAYER, packed.digest, packed.size), blob))
+        else:
+            entry["empty_layer"] = True
+        config["history"] = [*(config.get("history") or []), entry]
+        config["created"] = now
+        config_bytes = json.dumps(config, separators=(",", ":")).encode()
+        return store.import_image(names, None, config_bytes, blobs, cancel)
+    finally:
+        blob.unlink(missing_ok=True)
+
+
+def _gzip(source: Path, blob: Path) -> PackedLayer:
+    fd = os.open(blob, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as raw, open(source, "rb") as src:
+        blob_writer = _HashingWriter(raw)
+        with gzip.GzipFile(fileobj=blob_writer, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
+            diff_writer = _HashingWriter(gz)
+            while chunk := src.read(_CHUNK):
+                diff_writer.write(chunk)
+    return PackedLayer(blob_writer.digest, diff_writer.digest, blob_writer.size)
