@@ -114,6 +114,25 @@ def test_a_failing_run_stops_the_build_with_its_output_and_leaves_nothing(env: E
     assert len({i.id for i in env.cri.list_images()} - images_before) == 1  # only the cached step
 
 
+def test_run_has_no_network_but_lo_unless_network_host(env: Env, tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    # /proc/net/dev: one line per interface of the step's network namespace (after two header lines).
+    (context / "Containerfile").write_text(
+        f"FROM {env.image}\n"
+        "RUN echo ifaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ,)\n"
+    )
+    isolated = pycri(env, "build", "--no-cache", "-t", "nonet:1", str(context))
+    assert isolated.returncode == 0, isolated.stderr + isolated.stdout
+    assert "ifaces: lo," in isolated.stdout
+    host = pycri(env, "build", "--no-cache", "--network", "host", "-t", "hostnet:1", str(context))
+    assert host.returncode == 0, host.stderr + host.stdout
+    host_ifaces = sorted(
+        line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:]
+    )
+    assert f"ifaces: {','.join(host_ifaces)}," in host.stdout
+
+
 def test_copy_of_a_symlink_leaving_the_context_or_a_missing_file_is_refused(env: Env, tmp_path: Path) -> None:
     context = tmp_path / "ctx"
     context.mkdir()

@@ -1,7 +1,7 @@
 """``pycri build``: a Containerfile built on the daemon, as a client of its two APIs.
 
 Each ``RUN`` is a CRI container of the current image in one pod per build (pycri's own
-runtime path: namespaces, seccomp, the pod's network; ``--network host`` gives the node's),
+runtime path: namespaces, seccomp, a network namespace with only lo; ``--network host`` gives the node's),
 committed through ``pycri.v1.Images/Commit`` when it exits 0. ``COPY``/``ADD`` pack the named
 context files into a plain layer tar that ``pycri.v1.Images/Stack`` unpacks through the
 store's hostile-content path; instructions that only change the config (``ENV``, ``CMD``...)
@@ -366,7 +366,13 @@ class Build:
             logs = self.work / "logs"
             logs.mkdir(exist_ok=True)
             self.pod = self.cri.run_pod(
-                name, namespace="pycri-build", log_directory=str(logs), host_network=self.options.host_network
+                name,
+                namespace="pycri-build",
+                log_directory=str(logs),
+                host_network=self.options.host_network,
+                # No network for RUN unless --network host: the daemon makes the pod's namespace
+                # with only lo (see the pycri.io/network annotation in runtime/sandboxes.py).
+                annotations={} if self.options.host_network else {"pycri.io/network": "none"},
             )
         return self.pod
 

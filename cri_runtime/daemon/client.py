@@ -113,6 +113,7 @@ class CRIClient:
         dns_searches: list[str] | None = None,
         cgroup_parent: str = "",
         port_mappings: list[pb.PortMapping] | None = None,
+        annotations: dict[str, str] | None = None,
     ) -> pb.PodSandboxConfig:
         config = pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(
@@ -122,6 +123,7 @@ class CRIClient:
             log_directory=log_directory,
             labels=labels or {},
             port_mappings=port_mappings or [],
+            annotations=annotations or {},
         )
         options = config.linux.security_context.namespace_options
         options.pid = pid_mode  # type: ignore[assignment]  # an enum value as int

@@ -181,8 +181,9 @@ class SandboxManager:
             sandbox.init_pid = self._start_pod_init(pinned, directory)
             undo.callback(_kill_init, sandbox.init_pid)
             failpoints.hit("sandbox.after_init")
-        # Network: CNI ADD in the pinned netns.
-        if not host_network:
+        # Network: CNI ADD in the pinned netns, unless the pod asked for none (``pycri build``'s
+        # RUN steps): then its namespace keeps only ``lo``.
+        if not host_network and config.annotations.get(NETWORK_ANNOTATION) != "none":
             ports = [
                 PortMapping(p.protocol, p.container_port, p.host_port, p.host_ip)
                 for p in config.port_mappings
@@ -421,6 +422,11 @@ class SandboxManager:
             self.sandboxes.pop(sandbox.id, None)
         self.names.release(sandbox_name(sandbox), sandbox.id)
         log.info("took away a pod whose creation a crash interrupted", id=sandbox.id)
+
+
+# A pod annotated ``pycri.io/network: none`` gets its own network namespace with only ``lo`` and
+# no CNI network (as ``docker build``'s RUN steps have none unless asked).
+NETWORK_ANNOTATION = "pycri.io/network"
 
 
 def sandbox_name(sandbox: Sandbox) -> str:
