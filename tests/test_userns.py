@@ -1,0 +1,157 @@
+"""Pods with a user namespace of their own (KEP-127), end to end with crun and runc: the mapping
+kubelet sends, the pod's namespaces owned by it, idmapped layers, cleanup; bad modes refused."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri_runtime.api import api_pb2 as pb
+from cri_runtime.host.mounts import mounts_under
+from tests.support.pods import Env, container_pid, exec_out
+
+pytestmark = pytest.mark.root
+
+HOST_BASE = 1000000
+SIZE = 65536
+NS_GET_USERNS = 0xB701
+
+
+@pytest.fixture(autouse=True)
+def _searchable(tmp_path: Path) -> Iterator[None]:
+    """The pod's root (host ID 1000000) must walk to its root file system: pytest's directories
+    are 0700, which pycri refuses for user-namespace pods (FailedPrecondition)."""
+    changed = []
+    for directory in (tmp_path.parent.parent, tmp_path.parent, tmp_path):
+        mode = directory.stat().st_mode & 0o7777
+        directory.chmod(mode | 0o011)
+        changed.append((directory, mode))
+    yield
+    for directory, mode in changed:
+        directory.chmod(mode)
+
+
+def _userns_options(mode: int = pb.NamespaceMode.POD) -> pb.UserNamespace:
+    options = pb.UserNamespace(mode=mode)  # type: ignore[arg-type]
+    if mode == pb.NamespaceMode.POD:
+        mapping = pb.IDMapping(container_id=0, host_id=HOST_BASE, length=SIZE)
+        options.uids.append(mapping)
+        options.gids.append(mapping)
+    return options
+
+
+def _userns_pod(env: Env, name: str) -> tuple[str, pb.PodSandboxConfig]:
+    config = env.cri.pod_config(name, log_directory=str(env.logs / name))
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(_userns_options())
+    pod = env.cri.run_pod(name, config=config)
+    env.pods.append(pod)
+    return pod, config
+
+
+def _run(env: Env, pod: str, sandbox: pb.PodSandboxConfig, name: str, args: list[str]) -> str:
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name=name),
+        image=pb.ImageSpec(image=env.image),
+        command=args,
+        log_path=f"{name}.log",
+    )
+    config.linux.security_context.namespace_options.CopyFrom(sandbox.linux.security_context.namespace_options)
+    cid = env.cri.create_container(pod, name, env.image, config=config, sandbox_config=sandbox)
+    env.cri.start_container(cid)
+    return cid
+
+
+def _owner(namespace: str) -> int:
+    """The inode of the user namespace owning ``namespace`` (ioctl NS_GET_USERNS)."""
+    fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        owner = fcntl.ioctl(fd, NS_GET_USERNS)
+    finally:
+        os.close(fd)
+    try:
+        return os.fstat(owner).st_ino
+    finally:
+        os.close(owner)
+
+
+def _refused(call: Callable[[], object], word: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert word in (caught.value.details() or "")
+
+
+def test_status_advertises_user_namespaces_per_handler(env: Env) -> None:
+    handlers = env.cri.runtime.Status(pb.StatusRequest(), timeout=30).runtime_handlers
+    assert handlers and all(h.features.user_namespaces for h in handlers)
+
+
+def test_pod_user_namespace_maps_root_and_idmaps_the_root_file_system(env: Env) -> None:
+    pod, sandbox = _userns_pod(env, "userns")
+    first = _run(env, pod, sandbox, "first", ["sh", "-c", "echo made > /made-inside; sleep 100"])
+    second = _run(env, pod, sandbox, "second", ["sleep", "100"])
+
+    assert exec_out(env.cri, first, "id", "-u").strip() == "0"
+    assert exec_out(env.cri, first, "cat", "/proc/self/uid_map").split() == ["0", str(HOST_BASE), str(SIZE)]
+    assert exec_out(env.cri, first, "cat", "/proc/self/gid_map").split() == ["0", str(HOST_BASE), str(SIZE)]
+    # Files of the image (root's on disk) are root's inside, through the idmapped layers.
+    assert exec_out(env.cri, first, "stat", "-c", "%u:%g", "/bin/busybox").strip() == "0:0"
+    pid = container_pid(env.cri, first)
+    # Seen from the host, the container's root is host ID 1000000, and so are its files.
+    assert os.stat(f"/proc/{pid}").st_uid == HOST_BASE
+    assert os.stat(f"/proc/{pid}/root/bin/busybox").st_uid == HOST_BASE
+    # What the container wrote is root's inside and host ID 1000000's in its upper directory.
+    assert exec_out(env.cri, first, "stat", "-c", "%u", "/made-inside").strip() == "0"
+    made = env.daemon.root / "containers" / first / "upper" / "made-inside"
+    assert made.read_text() == "made\n" and made.stat().st_uid == HOST_BASE
+    assert os.stat(f"/proc/{pid}/root/made-inside").st_uid == HOST_BASE
+    # The two containers share the pod's user (and network) namespaces.
+    other = container_pid(env.cri, second)
+    assert os.readlink(f"/proc/{pid}/ns/user") == os.readlink(f"/proc/{other}/ns/user")
+    assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink(f"/proc/{other}/ns/net")
+    # The pod's network, IPC and UTS namespaces are owned by its user namespace.
+    for kind in ("net", "ipc", "uts"):
+        assert _owner(f"/proc/{pid}/ns/{kind}") == os.stat(f"/proc/{pid}/ns/user").st_ino
+    status = env.cri.pod_status(pod).status
+    userns = status.linux.namespaces.options.userns_options
+    assert userns.mode == pb.NamespaceMode.POD
+    assert [(m.container_id, m.host_id, m.length) for m in userns.uids] == [(0, HOST_BASE, SIZE)]
+
+    env.cri.stop_pod(pod)
+    env.cri.remove_pod(pod)
+    env.pods.remove(pod)
+    assert mounts_under(env.daemon.workdir) == []
+
+
+@pytest.mark.parametrize("mode", [pb.NamespaceMode.CONTAINER, pb.NamespaceMode.TARGET])
+def test_container_and_target_modes_are_refused(env: Env, mode: int) -> None:
+    config = env.cri.pod_config("badmode")
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(_userns_options(mode))
+    _refused(lambda: env.cri.run_pod("badmode", config=config), "userns_options")
+    assert env.cri.list_pods() == []
+
+
+@pytest.mark.parametrize(
+    "mappings",
+    [
+        [(0, HOST_BASE, SIZE), (0, 2 * HOST_BASE, SIZE)],  # more than one
+        [(1, HOST_BASE, SIZE)],  # container ID 0 not mapped
+        [],  # none
+    ],
+)
+def test_bad_mappings_are_refused(env: Env, mappings: list[tuple[int, int, int]]) -> None:
+    config = env.cri.pod_config("badmap")
+    options = config.linux.security_context.namespace_options.userns_options
+    options.mode = pb.NamespaceMode.POD
+    for inside, outside, length in mappings:
+        options.uids.append(pb.IDMapping(container_id=inside, host_id=outside, length=length))
+        options.gids.append(pb.IDMapping(container_id=inside, host_id=outside, length=length))
+    _refused(lambda: env.cri.run_pod("badmap", config=config), "userns_options")
+    assert env.cri.list_pods() == []
+    assert mounts_under(env.daemon.workdir) == []
