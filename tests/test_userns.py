@@ -12,6 +12,9 @@ import grpc
 import pytest
 
 from cri_runtime.api import api_pb2 as pb
+from cri_runtime.daemon import check
+from cri_runtime.daemon.config import Config
+from cri_runtime.host import idmap
 from cri_runtime.host.mounts import mounts_under
 from tests.support.pods import Env, container_pid, exec_out
 
@@ -155,3 +158,31 @@ def test_bad_mappings_are_refused(env: Env, mappings: list[tuple[int, int, int]]
     _refused(lambda: env.cri.run_pod("badmap", config=config), "userns_options")
     assert env.cri.list_pods() == []
     assert mounts_under(env.daemon.workdir) == []
+
+
+def test_a_restarted_daemon_keeps_the_pods_user_namespace(env: Env) -> None:
+    pod, sandbox = _userns_pod(env, "survivor")
+    before = _run(env, pod, sandbox, "before", ["sleep", "100"])
+    userns = os.readlink(f"/proc/{container_pid(env.cri, before)}/ns/user")
+    env.cri.close()
+    env.daemon.stop()
+    env.daemon.start()
+    env.cri = env.daemon.client()
+    assert env.cri.pod_status(pod).status.state == pb.PodSandboxState.SANDBOX_READY
+    after = _run(env, pod, sandbox, "after", ["sleep", "100"])
+    assert os.readlink(f"/proc/{container_pid(env.cri, after)}/ns/user") == userns
+    assert exec_out(env.cri, after, "cat", "/proc/self/uid_map").split() == ["0", str(HOST_BASE), str(SIZE)]
+
+
+def test_check_says_whether_the_root_can_be_idmapped(tmp_path: Path) -> None:
+    assert idmap.can_idmap(tmp_path) == ""
+    # procfs takes no idmapped mounts: the reason names the call that refused.
+    assert "mount_setattr" in idmap.can_idmap(Path("/proc"))
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    config = Config(root=str(closed / "root"), state=str(tmp_path / "state"))
+    [finding] = check.check_user_namespaces(config)
+    assert finding.level == check.WARN and f"chmod o+x {closed}" in finding.fix
+    config = Config(root=str(tmp_path / "root"), state=str(tmp_path / "state"))
+    [finding] = check.check_user_namespaces(config)
+    assert finding.level == check.OK
