@@ -186,3 +186,30 @@ def test_check_says_whether_the_root_can_be_idmapped(tmp_path: Path) -> None:
     config = Config(root=str(tmp_path / "root"), state=str(tmp_path / "state"))
     [finding] = check.check_user_namespaces(config)
     assert finding.level == check.OK
+
+
+def test_volumes_are_idmapped_and_written_with_host_ids(env: Env, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir(mode=0o755)  # root's, not writable by others: only the pod's root may write
+    (volume / "from-host").write_text("host\n")
+    pod, sandbox = _userns_pod(env, "volumes")
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="writer"),
+        image=pb.ImageSpec(image=env.image),
+        command=["sh", "-c", "echo inside > /data/from-pod; sleep 100"],
+        log_path="writer.log",
+        mounts=[pb.Mount(container_path="/data", host_path=str(volume))],
+    )
+    config.linux.security_context.namespace_options.CopyFrom(sandbox.linux.security_context.namespace_options)
+    cid = env.cri.create_container(pod, "writer", env.image, config=config, sandbox_config=sandbox)
+    env.cri.start_container(cid)
+    assert exec_out(env.cri, cid, "stat", "-c", "%u:%g", "/data", "/data/from-host").split() == ["0:0", "0:0"]
+    assert exec_out(env.cri, cid, "cat", "/data/from-pod") == "inside\n"
+    # Through the idmapped mount, the pod's root writes as the host's root: on disk, root's.
+    made = volume / "from-pod"
+    assert made.read_text() == "inside\n" and made.stat().st_uid == 0
+    assert (volume / "from-host").stat().st_uid == 0  # nothing chowned
+    env.cri.stop_pod(pod)
+    env.cri.remove_pod(pod)
+    env.pods.remove(pod)
+    assert mounts_under(env.daemon.workdir) == []

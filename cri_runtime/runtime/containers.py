@@ -189,6 +189,40 @@ def _idmapped_layers(
     return clones
 
 
+def _idmap_volumes(
+    oci_spec: dict[str, Any], own: tuple[Path, Path], userns: Path, undo: contextlib.ExitStack
+) -> None:
+    """The container's volumes (kubelet's private bind mounts) swapped for idmapped clones, so
+    that the pod's root owns what the host's root owns, as on the root file system. Made by pycri:
+    Debian's runc 1.1 and crun 1.8 cannot idmap a bind mount. Mounts with propagation (rslave,
+    rshared) are left as they are: a detached clone would not receive the host's mounts. Image
+    volumes (overlays, which cannot be idmapped) and the pod's own files (under ``own``: the
+    container's and the pod's directories) stay too."""
+    staging = own[0] / "idmap-volumes"
+    for position, mount in enumerate(oci_spec.get("mounts", [])):
+        source = mount.get("source", "")
+        options = mount.get("options", [])
+        if mount.get("type") != "bind" or "rprivate" not in options or not os.path.isabs(source):
+            continue
+        if any(Path(source).is_relative_to(directory) for directory in own):
+            continue
+        target = staging / str(position)
+        try:
+            staging.mkdir(mode=0o711, exist_ok=True)
+            if os.path.isdir(source):
+                target.mkdir()
+            else:
+                target.touch(mode=0o600)
+            idmap.idmapped_clone(Path(source), target, userns)
+        except OSError as exc:
+            raise errors.from_os_error(
+                exc,
+                f"cannot idmap the volume {source} for {mount.get('destination')} (a user-namespace pod)",
+            ) from exc
+        undo.callback(idmap.unmount, target)
+        mount["source"] = str(target)
+
+
 def _host_id(mappings: tuple[tuple[int, int, int], ...], inside: int) -> int:
     for container_id, host_id, length in mappings:
         if container_id <= inside < container_id + length:
@@ -623,6 +657,8 @@ class ContainerManager:
                 ) from None
         for host_path, label in spec.relabel_targets(config, oci_spec):
             selinux.relabel(host_path, label)
+        if sandbox.userns_path:
+            _idmap_volumes(oci_spec, (volatile, Path(sandbox.dir)), Path(sandbox.userns_path), undo)
         apparmor.ensure_loaded(oci_spec["process"].get("apparmorProfile"))
         process = oci_spec["process"]
         user = process.get("user", {})
