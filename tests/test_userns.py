@@ -213,3 +213,49 @@ def test_volumes_are_idmapped_and_written_with_host_ids(env: Env, tmp_path: Path
     env.cri.remove_pod(pod)
     env.pods.remove(pod)
     assert mounts_under(env.daemon.workdir) == []
+
+
+def _crash_and_restart(env: Env, point: str, call: Callable[[], object]) -> None:
+    """Restart pycri with ``point`` armed, make ``call`` reach it (pycri dies with SIGKILL), start
+    again disarmed: the start-up sweep must take away whatever the call had made."""
+    env.cri.close()
+    env.daemon.stop()
+    env.daemon.env = {"PYCRI_FAILPOINTS": point}
+    env.daemon.start()
+    env.cri = env.daemon.client()
+    with pytest.raises(grpc.RpcError) as failure:
+        call()
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, failure.value
+    env.daemon.wait_killed()
+    env.cri.close()
+    env.daemon.env = {}
+    env.daemon.start()
+    env.cri = env.daemon.client()
+
+
+@pytest.mark.parametrize("point", ["sandbox.after_init", "sandbox.after_cni"])
+def test_a_crash_while_making_a_userns_pod_leaves_nothing(env: Env, point: str) -> None:
+    config = env.cri.pod_config("crashing", log_directory=str(env.logs / "crashing"))
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(_userns_options())
+    config.linux.security_context.namespace_options.pid = pb.NamespaceMode.POD
+    _crash_and_restart(env, point, lambda: env.cri.run_pod("crashing", config=config))
+    assert env.cri.list_pods() == []
+    assert mounts_under(env.daemon.workdir) == []
+
+
+def test_a_crash_while_making_a_userns_container_leaves_nothing(env: Env) -> None:
+    pod, sandbox = _userns_pod(env, "crashing")
+    config = pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="half"),
+        image=pb.ImageSpec(image=env.image),
+        command=["sleep", "100"],
+    )
+    config.linux.security_context.namespace_options.CopyFrom(sandbox.linux.security_context.namespace_options)
+    _crash_and_restart(
+        env,
+        "container.after_mount",
+        lambda: env.cri.create_container(pod, "half", env.image, config=config, sandbox_config=sandbox),
+    )
+    assert env.cri.list_containers() == []
+    # The pod's pins (under sandboxes/) stay; the idmapped layers and the overlay are gone.
+    assert not any("idmap" in m or "/containers/" in m for m in mounts_under(env.daemon.workdir))
