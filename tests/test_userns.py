@@ -51,6 +51,7 @@ def _userns_options(mode: int = pb.NamespaceMode.POD) -> pb.UserNamespace:
 def _userns_pod(env: Env, name: str) -> tuple[str, pb.PodSandboxConfig]:
     config = env.cri.pod_config(name, log_directory=str(env.logs / name))
     config.linux.security_context.namespace_options.userns_options.CopyFrom(_userns_options())
+    config.linux.security_context.namespace_options.pid = pb.NamespaceMode.POD  # catatonit in it too
     pod = env.cri.run_pod(name, config=config)
     env.pods.append(pod)
     return pod, config
@@ -118,6 +119,9 @@ def test_pod_user_namespace_maps_root_and_idmaps_the_root_file_system(env: Env) 
     assert os.readlink(f"/proc/{pid}/ns/user") == os.readlink(f"/proc/{other}/ns/user")
     assert os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
     assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink(f"/proc/{other}/ns/net")
+    # The pod's init (catatonit, PID 1 of the shared PID namespace) runs as the pod's root.
+    assert exec_out(env.cri, first, "cat", "/proc/1/cmdline").startswith("/usr/bin/catatonit")
+    assert exec_out(env.cri, first, "stat", "-c", "%u", "/proc/1").strip() == "0"
     # The pod's network, IPC and UTS namespaces are owned by its user namespace.
     for kind in ("net", "ipc", "uts"):
         assert _owner(f"/proc/{pid}/ns/{kind}") == os.stat(f"/proc/{pid}/ns/user").st_ino

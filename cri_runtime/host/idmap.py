@@ -31,6 +31,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 CLONE_NEWUSER = 0x10000000
@@ -140,6 +141,8 @@ def can_idmap(path: Path) -> str:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    watchdog = threading.Timer(HELPER_TIMEOUT, helper.kill)
+    watchdog.start()
     try:
         assert helper.stdout is not None and helper.stdin is not None
         if helper.stdout.readline().strip() != b"user":
@@ -176,6 +179,7 @@ def can_idmap(path: Path) -> str:
     except OSError as exc:
         return str(exc)
     finally:
+        watchdog.cancel()
         helper.kill()
         helper.wait(timeout=HELPER_TIMEOUT)
 
@@ -239,6 +243,9 @@ def create_pod_namespaces(
         json.dumps({"kinds": kinds[1:], "hostname": hostname if uts else "", "sysctls": sysctls}),
     ]
     helper = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A helper that hangs is killed: its pipes then end, and the reads below fail.
+    watchdog = threading.Timer(HELPER_TIMEOUT, helper.kill)
+    watchdog.start()
     pinned: list[Path] = []
     created: list[Path] = []
     try:
@@ -268,6 +275,7 @@ def create_pod_namespaces(
             pin.unlink(missing_ok=True)
         raise
     finally:
+        watchdog.cancel()
         helper.kill()
         helper.wait(timeout=HELPER_TIMEOUT)
     return {kind: directory / kind for kind in kinds}
