@@ -263,3 +263,18 @@ def test_a_crash_while_making_a_userns_container_leaves_nothing(env: Env) -> Non
     assert env.cri.list_containers() == []
     # The pod's pins (under sandboxes/) stay; the idmapped layers and the overlay are gone.
     assert not any("idmap" in m or "/containers/" in m for m in mounts_under(env.daemon.workdir))
+
+
+def test_a_root_the_pods_root_cannot_walk_to_is_failed_precondition(env: Env, tmp_path: Path) -> None:
+    config = env.cri.pod_config("closed")
+    config.linux.security_context.namespace_options.userns_options.CopyFrom(_userns_options())
+    mode = tmp_path.stat().st_mode & 0o7777
+    tmp_path.chmod(0o700)
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            env.cri.run_pod("closed", config=config)
+    finally:
+        tmp_path.chmod(mode)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"chmod o+x {tmp_path}" in (caught.value.details() or "")
+    assert env.cri.list_pods() == []
