@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from cri_runtime.daemon.config import Config
 from cri_runtime.host import idmap
 from cri_runtime.host.mounts import mounts_under
 from tests.support.pods import Env, container_pid, exec_out
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -25,18 +28,21 @@ SIZE = 65536
 NS_GET_USERNS = 0xB701
 
 
-@pytest.fixture(autouse=True)
-def _searchable(tmp_path: Path) -> Iterator[None]:
-    """The pod's root (host ID 1000000) must walk to its root file system: pytest's directories
-    are 0700, which pycri refuses for user-namespace pods (FailedPrecondition)."""
-    changed = []
-    for directory in (tmp_path.parent.parent, tmp_path.parent, tmp_path):
-        mode = directory.stat().st_mode & 0o7777
-        directory.chmod(mode | 0o011)
-        changed.append((directory, mode))
-    yield
-    for directory, mode in changed:
-        directory.chmod(mode)
+SEARCHABLE_BASE = Path("/var/tmp/pycri-userns-tests")
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """pytest's own tmp_path, for every fixture of these tests (the daemon's root and state too),
+    replaced by one that others can search: the pod's root (host ID 1000000) must walk to its root
+    file system. pytest's directories are 0700, and any pytest session starting on this host
+    (other test runs) sets /tmp/pytest-of-root back to 0700."""
+    SEARCHABLE_BASE.mkdir(mode=0o711, exist_ok=True)
+    SEARCHABLE_BASE.chmod(0o711)
+    directory = Path(tempfile.mkdtemp(dir=SEARCHABLE_BASE))
+    directory.chmod(0o711)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _userns_options(mode: int = pb.NamespaceMode.POD) -> pb.UserNamespace:
@@ -110,8 +116,9 @@ def test_pod_user_namespace_maps_root_and_idmaps_the_root_file_system(env: Env) 
     assert os.stat(f"/proc/{pid}").st_uid == HOST_BASE
     assert os.stat(f"/proc/{pid}/root/bin/busybox").st_uid == HOST_BASE
     # What the container wrote is root's inside and host ID 1000000's in its upper directory.
-    assert exec_out(env.cri, first, "stat", "-c", "%u", "/made-inside").strip() == "0"
     made = env.daemon.root / "containers" / first / "upper" / "made-inside"
+    assert wait_for(lambda: made.exists() and made.read_text() == "made\n")  # the shell may be slow
+    assert exec_out(env.cri, first, "stat", "-c", "%u", "/made-inside").strip() == "0"
     assert made.read_text() == "made\n" and made.stat().st_uid == HOST_BASE
     assert os.stat(f"/proc/{pid}/root/made-inside").st_uid == HOST_BASE
     # The two containers share the pod's user (and network) namespaces.
@@ -208,9 +215,10 @@ def test_volumes_are_idmapped_and_written_with_host_ids(env: Env, tmp_path: Path
     cid = env.cri.create_container(pod, "writer", env.image, config=config, sandbox_config=sandbox)
     env.cri.start_container(cid)
     assert exec_out(env.cri, cid, "stat", "-c", "%u:%g", "/data", "/data/from-host").split() == ["0:0", "0:0"]
+    made = volume / "from-pod"
+    assert wait_for(lambda: made.exists() and made.read_text() == "inside\n")  # the shell may be slow
     assert exec_out(env.cri, cid, "cat", "/data/from-pod") == "inside\n"
     # Through the idmapped mount, the pod's root writes as the host's root: on disk, root's.
-    made = volume / "from-pod"
     assert made.read_text() == "inside\n" and made.stat().st_uid == 0
     assert (volume / "from-host").stat().st_uid == 0  # nothing chowned
     env.cri.stop_pod(pod)
