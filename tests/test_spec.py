@@ -957,13 +957,35 @@ def test_cgroup_namespace_only_when_asked(rootfs: Path) -> None:
     assert {"type": "cgroup"} in oci["linux"]["namespaces"]
 
 
-def test_user_namespace_request_is_invalid_argument(rootfs: Path) -> None:
+def test_user_namespace_mode_must_match_the_pods(rootfs: Path) -> None:
+    config = make_config()
+    options = config.linux.security_context.namespace_options.userns_options
+    options.mode = pb.NamespaceMode.POD
+    with pytest.raises(InvalidArgument, match="pod sandbox has no user namespace"):
+        build(rootfs, config)
+    options.mode = pb.NamespaceMode.NODE
+    build(rootfs, config)
+    with pytest.raises(InvalidArgument, match="pod sandbox has a user namespace"):
+        build(rootfs, config, sandbox=make_sandbox(userns_path="/run/pycri/ns/user/pod-1"))
+    for mode in (pb.NamespaceMode.CONTAINER, pb.NamespaceMode.TARGET):
+        options.mode = mode
+        with pytest.raises(InvalidArgument, match=r"userns_options: mode .* is not supported"):
+            build(rootfs, config)
+
+
+def test_pod_user_namespace_is_joined_first_with_its_mappings(rootfs: Path) -> None:
     config = make_config()
     config.linux.security_context.namespace_options.userns_options.mode = pb.NamespaceMode.POD
-    with pytest.raises(InvalidArgument, match="user namespaces"):
-        build(rootfs, config)
-    config.linux.security_context.namespace_options.userns_options.mode = pb.NamespaceMode.NODE
-    build(rootfs, config)
+    sandbox = make_sandbox(
+        userns_path="/run/pycri/ns/user/pod-1",
+        uid_mappings=((0, 1000000, 65536),),
+        gid_mappings=((0, 2000000, 65536),),
+    )
+    linux = build(rootfs, config, sandbox=sandbox)["linux"]
+    assert linux["namespaces"][0] == {"type": "user", "path": "/run/pycri/ns/user/pod-1"}
+    assert linux["uidMappings"] == [{"containerID": 0, "hostID": 1000000, "size": 65536}]
+    assert linux["gidMappings"] == [{"containerID": 0, "hostID": 2000000, "size": 65536}]
+    assert "uidMappings" not in build(rootfs)["linux"]
 
 
 def test_sandbox_sysctls_are_passed_on(rootfs: Path) -> None:

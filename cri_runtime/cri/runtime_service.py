@@ -28,6 +28,7 @@ from cri_runtime.cri.convert import (
     sandbox_to_proto,
 )
 from cri_runtime.errors import FailedPrecondition, InvalidArgument
+from cri_runtime.host import idmap
 from cri_runtime.network.cni import CNI
 from cri_runtime.oci.runtimes import RuntimeInfo
 from cri_runtime.runtime.containers import ContainerManager
@@ -45,6 +46,9 @@ class DaemonConfig(Protocol):
     @property
     def cgroup_driver(self) -> str: ...
 
+    @property
+    def root(self) -> str: ...
+
     def to_dict(self) -> dict[str, Any]: ...
 
 
@@ -53,6 +57,10 @@ log = structlog.get_logger("pycri.runtime_service")
 RUNTIME_NAME = "pycri"
 RUNTIME_API_VERSION = "v1"
 T = TypeVar("T")
+
+
+# The OCI runtimes that join a user namespace given by path with its mappings.
+USERNS_RUNTIMES = frozenset(("crun", "runc"))
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -170,12 +178,16 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             network_ready.reason = "NetworkPluginNotReady"
             network_ready.message = message
         usable = {n: info for n, info in self.runtimes.items() if info.usable}
+        # Asked once in the daemon's life (idmap.support caches it): a short-lived helper process.
+        userns_ok = not await _in_thread(idmap.support, Path(self.config.root))
         handlers = []
         for name, handler in (("", self.default_runtime), *usable.items()):
             if handler is None:
                 continue
             features = pb.RuntimeHandlerFeatures(
-                recursive_read_only_mounts=handler.recursive_read_only, user_namespaces=False
+                recursive_read_only_mounts=handler.recursive_read_only,
+                # crun and runc join the pod's user namespace; pycri makes the idmapped mounts.
+                user_namespaces=userns_ok and handler.name in USERNS_RUNTIMES,
             )
             handlers.append(pb.RuntimeHandler(name=name, features=features))
         response = pb.StatusResponse(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cri_runtime.daemon.config import Config
 from cri_runtime.errors import PycriError
-from cri_runtime.host import apparmor, selinux, systemd
+from cri_runtime.host import apparmor, idmap, selinux, systemd
 from cri_runtime.oci import conmon, podinit
 from cri_runtime.oci import runtimes as oci_runtimes
 
@@ -555,7 +555,40 @@ def run_checks(config: Config, host: Host = Host()) -> list[Finding]:
     found += check_socket(config.socket_path)
     found += check_directory("root", Path(config.root), overlay_upper=True, proc=host.proc)
     found += check_directory("state", Path(config.state), overlay_upper=False, proc=host.proc)
+    found += check_user_namespaces(config)
     return found
+
+
+def check_user_namespaces(config: Config) -> list[Finding]:
+    """Whether pods with a user namespace (KEP-127) can run: the file system of the root directory
+    (image layers) must take idmapped mounts, and the pod's root must be able to walk to them."""
+    root = Path(config.root)
+    why = idmap.support(root)
+    if why:
+        return [
+            Finding(
+                WARN,
+                "userns",
+                f"the file system of {root} cannot be idmapped ({why}): pods with a user namespace "
+                "are refused (FailedPrecondition) and Status does not advertise user_namespaces",
+                "keep the root directory on a file system that supports idmapped mounts "
+                "(ext4, xfs, btrfs, tmpfs on Linux 5.12+/6.3+)",
+            )
+        ]
+    for directory in (root, Path(config.state)):
+        closed = idmap.unsearchable(directory)
+        if closed is not None:
+            return [
+                Finding(
+                    WARN,
+                    "userns",
+                    f"{closed} is not searchable by others: pods with a user namespace are refused",
+                    f"chmod o+x {closed}",
+                )
+            ]
+    return [
+        Finding(OK, "userns", f"user namespaces: {root} can be idmapped (mount_setattr MOUNT_ATTR_IDMAP)")
+    ]
 
 
 def report(findings: list[Finding]) -> str:

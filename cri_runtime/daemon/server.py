@@ -293,7 +293,9 @@ def build_runtime(
         for name, info in usable.items()
     }
     sandboxes = SandboxManager(
-        SandboxSettings(state / "sandboxes", default.name if default else "", tuple(usable), cgroup_driver),
+        SandboxSettings(
+            state / "sandboxes", default.name if default else "", tuple(usable), cgroup_driver, root_dir=root
+        ),
         db,
         cni,
     )

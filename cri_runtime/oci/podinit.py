@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 CLONE_NEWPID = 0x20000000
-NAMESPACE_FLAGS = {"--net": 0x40000000, "--ipc": 0x08000000, "--uts": 0x04000000}
+NAMESPACE_FLAGS = {"--user": 0x10000000, "--net": 0x40000000, "--ipc": 0x08000000, "--uts": 0x04000000}
 # Where Debian's catatonit package installs it.
 CATATONIT = "/usr/bin/catatonit"
 START_TIMEOUT = 30.0
@@ -32,6 +32,7 @@ def start(
     net: Path | None = None,
     ipc: Path | None = None,
     uts: Path | None = None,
+    user: Path | None = None,
     catatonit: str = CATATONIT,
     timeout: float = START_TIMEOUT,
 ) -> int:
@@ -47,7 +48,8 @@ def start(
     doing = "cannot start the pod's PID namespace init"
     _check_catatonit(catatonit, doing)
     args = [sys.executable, "-S", "-E", str(Path(__file__).absolute()), "--tag", tag]
-    for flag, path in (("--net", net), ("--ipc", ipc), ("--uts", uts)):
+    # The user namespace first: the others are owned by it, and joining them needs its root.
+    for flag, path in (("--user", user), ("--net", net), ("--ipc", ipc), ("--uts", uts)):
         if path is not None:
             args += [flag, str(path)]
     args += ["--", catatonit, "-P"]
@@ -133,6 +135,14 @@ def main(argv: list[str]) -> int:
             err = ctypes.get_errno()
             return _fail("setns", err, f"{path}: {os.strerror(err)}")
         os.close(fd)
+        if nstype == NAMESPACE_FLAGS["--user"]:
+            # Root of the pod's user namespace (the host's root is not mapped in it).
+            try:
+                os.setgroups([])
+                os.setresgid(0, 0, 0)
+                os.setresuid(0, 0, 0)
+            except OSError as exc:
+                return _fail("setuid in the user namespace", exc.errno or 0, str(exc))
     if libc.unshare(CLONE_NEWPID) != 0:
         err = ctypes.get_errno()
         return _fail("unshare(CLONE_NEWPID)", err, os.strerror(err))

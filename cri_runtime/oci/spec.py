@@ -222,6 +222,11 @@ class SandboxContext:
     sysctls: Mapping[str, str]
     privileged: bool  # the pod may hold privileged containers
     selinux_options: SELinuxOptions | None = None  # the pod's
+    # The pod's pinned user namespace and its (container ID, host ID, length) mappings; None: the
+    # host's user namespace.
+    userns_path: str | None = None
+    uid_mappings: tuple[tuple[int, int, int], ...] = ()
+    gid_mappings: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -277,7 +282,7 @@ def build_container_spec(
         raise InvalidArgument(
             "linux.security_context.privileged: a privileged container needs a privileged pod sandbox"
         )
-    _refuse_user_namespace(security)
+    _check_user_namespace(security, sandbox)
     image = _image_section(image_config)
 
     everything = _ordered(host_capabilities if host_capabilities is not None else current_capabilities())
@@ -311,6 +316,10 @@ def build_container_spec(
         "resources": resources,
         "namespaces": _namespaces(sandbox, cgroup_namespace),
     }
+    if sandbox.userns_path:
+        # The namespace exists (pinned by the pod); runc wants its mappings all the same.
+        linux_spec["uidMappings"] = _oci_id_mappings(sandbox.uid_mappings)
+        linux_spec["gidMappings"] = _oci_id_mappings(sandbox.gid_mappings)
     apparmor_profile = apparmor.container_profile(security, enabled=apparmor_enabled)
     if apparmor_profile is not None:
         process["apparmorProfile"] = apparmor_profile
@@ -390,12 +399,26 @@ def _image_section(image_config: Mapping[str, Any]) -> Mapping[str, Any]:
     return section
 
 
-def _refuse_user_namespace(security: ContainerSecurity) -> None:
+def _check_user_namespace(security: ContainerSecurity, sandbox: SandboxContext) -> None:
+    """A container is in its pod's user namespace (mode POD, which kubelet repeats from the pod)
+    or the node's; it cannot have one of its own nor another container's."""
     userns = security.namespace_options.userns
-    if userns is not None and userns.mode == "pod":
-        raise InvalidArgument(
-            "linux.security_context.namespace_options.userns_options: user namespaces are not supported"
-        )
+    field = "linux.security_context.namespace_options.userns_options"
+    if userns is None:
+        return
+    if userns.mode == "pod":
+        if sandbox.userns_path is None:
+            raise InvalidArgument(f"{field}: mode POD, but the pod sandbox has no user namespace")
+        return
+    if userns.mode == "node":
+        if sandbox.userns_path is not None:
+            raise InvalidArgument(f"{field}: mode NODE, but the pod sandbox has a user namespace")
+        return
+    raise InvalidArgument(f"{field}: mode {userns.mode.upper()} is not supported (POD or NODE)")
+
+
+def _oci_id_mappings(mappings: Iterable[tuple[int, int, int]]) -> list[dict[str, int]]:
+    return [{"containerID": c, "hostID": h, "size": n} for c, h, n in mappings]
 
 
 # linux.cgroupsPath for an OCI runtime's systemd cgroup manager: "<slice>:<prefix>:<name>".
@@ -1075,6 +1098,9 @@ def _devices_under(directory: Path, container_directory: str) -> Iterator[dict[s
 
 def _namespaces(sandbox: SandboxContext, cgroup_namespace: bool) -> list[dict[str, str]]:
     namespaces: list[dict[str, str]] = []
+    if sandbox.userns_path:
+        # First: the runtimes join it before the namespaces it owns.
+        namespaces.append({"type": "user", "path": sandbox.userns_path})
     if sandbox.pid_mode in ("pod", "target"):
         if not sandbox.pid_ns_path:
             raise InvalidArgument(f"PID namespace mode {sandbox.pid_mode!r} needs a namespace to join")

@@ -26,10 +26,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from cri_runtime import failpoints
+from cri_runtime import errors, failpoints
 from cri_runtime.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -38,7 +39,7 @@ from cri_runtime.errors import (
     PycriError,
     ResourceExhausted,
 )
-from cri_runtime.host import cgroups, mounts, selinux
+from cri_runtime.host import cgroups, idmap, mounts, selinux
 from cri_runtime.model import ContainerConfig, LinuxResources, Mount
 from cri_runtime.oci import apparmor, spec
 from cri_runtime.oci.conmon import ExecResult, Executor
@@ -143,6 +144,90 @@ def _kill_pid_namespace(pid: int, container_id: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _userns_context(sandbox: Sandbox) -> dict[str, Any]:
+    """The SandboxContext fields of a pod's user namespace (none for the node's)."""
+    userns = sandbox.config.security.namespace_options.userns
+    if not sandbox.userns_path or userns is None:
+        return {}
+    return {
+        "userns_path": sandbox.userns_path,
+        "uid_mappings": tuple((m.container_id, m.host_id, m.length) for m in userns.uids),
+        "gid_mappings": tuple((m.container_id, m.host_id, m.length) for m in userns.gids),
+    }
+
+
+def _idmapped_layers(
+    layers: list[Path], upper: Path, staging: Path, sandbox: Sandbox, undo: contextlib.ExitStack
+) -> list[Path]:
+    """Idmapped clones (through the pod's user namespace) of the image's layers, attached under
+    ``staging``: an overlay of these shows the files of host ID 0 as the pod's root. The layers on
+    disk are untouched (other pods share them).
+
+    The upper directory is not idmapped: overlayfs writes it with the mounter's credentials
+    (pycri's, host root), which an idmapped mount cannot map (EOVERFLOW, and a read-only overlay).
+    It is the container's own and empty, so it is given to the pod's root instead (as
+    containerd's remapped snapshots are); what the container writes lands there with host IDs.
+    """
+    userns = Path(sandbox.userns_path)
+    context = _userns_context(sandbox)
+    try:
+        os.chown(upper, _host_id(context["uid_mappings"], 0), _host_id(context["gid_mappings"], 0))
+        staging.mkdir(mode=0o711)  # the pod's root (not the host's) walks through it
+        clones: list[Path] = []
+        for position, layer in enumerate(layers):
+            target = staging / f"l{position}"
+            target.mkdir()
+            idmap.idmapped_clone(layer, target, userns)
+            undo.callback(idmap.unmount, target)
+            clones.append(target)
+    except OSError as exc:
+        raise errors.from_os_error(
+            exc, "cannot idmap the container's layers for its pod's user namespace"
+        ) from exc
+    return clones
+
+
+def _idmap_volumes(
+    oci_spec: dict[str, Any], own: tuple[Path, Path], userns: Path, undo: contextlib.ExitStack
+) -> None:
+    """The container's volumes (kubelet's private bind mounts) swapped for idmapped clones, so
+    that the pod's root owns what the host's root owns, as on the root file system. Made by pycri:
+    Debian's runc 1.1 and crun 1.8 cannot idmap a bind mount. Mounts with propagation (rslave,
+    rshared) are left as they are: a detached clone would not receive the host's mounts. Image
+    volumes (overlays, which cannot be idmapped) and the pod's own files (under ``own``: the
+    container's and the pod's directories) stay too."""
+    staging = own[0] / "idmap-volumes"
+    for position, mount in enumerate(oci_spec.get("mounts", [])):
+        source = mount.get("source", "")
+        options = mount.get("options", [])
+        if mount.get("type") != "bind" or "rprivate" not in options or not os.path.isabs(source):
+            continue
+        if any(Path(source).is_relative_to(directory) for directory in own):
+            continue
+        target = staging / str(position)
+        try:
+            staging.mkdir(mode=0o711, exist_ok=True)
+            if os.path.isdir(source):
+                target.mkdir()
+            else:
+                target.touch(mode=0o600)
+            idmap.idmapped_clone(Path(source), target, userns)
+        except OSError as exc:
+            raise errors.from_os_error(
+                exc,
+                f"cannot idmap the volume {source} for {mount.get('destination')} (a user-namespace pod)",
+            ) from exc
+        undo.callback(idmap.unmount, target)
+        mount["source"] = str(target)
+
+
+def _host_id(mappings: tuple[tuple[int, int, int], ...], inside: int) -> int:
+    for container_id, host_id, length in mappings:
+        if container_id <= inside < container_id + length:
+            return host_id + inside - container_id
+    raise errors.InvalidArgument(f"ID {inside} is not mapped by the pod's user namespace")
 
 
 def _signal_number(name: str) -> int:
@@ -516,9 +601,14 @@ class ContainerManager:
         undo.callback(shutil.rmtree, persistent, True)
         rootfs.mkdir(parents=True, mode=0o755)
         undo.callback(shutil.rmtree, volatile, True)
-        mounts.mount_overlay(
-            self.images.layer_dirs(container.image_id), persistent / "upper", persistent / "work", rootfs
+        layers, upper, work = (
+            self.images.layer_dirs(container.image_id),
+            persistent / "upper",
+            persistent / "work",
         )
+        if sandbox.userns_path:
+            layers = _idmapped_layers(layers, upper, volatile / "idmap", sandbox, undo)
+        mounts.mount_overlay(layers, upper, work, rootfs)
         undo.callback(mounts.unmount, rootfs)
         failpoints.hit("container.after_mount")
         if any(m.image for m in config.mounts):
@@ -540,6 +630,7 @@ class ContainerManager:
             sysctls={},
             privileged=sandbox.config.security.privileged,
             selinux_options=sandbox.config.security.selinux_options,
+            **_userns_context(sandbox),
         )
         if config.security.privileged and not context.privileged:
             raise InvalidArgument("a privileged container needs a privileged pod sandbox")
@@ -566,11 +657,15 @@ class ContainerManager:
                 ) from None
         for host_path, label in spec.relabel_targets(config, oci_spec):
             selinux.relabel(host_path, label)
+        if sandbox.userns_path:
+            _idmap_volumes(oci_spec, (volatile, Path(sandbox.dir)), Path(sandbox.userns_path), undo)
         apparmor.ensure_loaded(oci_spec["process"].get("apparmorProfile"))
         process = oci_spec["process"]
         user = process.get("user", {})
         container.user = [int(user.get("uid", 0)), int(user.get("gid", 0)), *user.get("additionalGids", [])]
-        spec.ensure_working_dir(rootfs, process.get("cwd", "/"), container.user[0], container.user[1])
+        if not sandbox.userns_path:
+            # Through an idmapped root the daemon's own root is not mapped: the runtime makes it.
+            spec.ensure_working_dir(rootfs, process.get("cwd", "/"), container.user[0], container.user[1])
         bundle = container.bundle_dir
         bundle.mkdir(mode=0o700)
         (bundle / "config.json").write_text(json.dumps(oci_spec))

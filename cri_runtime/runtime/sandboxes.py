@@ -20,10 +20,10 @@ from pathlib import Path
 
 import structlog
 
-from cri_runtime import failpoints
+from cri_runtime import errors, failpoints
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PycriError
-from cri_runtime.host import cgroups, mounts, sysctl
-from cri_runtime.model import LinuxResources, PodMetadata, PodSandboxConfig
+from cri_runtime.host import cgroups, idmap, mounts, sysctl
+from cri_runtime.model import IDMapping, LinuxResources, NamespaceOptions, PodMetadata, PodSandboxConfig
 from cri_runtime.network import netns
 from cri_runtime.network.cni import CNI, PortMapping
 from cri_runtime.oci import podinit, spec
@@ -42,6 +42,8 @@ class SandboxSettings:
     default_runtime: str
     runtimes: tuple[str, ...]
     cgroup_driver: cgroups.CgroupDriver = field(default_factory=cgroups.CgroupfsDriver)
+    # Where the layers and containers live: user-namespace pods need it idmappable.
+    root_dir: Path = Path("/var/lib")
 
 
 def _metadata_name(meta: PodMetadata) -> str:
@@ -103,6 +105,20 @@ class SandboxManager:
                 f"runtime handler {runtime_handler!r} is not configured; "
                 f"available: {', '.join(self.settings.runtimes)}"
             )
+        if user_namespace(config.security.namespace_options) is not None:
+            why = idmap.support(self.settings.root_dir)
+            if why:
+                raise FailedPrecondition(
+                    f"user namespaces need idmapped mounts on {self.settings.root_dir}, which this "
+                    f"host cannot make ({why}); see `pycri check`"
+                )
+            for directory in (self.settings.state_dir, self.settings.root_dir):
+                closed = idmap.unsearchable(directory)
+                if closed is not None:
+                    raise FailedPrecondition(
+                        f"user namespaces need {closed} searchable by others (the pod's root is not "
+                        f"the host's): chmod o+x {closed}"
+                    )
         name = _metadata_name(meta)
         self.names.reserve(name, sandbox_id, "pod sandbox")
         try:
@@ -156,15 +172,23 @@ class SandboxManager:
         failpoints.hit("sandbox.recorded")
         directory.mkdir(mode=0o711)
         undo.callback(shutil.rmtree, directory, True)
-        # Namespaces: the pod's own net, IPC and UTS, pinned so they outlive any process.
-        pinned = netns.create_pod_namespaces(
-            directory / "ns",
-            net=not host_network,
-            ipc=not host_ipc,
-            uts=not host_network,
-            hostname=sandbox.hostname,
-            sysctls=pod_sysctls,
-        )
+        # Namespaces: the pod's own net, IPC and UTS, pinned so they outlive any process; with a
+        # user namespace, made inside it (owned by it) and pinned with it.
+        mappings = user_namespace(options)
+        if mappings is None:
+            pinned = netns.create_pod_namespaces(
+                directory / "ns",
+                net=not host_network,
+                ipc=not host_ipc,
+                uts=not host_network,
+                hostname=sandbox.hostname,
+                sysctls=pod_sysctls,
+            )
+        else:
+            pinned = self._create_userns(
+                directory / "ns", sandbox, mappings, host_network, host_ipc, pod_sysctls
+            )
+            undo.callback(_remove_userns, sandbox.userns_path)
         undo.callback(netns.remove_pod_namespaces, pinned)
         sandbox.netns_path = str(pinned.net or "")
         sandbox.ipcns_path = str(pinned.ipc or "")
@@ -178,7 +202,7 @@ class SandboxManager:
         self._apply_pod_limits(sandbox.cgroup_path, config.resources, config.overhead)
         failpoints.hit("sandbox.after_cgroup")
         if options.pid == "pod":
-            sandbox.init_pid = self._start_pod_init(pinned, directory)
+            sandbox.init_pid = self._start_pod_init(pinned, directory, sandbox.userns_path)
             undo.callback(_kill_init, sandbox.init_pid)
             failpoints.hit("sandbox.after_init")
         # Network: CNI ADD in the pinned netns, unless the pod asked for none (``pycri build``'s
@@ -274,8 +298,42 @@ class SandboxManager:
         self.db.save(sandbox)
         log.info("pod sandbox resources updated", id=sandbox.id)
 
-    def _start_pod_init(self, pinned: netns.PodNamespaces, directory: Path) -> int:
-        return podinit.start(str(directory), net=pinned.net, ipc=pinned.ipc, uts=pinned.uts)
+    def _create_userns(
+        self,
+        directory: Path,
+        sandbox: Sandbox,
+        mappings: tuple[tuple[IDMapping, ...], tuple[IDMapping, ...]],
+        host_network: bool,
+        host_ipc: bool,
+        pod_sysctls: list[sysctl.Sysctl],
+    ) -> netns.PodNamespaces:
+        def triples(found: tuple[IDMapping, ...]) -> list[tuple[int, int, int]]:
+            return [(m.container_id, m.host_id, m.length) for m in found]
+
+        try:
+            pins = idmap.create_pod_namespaces(
+                directory,
+                uids=triples(mappings[0]),
+                gids=triples(mappings[1]),
+                net=not host_network,
+                ipc=not host_ipc,
+                uts=not host_network,
+                hostname=sandbox.hostname,
+                sysctls=[(s.path, s.value) for s in pod_sysctls],
+            )
+        except OSError as exc:
+            raise errors.from_os_error(exc, "cannot create the pod's user namespace") from exc
+        sandbox.userns_path = str(pins["user"])
+        return netns.PodNamespaces(pins.get("net"), pins.get("ipc"), pins.get("uts"))
+
+    def _start_pod_init(self, pinned: netns.PodNamespaces, directory: Path, userns: str = "") -> int:
+        return podinit.start(
+            str(directory),
+            net=pinned.net,
+            ipc=pinned.ipc,
+            uts=pinned.uts,
+            user=Path(userns) if userns else None,
+        )
 
     def _cni_delete(self, sandbox: Sandbox) -> None:
         self.cni.delete(
@@ -364,6 +422,8 @@ class SandboxManager:
                 Path(sandbox.utsns_path) if sandbox.utsns_path else None,
             )
         )
+        # Last: the other namespaces are owned by it (the kernel keeps it while they live anyway).
+        _remove_userns(sandbox.userns_path)
         if failures:
             # The first failure's kind (a missing plugin is FailedPrecondition, a plugin error
             # Unavailable) is what the caller can act on.
@@ -429,12 +489,54 @@ class SandboxManager:
 NETWORK_ANNOTATION = "pycri.io/network"
 
 
+def user_namespace(
+    options: NamespaceOptions,
+) -> tuple[tuple[IDMapping, ...], tuple[IDMapping, ...]] | None:
+    """The (uid, gid) mappings of a pod asking for a user namespace of its own (mode POD); None
+    for the node's. Modes CONTAINER and TARGET, and mappings that kubelet would never send (none,
+    several, one not starting at container ID 0, empty or beyond 32 bits) are InvalidArgument,
+    as with containerd and CRI-O."""
+    userns = options.userns
+    if userns is None or userns.mode == "node":
+        if userns is not None and (userns.uids or userns.gids):
+            raise InvalidArgument("userns_options: mode NODE takes no uids or gids mappings")
+        return None
+    if userns.mode != "pod":
+        raise InvalidArgument(
+            f"userns_options: mode {userns.mode.upper()} is not supported; "
+            "a user namespace is the pod's (POD) or the node's (NODE)"
+        )
+    for what, found in (("uids", userns.uids), ("gids", userns.gids)):
+        if len(found) != 1:
+            raise InvalidArgument(
+                f"userns_options.{what}: exactly one mapping is supported, got {len(found)}"
+            )
+        m = found[0]
+        if m.container_id != 0:
+            raise InvalidArgument(
+                f"userns_options.{what}[0] ({m.container_id}->{m.host_id}, {m.length}): "
+                "it must map container ID 0"
+            )
+        if m.length <= 0 or m.host_id + m.length > 2**32 - 1:
+            raise InvalidArgument(
+                f"userns_options.{what}[0] ({m.container_id}->{m.host_id}, {m.length}): "
+                "the host range must be non-empty and within 32 bits"
+            )
+    return userns.uids, userns.gids
+
+
+def _remove_userns(path: str) -> None:
+    if path:
+        idmap.unmount(Path(path))
+        Path(path).unlink(missing_ok=True)
+
+
 def sandbox_name(sandbox: Sandbox) -> str:
     return f"{sandbox.name}_{sandbox.namespace}_{sandbox.uid}_{sandbox.attempt}"
 
 
 def _intact(sandbox: Sandbox) -> bool:
-    for path in (sandbox.netns_path, sandbox.ipcns_path, sandbox.utsns_path):
+    for path in (sandbox.netns_path, sandbox.ipcns_path, sandbox.utsns_path, sandbox.userns_path):
         # A pinned namespace is a bind mount of an nsfs inode: another device than its directory.
         try:
             if path and os.stat(path).st_dev == os.stat(os.path.dirname(path)).st_dev:

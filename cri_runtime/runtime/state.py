@@ -55,6 +55,7 @@ class Sandbox:
     netns_path: str = ""
     ipcns_path: str = ""
     utsns_path: str = ""
+    userns_path: str = ""  # the pod's pinned user namespace (userns mode POD); "" for the host's
     init_pid: int = 0  # catatonit holding the pod's PID namespace (pid mode POD)
     ip: str = ""
     additional_ips: list[str] = field(default_factory=list)
