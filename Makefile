@@ -45,9 +45,12 @@ proto: $(VENV)/.installed
 		cri_runtime/api/api.proto
 
 # Regenerate the NRI messages (containerd/nri v0.12.1 and ttrpc's envelope; ttrpc, so no gRPC stubs).
+# No .pyi for api.proto: its enum value named None makes the stub invalid Python (mypy skips the module).
 nri-proto: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Icri_runtime/nri/api=proto/nri --python_out=. \
+		cri_runtime/nri/api/api.proto
 	$(PY) -m grpc_tools.protoc -Icri_runtime/nri/api=proto/nri --python_out=. --pyi_out=. \
-		cri_runtime/nri/api/api.proto cri_runtime/nri/api/ttrpc.proto
+		cri_runtime/nri/api/ttrpc.proto
 
 bench: deps
 	@for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || \

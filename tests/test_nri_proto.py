@@ -30,7 +30,8 @@ def test_generated_nri_modules_are_not_stale(tmp_path: Path) -> None:
         timeout=60,
     )
     for name in SCHEMAS:
-        for suffix in ("_pb2.py", "_pb2.pyi"):
+        # api_pb2.pyi is not kept: the schema's enum value named None makes it invalid Python.
+        for suffix in ("_pb2.py", "_pb2.pyi") if name == "ttrpc" else ("_pb2.py",):
             fresh = (virtual / f"{name}{suffix}").read_text()
             committed = (ROOT / "cri_runtime" / "nri" / "api" / f"{name}{suffix}").read_text()
             assert fresh == committed, f"cri_runtime/nri/api/{name}{suffix} is stale: run `make nri-proto`"

@@ -26,6 +26,7 @@ from cri_runtime.errors import FailedPrecondition, NotFound
 from cri_runtime.model import ContainerConfig, LinuxResources, PodSandboxConfig
 from cri_runtime.oci.conmon import ExecResult
 from cri_runtime.runtime.containers import KILL_WAIT, ContainerManager
+from cri_runtime.runtime.hooks import NO_HOOKS, LifecycleHooks
 from cri_runtime.runtime.locks import KeyedRWLocks
 from cri_runtime.runtime.sandboxes import SandboxManager
 from cri_runtime.runtime.state import Container, Sandbox
@@ -45,6 +46,11 @@ class Pods:
         self.sandboxes = sandboxes
         self.containers = containers
         self.locks = KeyedRWLocks()
+        self.hooks: LifecycleHooks = NO_HOOKS
+
+    def set_hooks(self, hooks: LifecycleHooks) -> None:
+        """Have ``hooks`` (NRI) told of, and asked about, every pod and container step."""
+        self.hooks = self.sandboxes.hooks = self.containers.hooks = hooks
 
     # --- pods -------------------------------------------------------------------------------
 
@@ -76,6 +82,7 @@ class Pods:
                 return
             self.sandboxes.begin_stop(sandbox)
             self.containers.stop_all_in_pod(sandbox.id)
+            self.hooks.stop_pod(sandbox)
             self.sandboxes.finish_stop(sandbox)
 
     def remove_pod(self, pod_id: str) -> None:
@@ -87,6 +94,7 @@ class Pods:
                 return
             self.sandboxes.begin_remove(sandbox)
             self.containers.remove_all_in_pod(sandbox.id)
+            self.hooks.remove_pod(sandbox)
             self.sandboxes.finish_remove(sandbox)
 
     # --- containers ---------------------------------------------------------------------------
@@ -100,7 +108,9 @@ class Pods:
                 raise FailedPrecondition(
                     f"pod sandbox {sandbox.id} is not ready; cannot create a container in it"
                 )
-            return self.containers.create(sandbox, config)
+            container = self.containers.create(sandbox, config)
+            self.hooks.post_create_container(sandbox, container)
+            return container
 
     def start_container(self, container_id: str) -> None:
         container = self.containers.get(container_id)
@@ -111,7 +121,9 @@ class Pods:
                 raise FailedPrecondition(
                     f"pod sandbox {container.pod_id} is not ready; cannot start container {container.id}"
                 )
+            self.hooks.start_container(sandbox, container)
             self.containers.start(container.id, sandbox)
+            self.hooks.post_start_container(sandbox, container)
 
     def stop_container(self, container_id: str, timeout: float) -> None:
         container = self.containers.find(container_id)
@@ -119,6 +131,7 @@ class Pods:
             return  # CRI: stopping a container that is gone is not an error
         with self.locks.shared(container.pod_id):
             self.containers.stop(container.id, timeout)
+            self.hooks.stop_container(self.sandboxes.find(container.pod_id), container)
 
     def remove_container(self, container_id: str) -> None:
         container = self.containers.find(container_id)
@@ -126,6 +139,7 @@ class Pods:
             return  # CRI: removing a removed container succeeds
         with self.locks.shared(container.pod_id):
             self.containers.remove(container.id)
+            self.hooks.remove_container(self.sandboxes.find(container.pod_id), container)
 
     def update_container_resources(self, container_id: str, resources: LinuxResources) -> None:
         container = self.containers.get(container_id)
@@ -147,6 +161,16 @@ class Pods:
     # --- the same calls for the event loop: waits of unbounded length hold no thread ---------
 
     async def stop_container_async(self, container_id: str, timeout: float) -> None:
+        container = self.containers.find(container_id)
+        await self._stop_container_async(container_id, timeout)
+        if container is not None and self.hooks is not NO_HOOKS:
+            await _in_thread(self._stopped_hook, container)
+
+    def _stopped_hook(self, container: Container) -> None:
+        with self.locks.shared(container.pod_id):
+            self.hooks.stop_container(self.sandboxes.find(container.pod_id), container)
+
+    async def _stop_container_async(self, container_id: str, timeout: float) -> None:
         """StopContainer: the bounded steps (signal, SIGKILL, record) on worker threads under the
         pod's shared lock; the grace period awaited on the loop (the exit watcher's pidfd), holding
         no lock and no thread. A pod stop or removal meanwhile ends the wait early."""
@@ -155,7 +179,7 @@ class Pods:
             return  # CRI: stopping a container that is gone is not an error
         exits = self.containers.exits
         if not exits.running:
-            await _in_thread(self.stop_container, container_id, timeout)
+            await _in_thread(self._under_pod_lock, container, self._stop_step, timeout)
             return
         phase = await _in_thread(self._under_pod_lock, container, self.containers.stop_begin, timeout)
         if phase == "signalled":
@@ -172,6 +196,9 @@ class Pods:
         may run for as long as its timeout, and a pod's removal must not wait for it)."""
         await _in_thread(self._exec_ready, container_id)
         return await self.containers.exec_async(container_id, cmd, timeout)
+
+    def _stop_step(self, container: Container, timeout: float) -> None:
+        self.containers.stop(container.id, timeout)
 
     def _under_pod_lock(self, container: Container, step: Callable[..., T], *args: Any) -> T:
         with self.locks.shared(container.pod_id):
