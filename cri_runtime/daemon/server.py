@@ -125,7 +125,7 @@ async def serve(
     runtime.containers.start_watcher(loop)
     nri_service = None
     if config.nri.enable:
-        nri_service = Nri(config.nri, functools.partial(_nri_snapshot, runtime))
+        nri_service = Nri(config.nri, functools.partial(_nri_snapshot, runtime), runtime.sandboxes.find)
         await nri_service.start()
         runtime.pods.set_hooks(nri_service)
     metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)

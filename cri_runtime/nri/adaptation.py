@@ -171,9 +171,15 @@ class RWLock:
 class Nri(LifecycleHooks):
     """NRI for one daemon: call :meth:`start` on the daemon's loop, :meth:`stop` on shutdown."""
 
-    def __init__(self, config: NriConfig, snapshot: StateSnapshot) -> None:
+    def __init__(
+        self, config: NriConfig, snapshot: StateSnapshot, find_pod: Callable[[str], Sandbox | None]
+    ) -> None:
         self.config = config
         self.snapshot = snapshot
+        self.find_pod = find_pod
+        # StopContainer notifications in flight or sent, by container: each is sent once, and
+        # RemoveContainer (or the pod's StopPodSandbox) waits for it, keeping NRI's order.
+        self._stops: dict[str, asyncio.Task[Any]] = {}
         self.plugins: list[Plugin] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -399,8 +405,14 @@ class Nri(LifecycleHooks):
         self._notify(nri.RUN_POD_SANDBOX, "RunPodSandbox", request, nri.RunPodSandboxResponse, fail=True)
 
     def stop_pod(self, sandbox: Sandbox) -> None:
+        if not self.plugins:
+            return
         request = nri.StopPodSandboxRequest(pod=pod_message(sandbox))
-        self._notify(nri.STOP_POD_SANDBOX, "StopPodSandbox", request, nri.StopPodSandboxResponse)
+        call = self._call_each(nri.STOP_POD_SANDBOX, "StopPodSandbox", request, nri.StopPodSandboxResponse)
+        try:
+            self._run(self._after_stops(None, call))
+        except FailedPrecondition as exc:
+            log.warning("NRI event failed", method="StopPodSandbox", error=str(exc))
 
     def remove_pod(self, sandbox: Sandbox) -> None:
         request = nri.RemovePodSandboxRequest(pod=pod_message(sandbox))
@@ -448,18 +460,63 @@ class Nri(LifecycleHooks):
         )
         self._notify(nri.POST_START_CONTAINER, "PostStartContainer", request, nri.PostStartContainerResponse)
 
-    def stop_container(self, sandbox: Sandbox | None, container: Container) -> None:
+    def container_stopped(self, container: Container) -> None:
+        loop = self._loop
+        if loop is None or not self.plugins:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._schedule_stop(container)
+        else:
+            loop.call_soon_threadsafe(self._schedule_stop, container)
+
+    def _schedule_stop(self, container: Container) -> None:
+        if container.id in self._stops:
+            return
+        sandbox = self.find_pod(container.pod_id)
         if sandbox is None:
             return
         request = nri.StopContainerRequest(
             pod=pod_message(sandbox), container=container_message(container, None)
         )
-        self._notify(nri.STOP_CONTAINER, "StopContainer", request, nri.StopContainerResponse)
+        task = asyncio.get_running_loop().create_task(self._send_stop(request))
+        self._stops[container.id] = task
+
+    async def _send_stop(self, request: Any) -> None:
+        try:
+            answers = await self._call_each(
+                nri.STOP_CONTAINER, "StopContainer", request, nri.StopContainerResponse
+            )
+        except FailedPrecondition as exc:
+            log.warning("NRI event failed", method="StopContainer", error=str(exc))
+            return
+        if any(answer.update for _, answer in answers):
+            log.warning("NRI: container updates from StopContainer are not applied")
+
+    async def _after_stops(self, container_ids: list[str] | None, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro`` once the StopContainer notifications of ``container_ids`` (None: all) are sent."""
+        ids = list(self._stops) if container_ids is None else container_ids
+        tasks = {self._stops[cid] for cid in ids if cid in self._stops}
+        if tasks:
+            await asyncio.wait(tasks)
+        return await coro
 
     def remove_container(self, sandbox: Sandbox | None, container: Container) -> None:
-        if sandbox is None:
+        if self._loop is None:
+            return
+        if sandbox is None or not self.plugins:
+            self._loop.call_soon_threadsafe(self._stops.pop, container.id, None)
             return
         request = nri.RemoveContainerRequest(
             pod=pod_message(sandbox), container=container_message(container, None)
         )
-        self._notify(nri.REMOVE_CONTAINER, "RemoveContainer", request, nri.RemoveContainerResponse)
+        call = self._call_each(nri.REMOVE_CONTAINER, "RemoveContainer", request, nri.RemoveContainerResponse)
+        try:
+            self._run(self._after_stops([container.id], call))
+        except FailedPrecondition as exc:
+            log.warning("NRI event failed", method="RemoveContainer", error=str(exc))
+        finally:
+            self._loop.call_soon_threadsafe(self._stops.pop, container.id, None)

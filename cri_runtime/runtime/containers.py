@@ -689,6 +689,7 @@ class ContainerManager:
         self.db.save(container)
         log.warning("container failed to start", id=container.id, error=str(error))
         self.events.publish("stopped", container)
+        self.hooks.container_stopped(container)
 
     def stop(self, container_id: str, timeout: float) -> None:
         container = self.find(container_id)
@@ -774,6 +775,7 @@ class ContainerManager:
         self.exits.exited(container.id)
         if not was_exited:
             self.events.publish("stopped", container)
+            self.hooks.container_stopped(container)
 
     def stop_all_in_pod(self, pod_id: str) -> None:
         for container in self.in_pod(pod_id):

@@ -36,8 +36,9 @@ class LifecycleHooks:
     def post_start_container(self, sandbox: Sandbox, container: Container) -> None:
         """StartContainer succeeded."""
 
-    def stop_container(self, sandbox: Sandbox | None, container: Container) -> None:
-        """The container has stopped (by StopContainer)."""
+    def container_stopped(self, container: Container) -> None:
+        """The container has stopped, by StopContainer or on its own; called from any thread,
+        including the event loop's: it must not block."""
 
     def remove_container(self, sandbox: Sandbox | None, container: Container) -> None:
         """The container was removed."""

@@ -80,9 +80,11 @@ class Pods:
         with self.locks.exclusive(sandbox.id):
             if not self._current(sandbox):
                 return
+            was_ready = sandbox.state == "ready"
             self.sandboxes.begin_stop(sandbox)
             self.containers.stop_all_in_pod(sandbox.id)
-            self.hooks.stop_pod(sandbox)
+            if was_ready:  # NRI: a second StopPodSandbox is no event
+                self.hooks.stop_pod(sandbox)
             self.sandboxes.finish_stop(sandbox)
 
     def remove_pod(self, pod_id: str) -> None:
@@ -131,7 +133,6 @@ class Pods:
             return  # CRI: stopping a container that is gone is not an error
         with self.locks.shared(container.pod_id):
             self.containers.stop(container.id, timeout)
-            self.hooks.stop_container(self.sandboxes.find(container.pod_id), container)
 
     def remove_container(self, container_id: str) -> None:
         container = self.containers.find(container_id)
@@ -161,16 +162,6 @@ class Pods:
     # --- the same calls for the event loop: waits of unbounded length hold no thread ---------
 
     async def stop_container_async(self, container_id: str, timeout: float) -> None:
-        container = self.containers.find(container_id)
-        await self._stop_container_async(container_id, timeout)
-        if container is not None and self.hooks is not NO_HOOKS:
-            await _in_thread(self._stopped_hook, container)
-
-    def _stopped_hook(self, container: Container) -> None:
-        with self.locks.shared(container.pod_id):
-            self.hooks.stop_container(self.sandboxes.find(container.pod_id), container)
-
-    async def _stop_container_async(self, container_id: str, timeout: float) -> None:
         """StopContainer: the bounded steps (signal, SIGKILL, record) on worker threads under the
         pod's shared lock; the grace period awaited on the loop (the exit watcher's pidfd), holding
         no lock and no thread. A pod stop or removal meanwhile ends the wait early."""
@@ -179,7 +170,7 @@ class Pods:
             return  # CRI: stopping a container that is gone is not an error
         exits = self.containers.exits
         if not exits.running:
-            await _in_thread(self._under_pod_lock, container, self._stop_step, timeout)
+            await _in_thread(self.stop_container, container_id, timeout)
             return
         phase = await _in_thread(self._under_pod_lock, container, self.containers.stop_begin, timeout)
         if phase == "signalled":
@@ -196,9 +187,6 @@ class Pods:
         may run for as long as its timeout, and a pod's removal must not wait for it)."""
         await _in_thread(self._exec_ready, container_id)
         return await self.containers.exec_async(container_id, cmd, timeout)
-
-    def _stop_step(self, container: Container, timeout: float) -> None:
-        self.containers.stop(container.id, timeout)
 
     def _under_pod_lock(self, container: Container, step: Callable[..., T], *args: Any) -> T:
         with self.locks.shared(container.pod_id):
