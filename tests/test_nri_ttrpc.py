@@ -81,6 +81,7 @@ def test_wire_format_is_mux_then_ttrpc_header() -> None:
         size, stream, kind, flags = struct.unpack(">IIBB", await rb.readexactly(10))
         request = ttrpc_pb2.Request.FromString(await rb.readexactly(size))
         assert (conn_id, length, stream, kind, flags) == (1, 10 + size, 1, 1, 0)
+        assert max(len(f) - 8 for f in _frames(ttrpc.mux_frames(1, b"x" * 10000))) == 4096
         assert (request.service, request.method, request.payload) == (
             "nri.pkg.api.v1alpha1.Plugin",
             "Configure",
@@ -91,6 +92,15 @@ def test_wire_format_is_mux_then_ttrpc_header() -> None:
         await runtime.close()
 
     asyncio.run(main())
+
+
+def _frames(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        (length,) = struct.unpack(">I", data[4:8])
+        out.append(data[: 8 + length])
+        data = data[8 + length :]
+    return out
 
 
 @pytest.mark.parametrize(

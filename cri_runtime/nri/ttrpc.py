@@ -36,6 +36,9 @@ MUX_HEADER = struct.Struct(">II")
 MESSAGE_HEADER = struct.Struct(">IIBB")
 MESSAGE_LENGTH_MAX = 4 << 20
 MUX_PAYLOAD_MAX = MESSAGE_HEADER.size + MESSAGE_LENGTH_MAX
+# What we send per frame: the Go side reads each frame whole into its bufio.Reader's 4 KiB buffer
+# (a larger frame fails its read with ENOMEM), and its own writes come in 4 KiB pieces too.
+MUX_CHUNK = 4096
 
 TYPE_REQUEST = 1
 TYPE_RESPONSE = 2
@@ -67,8 +70,8 @@ class ProtocolError(Exception):
 def mux_frames(conn_id: int, data: bytes) -> bytes:
     """Frame ``data`` for ``conn_id``, split into payloads no larger than the peer accepts."""
     out = bytearray()
-    for start in range(0, max(len(data), 1), MUX_PAYLOAD_MAX):
-        chunk = data[start : start + MUX_PAYLOAD_MAX]
+    for start in range(0, max(len(data), 1), MUX_CHUNK):
+        chunk = data[start : start + MUX_CHUNK]
         out += MUX_HEADER.pack(conn_id, len(chunk)) + chunk
     return bytes(out)
 
