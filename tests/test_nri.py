@@ -11,6 +11,7 @@ import secrets
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,3 +198,39 @@ def test_malformed_frames_drop_the_plugin_and_the_daemon_is_fine(nri_env: Env, g
         assert ("CreateContainer", "ok") in plugin.events
     finally:
         plugin.stop()
+
+
+def test_preinstalled_plugin_is_started_and_adjusts(daemon_factory, pod_image: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    script = plugins / "10-preinstalled"
+    script.write_text(
+        f"#!{sys.executable}\nimport runpy\n"
+        "runpy.run_module('tests.support.nri_plugin', run_name='__main__')\n"
+    )
+    script.chmod(0o755)
+    bridge = f"pyn{secrets.token_hex(3)}"
+    daemon = daemon_factory(
+        f'default_runtime = "runc"\n[network]\nconf_dir = "{tmp_path}"\n'
+        f'pod_subnet = "198.18.121.0/24"\nbridge = "{bridge}"\n'
+        f'[nri]\nenable = true\ndisable_connections = true\nsocket_path = "{tmp_path / "nri.sock"}"\n'
+        f'plugin_path = "{plugins}"\nplugin_config_path = "{tmp_path / "conf.d"}"\n',
+        name="preinstalled",
+    )
+    try:
+        with daemon.client() as cri:
+            cri.pull(pod_image)
+            pod = cri.run_pod("pre")
+            assert wait_for(lambda: "NRI plugin registered" in daemon.log_tail(400), timeout=10)
+            cid = cri.create_container(pod, "c", pod_image, command=["sleep", "100"])
+            cri.start_container(cid)
+            assert f"PREINSTALLED={script}" in exec_out(cri, cid, "env")
+            assert not (tmp_path / "nri.sock").exists()  # disable_connections: no socket
+            cri.stop_pod(pod)
+            cri.remove_pod(pod)
+        daemon.stop()
+        assert subprocess.run(["pgrep", "-f", str(script)], capture_output=True).stdout == b""
+    finally:
+        daemon.kill()
+        force_cleanup(daemon)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)

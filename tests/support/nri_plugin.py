@@ -9,6 +9,9 @@ CreateContainer with the adjustment it was given, an error, or not in time.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +48,11 @@ class NriTestPlugin:
         return self
 
     async def _connect(self) -> None:
-        reader, writer = await asyncio.open_unix_connection(str(self.socket))
+        inherited = os.environ.get("NRI_PLUGIN_SOCKET")
+        if inherited:  # started by pycri from plugin_path
+            reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=int(inherited)))
+        else:
+            reader, writer = await asyncio.open_unix_connection(str(self.socket))
         self.channel = ttrpc.MuxChannel.plugin_side(reader, writer, self._handle, name="pycri")
         self.channel.start()
         request = nri.RegisterPluginRequest(plugin_name=self.name, plugin_idx=self.idx)
@@ -87,3 +94,14 @@ class NriTestPlugin:
         subject = request.container.name if has_container else request.pod.name
         self.events.append((method, subject))
         return getattr(nri, f"{method}Response")().SerializeToString()
+
+
+if __name__ == "__main__":
+    # A pre-installed plugin: pycri starts it with NRI_PLUGIN_NAME/IDX/SOCKET; it adds an env var.
+    plugin = NriTestPlugin(
+        Path("-"),
+        os.environ["NRI_PLUGIN_NAME"],
+        os.environ["NRI_PLUGIN_IDX"],
+        adjust=nri.ContainerAdjustment(env=[nri.KeyValue(key="PREINSTALLED", value=sys.argv[0])]),
+    ).start()
+    plugin._thread.join()
