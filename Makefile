@@ -10,7 +10,7 @@ BENCH_PACKAGES := containerd
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: deps apt-deps run test lint proto bench clean install uninstall runtime-deps check
+.PHONY: deps apt-deps run test lint proto nri-proto bench clean install uninstall runtime-deps check
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -43,6 +43,14 @@ test: deps lint
 proto: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Icri_runtime/api=proto --python_out=. --pyi_out=. --grpc_python_out=. \
 		cri_runtime/api/api.proto
+
+# Regenerate the NRI messages (containerd/nri v0.12.1 and ttrpc's envelope; ttrpc, so no gRPC stubs).
+# No .pyi for api.proto: its enum value named None makes the stub invalid Python (mypy skips the module).
+nri-proto: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Icri_runtime/nri/api=proto/nri --python_out=. \
+		cri_runtime/nri/api/api.proto
+	$(PY) -m grpc_tools.protoc -Icri_runtime/nri/api=proto/nri --python_out=. --pyi_out=. \
+		cri_runtime/nri/api/ttrpc.proto
 
 bench: deps
 	@for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || \

@@ -11,6 +11,7 @@ from typing import Any
 
 from cri_runtime.daemon.metrics import parse_address
 from cri_runtime.errors import InvalidArgument
+from cri_runtime.nri.settings import NriConfig
 from imageservice.config import ImageConfig, RegistryHost
 
 DEFAULT_CONFIG_PATH = Path("/etc/pycri/pycri.toml")
@@ -54,6 +55,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    nri: NriConfig = field(default_factory=NriConfig)
 
     @property
     def socket_path(self) -> Path:
@@ -73,7 +75,8 @@ class Config:
         return out
 
 
-_TOP_KEYS = {f.name for f in dataclasses.fields(Config)} - {"image", "network", "streaming"}
+_TOP_KEYS = {f.name for f in dataclasses.fields(Config)} - {"image", "network", "streaming", "nri"}
+_NRI_KEYS = {f.name for f in dataclasses.fields(NriConfig)}
 _STREAMING_KEYS = {f.name for f in dataclasses.fields(StreamingConfig)}
 _NETWORK_KEYS = {f.name for f in dataclasses.fields(NetworkConfig)}
 _IMAGE_KEYS = {f.name for f in dataclasses.fields(ImageConfig)} - {"registries"}
@@ -91,7 +94,7 @@ def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> No
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     """Overlay the TOML table ``data`` on ``base`` (defaults when None)."""
     base = base or Config()
-    unknown = set(data) - _TOP_KEYS - {"image", "registries", "network", "streaming"}
+    unknown = set(data) - _TOP_KEYS - {"image", "registries", "network", "streaming", "nri"}
     if unknown:
         raise InvalidArgument(f"unknown configuration keys: {sorted(unknown)}")
     top: dict[str, Any] = {}
@@ -147,9 +150,40 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config
     for key, value in streaming_table.items():
         _check_type(f"streaming.{key}", value, int if key == "port" else str)
     streaming = dataclasses.replace(base.streaming, **streaming_table)
-    config = dataclasses.replace(base, image=image, network=network, streaming=streaming, **top)
+    nri = _nri_from_table(data.get("nri", {}), base.nri)
+    config = dataclasses.replace(base, image=image, network=network, streaming=streaming, nri=nri, **top)
     validate(config)
     return config
+
+
+def _duration(where: str, value: Any) -> float:
+    """Seconds from a number or a containerd-style duration string ("5s", "500ms", "1m")."""
+    if isinstance(value, str):
+        for unit, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+            number = value.removesuffix(unit)
+            if number != value:
+                try:
+                    return float(number) * scale
+                except ValueError:
+                    break
+        raise InvalidArgument(f'{where}: expected seconds or a duration such as "5s", got {value!r}')
+    _check_type(where, value, (int, float))
+    return float(value)
+
+
+def _nri_from_table(table: Any, base: NriConfig) -> NriConfig:
+    _check_type("nri", table, dict)
+    unknown = set(table) - _NRI_KEYS
+    if unknown:
+        raise InvalidArgument(f"unknown keys in [nri]: {sorted(unknown)}")
+    fields: dict[str, Any] = {}
+    for key, value in table.items():
+        if key.endswith("_timeout"):
+            fields[key] = _duration(f"nri.{key}", value)
+        else:
+            _check_type(f"nri.{key}", value, type(getattr(base, key)))
+            fields[key] = value
+    return dataclasses.replace(base, **fields)
 
 
 def validate(config: Config) -> None:
@@ -181,6 +215,11 @@ def validate(config: Config) -> None:
         raise InvalidArgument("image.max_metadata_bytes must be at least 1024")
     if config.image.pull_progress_timeout <= 0:
         raise InvalidArgument("image.pull_progress_timeout must be positive")
+    for name in ("plugin_registration_timeout", "plugin_request_timeout"):
+        if getattr(config.nri, name) <= 0:
+            raise InvalidArgument(f"nri.{name} must be positive")
+    if config.nri.enable and not config.nri.socket_path and config.nri.disable_connections is False:
+        raise InvalidArgument("nri.socket_path must be set when NRI is enabled with connections")
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> Config:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -30,13 +32,14 @@ from cri_runtime.daemon.images_api import ImagesAPI
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, PycriError
 from cri_runtime.host import apparmor, cgroups, systemd
 from cri_runtime.network.cni import CNI
+from cri_runtime.nri.adaptation import Nri
 from cri_runtime.oci import runtimes as oci_runtimes
 from cri_runtime.oci.conmon import Executor
 from cri_runtime.runtime import recovery
 from cri_runtime.runtime.containers import ContainerManager, ContainerSettings
 from cri_runtime.runtime.pods import Pods
 from cri_runtime.runtime.sandboxes import DEFAULT_CGROUP_PARENT, SandboxManager, SandboxSettings
-from cri_runtime.runtime.state import LegacyConfigs, StateDB
+from cri_runtime.runtime.state import Container, LegacyConfigs, Sandbox, StateDB
 from cri_runtime.streaming import StreamingServer
 from imageservice.importer import import_archive
 from imageservice.service import ImageService
@@ -120,6 +123,11 @@ async def serve(
     runtime = await loop.run_in_executor(None, build_runtime, config, store, runtimes, default, cgroup_driver)
     image_service = ImageService(store, container_fs=runtime.containers.writable_layers_usage)
     runtime.containers.start_watcher(loop)
+    nri_service = None
+    if config.nri.enable:
+        nri_service = Nri(config.nri, functools.partial(_nri_snapshot, runtime), runtime.sandboxes.find)
+        await nri_service.start()
+        runtime.pods.set_hooks(nri_service)
     metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)
     server = grpc.aio.server(
         options=[
@@ -161,6 +169,8 @@ async def serve(
     finally:
         log.info("shutting down")
         await server.stop(grace=5)
+        if nri_service is not None:
+            await nri_service.stop()
         await streaming.stop()
         if metrics_server is not None:
             await metrics_server.stop()
@@ -312,6 +322,18 @@ def build_runtime(
     recover(db, root, state, pods, executors, cni, cgroup_driver)
     store.collect_unused()
     return Runtime(db, cni, pods)
+
+
+def _nri_snapshot(runtime: Runtime) -> tuple[list[Sandbox], list[Container], dict[str, dict[str, Any]]]:
+    """What NRI's Synchronize tells a new plugin: ready pods, their containers, and their specs."""
+    sandboxes = [s for s in runtime.sandboxes.all() if s.state == "ready" and not s.pending]
+    ready = {s.id for s in sandboxes}
+    containers = [c for c in runtime.containers.all() if c.pod_id in ready and not c.pending]
+    specs: dict[str, dict[str, Any]] = {}
+    for container in containers:
+        with contextlib.suppress(OSError, ValueError):
+            specs[container.id] = json.loads((container.bundle_dir / "config.json").read_text())
+    return sandboxes, containers, specs
 
 
 def recover(

@@ -45,6 +45,7 @@ from cri_runtime.oci import apparmor, spec
 from cri_runtime.oci.conmon import ExecResult, Executor
 from cri_runtime.runtime.events import EventHub
 from cri_runtime.runtime.exits import ExitWatcher
+from cri_runtime.runtime.hooks import NO_HOOKS, LifecycleHooks
 from cri_runtime.runtime.locks import KeyedLocks
 from cri_runtime.runtime.names import NameIndex
 from cri_runtime.runtime.state import Container, Sandbox, StateDB
@@ -307,6 +308,7 @@ class ContainerManager:
         self._guard = threading.Lock()
         self.exits = ExitWatcher(self._check_exit)
         self.events = EventHub()
+        self.hooks: LifecycleHooks = NO_HOOKS
         # RemoveContainer's file work (conmon's files, the rootfs mount, the directories) runs here
         # after the record is gone, as containerd removes snapshots after the fact; a crash before
         # it is done leaves only what the start-up sweep collects.
@@ -646,6 +648,7 @@ class ContainerManager:
             oom_score_adj_floor=self.settings.oom_score_adj_floor,
             pids_limit=self.settings.pids_limit,
         )
+        self.hooks.create_container(sandbox, container, oci_spec)  # NRI adjustments; raising undoes
         spec.check_resources_on_host(oci_spec["linux"]["resources"])
         # After the spec is built: a config it refuses makes no directory on the host.
         for host_path in spec.host_paths_to_create(config):
@@ -781,6 +784,7 @@ class ContainerManager:
         self.db.save(container)
         log.warning("container failed to start", id=container.id, error=str(error))
         self.events.publish("stopped", container)
+        self.hooks.container_stopped(container)
 
     def stop(self, container_id: str, timeout: float) -> None:
         container = self.find(container_id)
@@ -866,6 +870,7 @@ class ContainerManager:
         self.exits.exited(container.id)
         if not was_exited:
             self.events.publish("stopped", container)
+            self.hooks.container_stopped(container)
 
     def stop_all_in_pod(self, pod_id: str) -> None:
         for container in self.in_pod(pod_id):

@@ -26,6 +26,7 @@ from cri_runtime.errors import FailedPrecondition, NotFound
 from cri_runtime.model import ContainerConfig, LinuxResources, PodSandboxConfig
 from cri_runtime.oci.conmon import ExecResult
 from cri_runtime.runtime.containers import KILL_WAIT, ContainerManager
+from cri_runtime.runtime.hooks import NO_HOOKS, LifecycleHooks
 from cri_runtime.runtime.locks import KeyedRWLocks
 from cri_runtime.runtime.sandboxes import SandboxManager
 from cri_runtime.runtime.state import Container, Sandbox
@@ -45,6 +46,11 @@ class Pods:
         self.sandboxes = sandboxes
         self.containers = containers
         self.locks = KeyedRWLocks()
+        self.hooks: LifecycleHooks = NO_HOOKS
+
+    def set_hooks(self, hooks: LifecycleHooks) -> None:
+        """Have ``hooks`` (NRI) told of, and asked about, every pod and container step."""
+        self.hooks = self.sandboxes.hooks = self.containers.hooks = hooks
 
     # --- pods -------------------------------------------------------------------------------
 
@@ -74,8 +80,11 @@ class Pods:
         with self.locks.exclusive(sandbox.id):
             if not self._current(sandbox):
                 return
+            was_ready = sandbox.state == "ready"
             self.sandboxes.begin_stop(sandbox)
             self.containers.stop_all_in_pod(sandbox.id)
+            if was_ready:  # NRI: a second StopPodSandbox is no event
+                self.hooks.stop_pod(sandbox)
             self.sandboxes.finish_stop(sandbox)
 
     def remove_pod(self, pod_id: str) -> None:
@@ -87,6 +96,7 @@ class Pods:
                 return
             self.sandboxes.begin_remove(sandbox)
             self.containers.remove_all_in_pod(sandbox.id)
+            self.hooks.remove_pod(sandbox)
             self.sandboxes.finish_remove(sandbox)
 
     # --- containers ---------------------------------------------------------------------------
@@ -100,7 +110,9 @@ class Pods:
                 raise FailedPrecondition(
                     f"pod sandbox {sandbox.id} is not ready; cannot create a container in it"
                 )
-            return self.containers.create(sandbox, config)
+            container = self.containers.create(sandbox, config)
+            self.hooks.post_create_container(sandbox, container)
+            return container
 
     def start_container(self, container_id: str) -> None:
         container = self.containers.get(container_id)
@@ -111,7 +123,9 @@ class Pods:
                 raise FailedPrecondition(
                     f"pod sandbox {container.pod_id} is not ready; cannot start container {container.id}"
                 )
+            self.hooks.start_container(sandbox, container)
             self.containers.start(container.id, sandbox)
+            self.hooks.post_start_container(sandbox, container)
 
     def stop_container(self, container_id: str, timeout: float) -> None:
         container = self.containers.find(container_id)
@@ -126,6 +140,7 @@ class Pods:
             return  # CRI: removing a removed container succeeds
         with self.locks.shared(container.pod_id):
             self.containers.remove(container.id)
+            self.hooks.remove_container(self.sandboxes.find(container.pod_id), container)
 
     def update_container_resources(self, container_id: str, resources: LinuxResources) -> None:
         container = self.containers.get(container_id)

@@ -27,6 +27,7 @@ from cri_runtime.model import IDMapping, LinuxResources, NamespaceOptions, PodMe
 from cri_runtime.network import netns
 from cri_runtime.network.cni import CNI, PortMapping
 from cri_runtime.oci import podinit, spec
+from cri_runtime.runtime.hooks import NO_HOOKS, LifecycleHooks
 from cri_runtime.runtime.names import NameIndex
 from cri_runtime.runtime.state import Sandbox, StateDB
 
@@ -58,6 +59,7 @@ class SandboxManager:
         self.sandboxes: dict[str, Sandbox] = {}
         self.names = NameIndex()
         self._guard = threading.Lock()
+        self.hooks: LifecycleHooks = NO_HOOKS
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
 
     def restore(self, sandboxes: list[Sandbox]) -> None:
@@ -238,6 +240,7 @@ class SandboxManager:
             undo.callback(mounts.unmount, shm)
             sandbox.shm_path = str(shm)
         failpoints.hit("sandbox.after_shm")
+        self.hooks.run_pod(sandbox)  # NRI RunPodSandbox: before the pod is listed; raising undoes it
         sandbox.pending = ""
         self.db.save(sandbox)
         with self._guard:

@@ -1,0 +1,1 @@
+"""NRI API messages generated from proto/nri (make nri-proto)."""
