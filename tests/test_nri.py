@@ -205,7 +205,9 @@ def test_preinstalled_plugin_is_started_and_adjusts(daemon_factory, pod_image: s
     plugins.mkdir()
     script = plugins / "10-preinstalled"
     script.write_text(
-        f"#!{sys.executable}\nimport runpy\n"
+        # The daemon starts it with its own working directory: the tree must be on the path.
+        f"#!{sys.executable}\nimport runpy, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
         "runpy.run_module('tests.support.nri_plugin', run_name='__main__')\n"
     )
     script.chmod(0o755)
