@@ -63,6 +63,8 @@ clean:
 # --- node installation (see README "Install on a node") ---------------------------------
 # Overridable so that tests (and packagers) can install elsewhere: make install PYCRI_HOME=/tmp/x/opt ...
 INSTALL_PYTHON ?= /usr/bin/python3
+# e.g. --system-site-packages, to use Debian's python3-grpcio where PyPI has no wheel (the s390x VM test)
+INSTALL_VENV_ARGS ?=
 PYCRI_HOME ?= /opt/pycri
 BINDIR ?= /usr/local/bin
 SYSCONFDIR ?= /etc/pycri
@@ -94,7 +96,7 @@ install: runtime-deps
 	cp -r pyproject.toml README.md cri_runtime imageservice "$$src"/; \
 	find "$$src" -name __pycache__ -prune -exec rm -rf {} +; \
 	rm -rf $(PYCRI_HOME); \
-	$(INSTALL_PYTHON) -m venv $(PYCRI_HOME); \
+	$(INSTALL_PYTHON) -m venv $(INSTALL_VENV_ARGS) $(PYCRI_HOME); \
 	$(PYCRI_HOME)/bin/python -m pip install -q "$$src"; \
 	install -d -m 0755 $(BINDIR); \
 	ln -sfn $(PYCRI_HOME)/bin/pycri $(BINDIR)/pycri; \
@@ -146,16 +148,23 @@ check: $(VENV)/.installed
 ARCH ?= amd64
 VM_CACHE ?= /var/cache/pycri-vm
 VM_PACKAGES := debootstrap qemu-system-x86 qemu-utils e2fsprogs python3 python3-venv
+# s390x: qemu-system-s390x, and qemu-user (binfmt_misc) for debootstrap's second stage and apt in the chroot.
+VM_PACKAGES_s390x := debootstrap qemu-system-misc qemu-user-static binfmt-support qemu-utils e2fsprogs python3 python3-venv busybox-static
 
 .PHONY: vm-deps vm-image vm-test vm-clean
 
 vm-deps:
-	@if [ "$(ARCH)" = s390x ]; then echo "make vm-test ARCH=s390x: the s390x guest is not built yet (issue #10); only ARCH=amd64 exists" >&2; exit 2; fi
-	@if [ "$(ARCH)" != amd64 ]; then echo "ARCH=$(ARCH): unknown; the VM test knows amd64" >&2; exit 2; fi
-	@missing=""; for p in $(VM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@case "$(ARCH)" in amd64|s390x) ;; *) echo "ARCH=$(ARCH): unknown; the VM test knows amd64 and s390x" >&2; exit 2;; esac
+	@missing=""; for p in $(if $(filter s390x,$(ARCH)),$(VM_PACKAGES_s390x),$(VM_PACKAGES)); do \
+		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@if [ "$(ARCH)" = s390x ]; then \
+		[ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; \
+		update-binfmts --enable qemu-s390x 2>/dev/null || true; \
+		grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-s390x || { echo "qemu-s390x is not registered in binfmt_misc" >&2; exit 2; }; \
 	fi
 
 # The cached guest image alone (debootstrap + packages + kernel + initramfs).
