@@ -453,7 +453,7 @@ def main() -> int:
             assert unit_show(scope, "ActiveState")["ActiveState"] == "active"
             assert unit_show(parent, "ActiveState")["ActiveState"] == "active"
             assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
-            listed = [c.id for c in cri.list_containers().containers]
+            listed = [c.id for c in cri.list_containers()]
             assert cid in listed, "the container is no longer listed"
             assert exec_out(cri, cid, "echo", "after dbus") == "after dbus\n"
             # A new container in the running pod: its scopes are made through a new connection.
