@@ -233,6 +233,74 @@ def test_bad_requests_get_the_right_codes_and_leave_nothing(env: Env) -> None:
     assert [p for p in (env.daemon.root / "containers").iterdir()] == []
 
 
+def _host_has_cgroup_v2() -> bool:
+    return Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+
+def _absent_page_size() -> str:
+    pools = {p.name for p in Path("/sys/kernel/mm/hugepages").glob("hugepages-*kB")}
+    return next(f"{kib}KB" for kib in (64, 128, 256, 512, 4096) if f"hugepages-{kib}kB" not in pools)
+
+
+def test_resources_the_host_cannot_honour_are_invalid_naming_the_limit_and_leave_nothing(env: Env) -> None:
+    """CreateContainer and UpdateContainerResources check resources against this host before
+    anything is made: absent CPUs, memory nodes and huge page sizes, and unified keys that are no
+    cgroup v2 file of a controller here (or any on a v1 host) are InvalidArgument naming the field
+    and what the host has."""
+    pod = env.pod("unhonourable")
+    online = Path("/sys/devices/system/cpu/online").read_text().strip()
+    size = _absent_page_size()
+    unified_key, unified_said = (
+        ("nosuch.max", "no nosuch cgroup v2 controller")
+        if _host_has_cgroup_v2()
+        else ("memory.high", "cgroup v1 here")
+    )
+    cases: list[tuple[pb.LinuxContainerResources, str]] = [
+        (
+            pb.LinuxContainerResources(cpuset_cpus=f"{os.cpu_count() or 1}"),
+            f"cpuset_cpus '{os.cpu_count() or 1}' is not a set of this host's CPUs "
+            f"(this host has CPUs {online})",
+        ),
+        (
+            pb.LinuxContainerResources(cpuset_mems="63"),
+            "cpuset_mems '63' is not a set of this host's memory nodes",
+        ),
+        (
+            pb.LinuxContainerResources(hugepage_limits=[pb.HugepageLimit(page_size=size, limit=1 << 20)]),
+            f"hugepage_limits: this host has no {size} huge pages (its huge page sizes:",
+        ),
+        (pb.LinuxContainerResources(unified={unified_key: "1"}), unified_said),
+    ]
+    for resources, said in cases:
+        config = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name="unhonourable"),
+            image=pb.ImageSpec(image=env.image),
+            command=["sleep", "100"],
+            log_path="u.log",
+        )
+        config.linux.resources.CopyFrom(resources)
+        with pytest.raises(grpc.RpcError) as err:
+            env.cri.create_container(pod, "unhonourable", env.image, config=config)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert said in (err.value.details() or ""), err.value.details()
+        assert env.cri.list_containers() == []
+        assert list((env.daemon.state / "containers").iterdir()) == []
+        assert list((env.daemon.root / "containers").iterdir()) == []
+    # The same on a running container: refused, and it keeps its limits and runs on.
+    cid = env.run(pod, "live", ["sleep", "100"])
+    before = env.cri.container_status(cid).status.resources.linux
+    for resources, said in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            env.cri.runtime.UpdateContainerResources(
+                pb.UpdateContainerResourcesRequest(container_id=cid, linux=resources), timeout=30
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert said in (err.value.details() or ""), err.value.details()
+    status = env.cri.container_status(cid).status
+    assert status.state == pb.ContainerState.CONTAINER_RUNNING
+    assert status.resources.linux == before
+
+
 def test_failing_cni_plugin_fails_the_pod_and_leaves_nothing(daemon_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     net_dir = tmp_path / "broken.d"
     net_dir.mkdir()

@@ -1077,3 +1077,66 @@ def test_under_the_systemd_driver_crun_keeps_the_container_in_its_scope_as_runc_
 def test_the_node_s_pids_limit_becomes_the_container_s_pids_max(tmp_path: Path) -> None:
     assert build(tmp_path, pids_limit=1024)["linux"]["resources"]["pids"] == {"limit": 1024}
     assert "pids" not in build(tmp_path)["linux"]["resources"]
+
+
+def _fake_host(tmp_path: Path, *, v2: bool, swap: bool, hugetlb: bool) -> tuple[Path, Path]:
+    """A /sys and a cgroup root with only what check_resources_on_host reads."""
+    sys_root, cgroup_root = tmp_path / "sys", tmp_path / "cgroup"
+    (sys_root / "devices/system/cpu").mkdir(parents=True)
+    (sys_root / "devices/system/cpu/online").write_text("0-3\n")
+    (sys_root / "kernel/mm/hugepages/hugepages-2048kB").mkdir(parents=True)
+    if v2:
+        cgroup_root.mkdir()
+        controllers = "cpu memory pids" + (" hugetlb" if hugetlb else "")
+        (cgroup_root / "cgroup.controllers").write_text(controllers + "\n")
+        (cgroup_root / "system.slice").mkdir()
+        (cgroup_root / "system.slice/memory.max").write_text("max\n")
+        if swap:
+            (cgroup_root / "system.slice/memory.swap.max").write_text("max\n")
+    else:
+        (cgroup_root / "memory").mkdir(parents=True)
+        if swap:
+            (cgroup_root / "memory/memory.memsw.limit_in_bytes").write_text("0\n")
+        if hugetlb:
+            (cgroup_root / "hugetlb").mkdir()
+    return sys_root, cgroup_root
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["v2", "v1"])
+def test_resources_a_host_cannot_honour_are_refused_naming_the_hosts_limit(tmp_path: Path, v2: bool) -> None:
+    sys_root, cgroup_root = _fake_host(tmp_path, v2=v2, swap=False, hugetlb=False)
+
+    def said(resources: dict[str, object]) -> str:
+        with pytest.raises(InvalidArgument) as err:
+            spec.check_resources_on_host(resources, sys_root, cgroup_root)
+        return str(err.value)
+
+    assert "this host has CPUs 0-3" in said({"cpu": {"cpus": "4"}})
+    assert "no hugetlb cgroup controller (its huge page sizes: 2MB)" in said(
+        {"hugepageLimits": [{"pageSize": "2MB", "limit": 1}]}
+    )
+    assert "memory_swap_limit_in_bytes 536870912: this host has no swap accounting" in said(
+        {"memory": {"limit": 1 << 28, "swap": 1 << 29}}
+    )
+    # "No swap beyond memory" (kubelet's v1 default) and unlimited swap need no accounting.
+    spec.check_resources_on_host({"memory": {"limit": 1 << 28, "swap": 1 << 28}}, sys_root, cgroup_root)
+    spec.check_resources_on_host({"memory": {"limit": 1 << 28, "swap": -1}}, sys_root, cgroup_root)
+    if v2:
+        assert "no hugetlb cgroup v2 controller (it has cpu memory pids)" in said(
+            {"unified": {"hugetlb.2MB.max": "1"}}
+        )
+        assert "is not a cgroup v2 file name" in said({"unified": {"memoryhigh": "1"}})
+        assert "is not a cgroup v2 file name" in said({"unified": {"../memory.max": "1"}})
+        spec.check_resources_on_host({"unified": {"memory.high": "1"}}, sys_root, cgroup_root)
+    else:
+        assert "cgroup v2 settings need a cgroup v2 host" in said({"unified": {"memory.high": "1"}})
+
+
+def test_huge_page_sizes_are_checked_against_the_hosts_pools(tmp_path: Path) -> None:
+    sys_root, cgroup_root = _fake_host(tmp_path, v2=True, swap=True, hugetlb=True)
+    spec.check_resources_on_host({"hugepageLimits": [{"pageSize": "2MB", "limit": 1}]}, sys_root, cgroup_root)
+    with pytest.raises(InvalidArgument, match=r"no 1GB huge pages \(its huge page sizes: 2MB\)"):
+        spec.check_resources_on_host(
+            {"hugepageLimits": [{"pageSize": "1GB", "limit": 1}]}, sys_root, cgroup_root
+        )
+    spec.check_resources_on_host({"memory": {"limit": 1 << 28, "swap": 1 << 29}}, sys_root, cgroup_root)

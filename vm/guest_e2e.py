@@ -87,6 +87,16 @@ def sh(*cmd: str) -> str:
     return out.stdout
 
 
+def systemd_on_bus() -> bool:
+    """systemd answers on the system bus (busctl goes through dbus-daemon, systemctl does not)."""
+    out = subprocess.run(
+        ["busctl", "--system", "get-property", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+         "org.freedesktop.systemd1.Manager", "Version"],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    return out.returncode == 0
+
+
 def container_pid(cri: CRIClient, cid: str) -> int:
     return int(json.loads(cri.container_status(cid, verbose=True).info["info"])["pid"])
 
@@ -132,6 +142,11 @@ def main() -> int:
     parser.add_argument("--driver", choices=("cgroupfs", "systemd"), default="cgroupfs")
     parser.add_argument("--runtime", choices=("crun", "runc"), default="crun")
     parser.add_argument("--lifecycle", action="store_true", help="also restart, kill -9 and stop pycri")
+    parser.add_argument(
+        "--sdrestart",
+        action="store_true",
+        help="also systemctl daemon-reexec and systemctl restart dbus with the pod running",
+    )
     args = parser.parse_args()
     checks = Checks(args.summary)
     driver, runtime = args.driver, args.runtime
@@ -418,10 +433,59 @@ def main() -> int:
             cri.remove_container(other)
             assert unit_gone(f"pycri-{other}.scope") and unit_gone(f"pycri-conmon-{other}.scope")
 
-        if args.lifecycle and driver == "systemd":
+        if (args.lifecycle or args.sdrestart) and driver == "systemd":
             checks.run(
                 f"{tag} systemctl daemon-reexec: the container keeps running, pycri still drives systemd",
                 systemd_restart,
+            )
+
+        def dbus_restart() -> None:
+            """The system bus goes away and comes back: pycri's D-Bus connection is lost, the
+            container keeps running and stays reported, and pycri connects again for new units."""
+            pid = container_pid(cri, cid)
+            bus_pid = sh("systemctl", "show", "-P", "MainPID", "dbus.service").strip()
+            sh("systemctl", "restart", "dbus.service")
+            new_pid = sh("systemctl", "show", "-P", "MainPID", "dbus.service").strip()
+            assert new_pid not in ("0", bus_pid), f"dbus-daemon not restarted ({bus_pid} -> {new_pid})"
+            # systemd itself joins the new bus when dbus.service is up again.
+            wait_for(systemd_on_bus, 60, "systemd on the new bus")
+            assert os.path.exists(f"/proc/{pid}"), "the container died with the bus"
+            assert unit_show(scope, "ActiveState")["ActiveState"] == "active"
+            assert unit_show(parent, "ActiveState")["ActiveState"] == "active"
+            assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
+            listed = [c.id for c in cri.list_containers()]
+            assert cid in listed, "the container is no longer listed"
+            assert exec_out(cri, cid, "echo", "after dbus") == "after dbus\n"
+            # A new container in the running pod: its scopes are made through a new connection.
+            # No retry: the first call after the bus came back must reconnect by itself.
+            other = cri.create_container(
+                pod_id, "after-dbus", image, command=["sleep", "1000"], log_path="after-dbus.log"
+            )
+            cri.start_container(other)
+            wait_for(lambda: state_of(cri, other) == pb.ContainerState.CONTAINER_RUNNING, 30, "running")
+            assert unit_show(f"pycri-conmon-{other}.scope", "ActiveState")["ActiveState"] == "active"
+            cri.stop_container(other, timeout=0)
+            cri.remove_container(other)
+            assert unit_gone(f"pycri-{other}.scope") and unit_gone(f"pycri-conmon-{other}.scope")
+            # A new pod (a new slice) made and taken away through the new connection.
+            uid2 = f"{uid}_afterdbus"
+            parent2 = f"kubepods-besteffort-pod{uid2}.slice"
+            config = cri.pod_config("vm-pod-2", uid=uid2, log_directory=str(logs), cgroup_parent=parent2)
+            pod2 = cri.run_pod("vm-pod-2", runtime_handler=runtime, config=config)
+            assert unit_show(parent2, "ActiveState")["ActiveState"] == "active"
+            c2 = cri.create_container(pod2, "c2", image, command=["sleep", "1000"], log_path="c2.log")
+            cri.start_container(c2)
+            wait_for(lambda: state_of(cri, c2) == pb.ContainerState.CONTAINER_RUNNING, 30, "running")
+            assert unit_show(f"pycri-{c2}.scope", "ActiveState")["ActiveState"] == "active"
+            cri.stop_pod(pod2)
+            cri.remove_pod(pod2)
+            assert unit_gone(parent2) and unit_gone(f"pycri-{c2}.scope"), "units of the second pod left"
+
+        if args.sdrestart and driver == "systemd":
+            checks.run(
+                f"{tag} systemctl restart dbus: the container keeps running and stays reported, "
+                "pycri reconnects: a new container and a new pod made and removed",
+                dbus_restart,
             )
 
         def stop_remove() -> None:

@@ -269,6 +269,9 @@ class SystemdBus:
         except (OSError, EOFError) as exc:
             self._bus = None
             raise Unavailable(f"lost the D-Bus connection to systemd during {member}: {exc}") from None
+        if reply is None:  # the bus was closed under the call (dbus-fast answers None then)
+            self._bus = None
+            raise Unavailable(f"lost the D-Bus connection to systemd during {member}")
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body else ""
             raise DBusCallError(reply.error_name or "unknown", str(text))

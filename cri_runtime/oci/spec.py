@@ -1157,29 +1157,101 @@ def check_resources_on_host(
     resources: Mapping[str, Any], sys_root: Path = Path("/sys"), cgroup_root: Path = Path("/sys/fs/cgroup")
 ) -> None:
     """Refuse OCI linux.resources this host cannot grant, which the OCI runtime would refuse later
-    (and as its own failure): CPUs and memory nodes it lacks, huge page sizes it has no pool for,
-    cgroup v2 keys on a v1 host."""
+    (and as its own failure) or silently not enforce: CPUs and memory nodes it lacks, huge page
+    sizes it has no pool or no hugetlb controller for, a swap limit without swap accounting,
+    unified keys that are no cgroup v2 file of an available controller, or any on a v1 host. Each
+    message names the field and what this host has. Called before anything is made."""
     cpu = resources.get("cpu") or {}
     for key, online_file in (("cpus", "devices/system/cpu/online"), ("mems", "devices/system/node/online")):
         if key not in cpu:
             continue
         try:
-            ranges = _cpu_ranges((sys_root / online_file).read_text())
-            online = {n for low, high in ranges for n in range(low, high + 1)}
+            text = (sys_root / online_file).read_text().strip()
         except OSError:
-            online = {0}  # no NUMA directory: one memory node
+            text = "0"  # no NUMA directory: one memory node
+        ranges = _cpu_ranges(text)
+        online = {n for low, high in ranges for n in range(low, high + 1)}
         if not _within(_cpu_ranges(cpu[key]), online):
+            what = "CPUs" if key == "cpus" else "memory nodes"
             raise InvalidArgument(
-                f"linux.resources.cpuset_{key} {cpu[key]!r} is not a set of this host's "
-                f"{'CPUs' if key == 'cpus' else 'memory nodes'}"
+                f"linux.resources.cpuset_{key} {cpu[key]!r} is not a set of this host's {what} "
+                f"(this host has {what} {text})"
             )
-    for hugepage in resources.get("hugepageLimits") or []:
-        size = hugepage["pageSize"]
-        kib = int(size[:-2]) * _PAGE_UNITS[size[-2]]
-        if not (sys_root / "kernel/mm/hugepages" / f"hugepages-{kib}kB").is_dir():
-            raise InvalidArgument(f"linux.resources.hugepage_limits: this host has no {size} huge pages")
-    if resources.get("unified") and not (cgroup_root / "cgroup.controllers").exists():
-        raise InvalidArgument("linux.resources.unified: cgroup v2 settings need a cgroup v2 host")
+    v2 = (cgroup_root / "cgroup.controllers").exists()
+    controllers = _v2_controllers(cgroup_root) if v2 else set()
+    hugepages = resources.get("hugepageLimits") or []
+    if hugepages:
+        pools = sorted(
+            (
+                int(d.name[len("hugepages-") : -len("kB")])
+                for d in (sys_root / "kernel/mm/hugepages").glob("hugepages-*kB")
+            ),
+        )
+        have = ", ".join(_page_size_name(kib) for kib in pools) or "none"
+        if not (("hugetlb" in controllers) if v2 else (cgroup_root / "hugetlb").is_dir()):
+            raise InvalidArgument(
+                "linux.resources.hugepage_limits: this host has no hugetlb cgroup controller "
+                f"(its huge page sizes: {have})"
+            )
+        for hugepage in hugepages:
+            size = hugepage["pageSize"]
+            kib = int(size[:-2]) * _PAGE_UNITS[size[-2]]
+            if kib not in pools:
+                raise InvalidArgument(
+                    f"linux.resources.hugepage_limits: this host has no {size} huge pages "
+                    f"(its huge page sizes: {have})"
+                )
+    memory = resources.get("memory") or {}
+    swap = memory.get("swap")
+    if swap not in (None, -1, memory.get("limit")) and not _swap_accounting(cgroup_root, v2):
+        # swap == limit is "no swap beyond memory", which kubelet sets on cgroup v1 for every
+        # container with a memory limit; without swap accounting it is left out, as containerd does.
+        raise InvalidArgument(
+            f"linux.resources.memory_swap_limit_in_bytes {swap}: this host has no swap accounting "
+            "(no memory.swap.max / memory.memsw.limit_in_bytes; boot with swapaccount=1 or leave it unset)"
+        )
+    unified = resources.get("unified") or {}
+    if unified and not v2:
+        raise InvalidArgument(
+            f"linux.resources.unified {sorted(unified)}: cgroup v2 settings need a cgroup v2 host; "
+            f"{cgroup_root} is cgroup v1 here"
+        )
+    for key in unified:
+        controller, dot, rest = key.partition(".")
+        if not dot or not rest or "/" in key or key.startswith("."):
+            raise InvalidArgument(
+                f"linux.resources.unified key {key!r} is not a cgroup v2 file name such as memory.high"
+            )
+        if controller != "cgroup" and controller not in controllers:
+            raise InvalidArgument(
+                f"linux.resources.unified key {key!r}: this host has no {controller} cgroup v2 controller "
+                f"(it has {' '.join(sorted(controllers)) or 'none'})"
+            )
+
+
+def _v2_controllers(cgroup_root: Path) -> set[str]:
+    try:
+        return set((cgroup_root / "cgroup.controllers").read_text().split())
+    except OSError:
+        return set()
+
+
+def _page_size_name(kib: int) -> str:
+    for unit, size in (("GB", 1 << 20), ("MB", 1 << 10)):
+        if kib % size == 0:
+            return f"{kib // size}{unit}"
+    return f"{kib}KB"
+
+
+def _swap_accounting(cgroup_root: Path, v2: bool) -> bool:
+    if not v2:
+        return (cgroup_root / "memory" / "memory.memsw.limit_in_bytes").exists()
+    # The root has no memory.* files; any child with the memory controller shows memory.swap.max
+    # when the kernel accounts swap.
+    for child in cgroup_root.iterdir():
+        if (child / "memory.max").exists():
+            return (child / "memory.swap.max").exists()
+    return True  # no child to tell by: leave it to the OCI runtime
 
 
 def linux_resources(config: LinuxResources, oom_score_adj_floor: int | None) -> tuple[dict[str, Any], int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,18 @@ from pathlib import Path
 
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.network.netns import netlink
+
+# PYCRI_TEST_CGROUP_DRIVER=systemd (vm/guest-test) runs every test daemon under that driver unless
+# the test's own config names one; unset, pycri's default (cgroupfs).
+TEST_CGROUP_DRIVER = os.environ.get("PYCRI_TEST_CGROUP_DRIVER", "")
+
+
+def with_test_cgroup_driver(config_text: str) -> str:
+    """The config with ``cgroup_driver`` from PYCRI_TEST_CGROUP_DRIVER, when it names none (a
+    top-level key, so it goes before the first table)."""
+    if not TEST_CGROUP_DRIVER or re.search(r"(?m)^\s*cgroup_driver\s*=", config_text):
+        return config_text
+    return f'cgroup_driver = "{TEST_CGROUP_DRIVER}"\n{config_text}'
 
 
 @dataclass
@@ -45,7 +58,7 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         config = self.workdir / "pycri.toml"
-        config.write_text(self.config_text)
+        config.write_text(with_test_cgroup_driver(self.config_text))
         args = [
             sys.executable,
             "-m",

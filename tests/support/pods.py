@@ -46,8 +46,21 @@ def host_leftovers(daemon: Daemon, bridge: str, pods: list[str]) -> dict[str, ob
         "processes": processes_of(daemon.workdir),
         "mounts": mounts_under(daemon.workdir),
         "bridge ports": links,
-        "cgroups": [str(path) for pod in pods for path in Path("/sys/fs/cgroup").glob(f"*/pycri/{pod}")],
+        "cgroups": [str(path) for pod in pods for path in pod_cgroups_on_host(pod)],
     }
+
+
+def pod_cgroups_on_host(pod: str) -> list[Path]:
+    """Where a pod pycri made without a parent can have a cgroup, on either hierarchy and under
+    either driver: cgroup v1 (each controller), cgroup v2 (cgroupfs driver), and the systemd
+    driver's ``pycri-pod<id>.slice`` with its scopes."""
+    root = Path("/sys/fs/cgroup")
+    return [
+        *root.glob(f"*/pycri/{pod}"),
+        *root.glob(f"pycri/{pod}"),
+        *root.glob(f"pycri.slice/pycri-pod{pod}.slice"),
+        *root.glob(f"*/pycri.slice/pycri-pod{pod}.slice"),
+    ]
 
 
 def wait_exited(cri: CRIClient, cid: str, timeout: float = 15) -> pb.ContainerStatus:
