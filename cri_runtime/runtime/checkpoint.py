@@ -38,6 +38,7 @@ from cri_runtime.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PycriError,
     from_os_error,
 )
@@ -294,8 +295,10 @@ def checkpoint_container(containers: ContainerManager, request: CheckpointReques
     target = validate_location(request.location, allowed_dir)
     container = containers.get(request.container_id)
     with containers.locks.hold(container.id):
-        if containers.find(container.id) is not container or container.pending:
-            raise FailedPrecondition(f"container {container.id} is being created or removed")
+        if containers.find(container.id) is not container:
+            raise NotFound(f"container {request.container_id!r} not found (removed meanwhile)")
+        if container.pending in ("creating", "removing"):
+            raise FailedPrecondition(f"container {container.id} is being {container.pending[:-3]}ed")
         if container.state != "running" or not container.pid:
             raise FailedPrecondition(
                 f"container {container.id} is {container.state}; only a running one is checkpointed"
@@ -327,8 +330,13 @@ class RestoreSource:
     spec: dict
 
     @property
+    def members(self) -> Path:
+        """The archive's members, as unpacked."""
+        return self.directory / "archive"
+
+    @property
     def images(self) -> Path:
-        return self.directory / CHECKPOINT_DIRECTORY
+        return self.members / CHECKPOINT_DIRECTORY
 
     @property
     def upper(self) -> Path:
@@ -341,22 +349,11 @@ def is_archive_reference(image: str) -> bool:
     return image.startswith("/") and os.path.isfile(image)
 
 
-_TOP_LEVEL = {CONFIG_DUMP, SPEC_DUMP, ROOTFS_DIFF_TAR, DELETED_FILES, CONTAINER_LOG, DUMP_LOG, "stats-dump"}
-
-
 def _member_path(dest: str, name: str) -> str:
     cleaned = name.removeprefix("./").rstrip("/")
     parts = cleaned.split("/")
-    if (
-        not cleaned
-        or name.startswith("/")
-        or "\0" in name
-        or any(p in ("", ".", "..") for p in parts)
-        or (parts[0] != CHECKPOINT_DIRECTORY and (len(parts) > 1 or parts[0] not in _TOP_LEVEL))
-    ):
-        raise InvalidArgument(
-            f"checkpoint archive entry {name!r} is not allowed (absolute, climbing or unknown)"
-        )
+    if not cleaned or name.startswith("/") or "\0" in name or any(p in ("", ".", "..") for p in parts):
+        raise InvalidArgument(f"checkpoint archive entry {name!r} is not allowed (absolute or climbing)")
     return os.path.join(dest, *parts)
 
 
@@ -396,11 +393,13 @@ def open_archive(archive: Path, dest: Path) -> RestoreSource:
     """Unpack and check checkpoint ``archive`` into new directory ``dest``; InvalidArgument
     (and ``dest`` removed) for anything corrupt, hostile or made for another architecture."""
     dest.mkdir(mode=0o700)
+    members = dest / "archive"
+    members.mkdir(mode=0o700)
     try:
-        _extract(archive, dest)
+        _extract(archive, members)
         try:
-            config = json.loads((dest / CONFIG_DUMP).read_text())
-            spec = json.loads((dest / SPEC_DUMP).read_text())
+            config = json.loads((members / CONFIG_DUMP).read_text())
+            spec = json.loads((members / SPEC_DUMP).read_text())
         except FileNotFoundError as exc:
             raise InvalidArgument(
                 f"checkpoint archive {str(archive)!r} has no {os.path.basename(str(exc.filename))}"
@@ -420,12 +419,12 @@ def open_archive(archive: Path, dest: Path) -> RestoreSource:
         image = config.get("rootfsImageRef") or config.get("rootfsImage")
         if not isinstance(image, str) or not image:
             raise InvalidArgument(f"checkpoint archive {str(archive)!r}: {CONFIG_DUMP} names no rootfsImage")
-        if not (dest / CHECKPOINT_DIRECTORY).is_dir():
+        if not (members / CHECKPOINT_DIRECTORY).is_dir():
             raise InvalidArgument(
                 f"checkpoint archive {str(archive)!r} has no {CHECKPOINT_DIRECTORY}/ (CRIU images)"
             )
         source = RestoreSource(dest, image, str(config.get("rootfsImageName") or image), spec)
-        _unpack_rootfs_diff(dest / ROOTFS_DIFF_TAR, source.upper)
+        _unpack_rootfs_diff(members / ROOTFS_DIFF_TAR, source.upper)
         return source
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
