@@ -22,6 +22,7 @@ import pytest
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.runtime import checkpoint
+from imageservice.commit import pack_upper_plain
 from imageservice.platform import host_platform
 from tests.support.daemon import force_cleanup
 from tests.support.pods import Env, exec_out, host_leftovers
@@ -284,3 +285,32 @@ def test_restore_from_a_sound_archive_where_criu_cannot_run_is_refused_with_noth
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
     assert "checkpointing is not available on this node" in (err.details() or "")
     _nothing_made(env, [tmp_path / "victim"])
+
+
+def test_rootfs_diff_keeps_files_and_whiteouts_through_archive_and_restore_unpack(tmp_path: Path) -> None:
+    """The writable layer as a checkpoint writes it (``.wh.`` entries, deleted.files) comes back as
+    an overlay upper directory (whiteouts as 0/0 character devices) on restore."""
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "written").write_text("kept\n")
+    os.mknod(upper / "etc" / "gone", 0o600 | 0o020000, os.makedev(0, 0))  # overlay whiteout
+    members = tmp_path / "members"
+    (members / "checkpoint").mkdir(parents=True)
+    pack_upper_plain(upper, members / checkpoint.ROOTFS_DIFF_TAR)
+    with tarfile.open(members / checkpoint.ROOTFS_DIFF_TAR) as tar:
+        assert sorted(tar.getnames()) == ["etc", "etc/.wh.gone", "etc/written"]
+    assert checkpoint._deleted_files(upper) == ["/etc/gone"]
+    (members / checkpoint.CONFIG_DUMP).write_text(json.dumps({"rootfsImageRef": "sha256:" + "a" * 64}))
+    (members / checkpoint.SPEC_DUMP).write_text("{}")
+    archive = tmp_path / "archive.tar"
+    with tarfile.open(archive, "w") as tar:
+        for entry in sorted(members.iterdir()):
+            tar.add(entry, arcname=entry.name)
+
+    source = checkpoint.open_archive(archive, tmp_path / "restore")
+
+    assert source.image == "sha256:" + "a" * 64
+    assert (source.upper / "etc" / "written").read_text() == "kept\n"
+    gone = os.lstat(source.upper / "etc" / "gone")
+    assert (gone.st_mode & 0o170000) == 0o020000 and gone.st_rdev == 0
+    assert source.images.is_dir()
