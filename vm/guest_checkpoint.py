@@ -29,11 +29,21 @@ from tests.support.images import busybox_image, push_image
 from tests.support.registry import running_registry
 
 CHECKPOINT_DIR = Path("/var/lib/kubelet/checkpoints")  # pycri's default checkpoint_dir
-COUNTER = "echo persisted > /written; i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.1; done"
+# The token lives only in the shell's memory (a fresh start of the command would draw another),
+# so the restored /count showing the original's token proves the memory came back.
+COUNTER = (
+    "echo persisted > /written; t=$RANDOM$RANDOM$RANDOM; i=0; "
+    'while true; do i=$((i+1)); echo "$t $i" > /count; sleep 0.1; done'
+)
+
+
+def token_count(cri: CRIClient, cid: str) -> tuple[str, int]:
+    token, _, number = exec_out(cri, cid, "cat", "/count").strip().partition(" ")
+    return token, int(number or 0)
 
 
 def count(cri: CRIClient, cid: str) -> int:
-    return int(exec_out(cri, cid, "cat", "/count").strip() or 0)
+    return token_count(cri, cid)[1]
 
 
 def crun_can_checkpoint() -> str:
@@ -88,7 +98,7 @@ def main() -> int:
                 )
                 cri.start_container(cid)
                 wait_for(lambda: count(cri, cid) >= 20, 30, "the counter reaching 20")
-                before = count(cri, cid)
+                token, before = token_count(cri, cid)
                 started = time.monotonic()
                 cri.runtime.CheckpointContainer(
                     pb.CheckpointContainerRequest(container_id=cid, location=str(archive), timeout=120),
@@ -117,7 +127,7 @@ def main() -> int:
                 later = count(cri, cid)
                 time.sleep(0.5)
                 assert count(cri, cid) > later, "the original stopped counting"
-                state["before"] = before
+                state["before"], state["token"] = before, token
 
             if (
                 checks.run(
@@ -137,14 +147,15 @@ def main() -> int:
                 cri.start_container(cid)
                 assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
                 written = exec_out(cri, cid, "cat", "/written").strip()
-                first = count(cri, cid)
+                token, first = token_count(cri, cid)
                 time.sleep(1.0)
                 second = count(cri, cid)
                 print(
-                    f"   restored: /written={written!r}; count {first} -> {second} (checkpointed at >= "
-                    f"{state['before']})"
+                    f"   restored: /written={written!r}; token {token} (the original's {state['token']}); "
+                    f"count {first} -> {second} (checkpointed at >= {state['before']})"
                 )
                 assert written == "persisted", written
+                assert token == state["token"], f"token {token} != {state['token']}: the command started anew"
                 assert first >= int(str(state["before"])), "the counter started again: memory state lost"
                 assert second > first, "the restored process is not running"
 
