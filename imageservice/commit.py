@@ -170,6 +170,19 @@ def pack_upper(upper: Path, blob: Path, cancel: threading.Event | None = None) -
     return PackedLayer(blob_writer.digest, diff_writer.digest, blob_writer.size)
 
 
+def pack_upper_plain(upper: Path, target: Path) -> None:
+    """Write overlay upper directory ``upper`` to new file ``target`` as an uncompressed layer tar
+    (whiteouts as ``.wh.`` entries): a checkpoint archive's rootfs-diff.tar."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    current = str(upper)
+    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        try:
+            for current, name in _entries(str(upper)):
+                _add(tar, current, name)
+        except OSError as exc:
+            raise from_os_error(exc, f"cannot read the container's changes at {current}") from exc
+
+
 def _add(tar: tarfile.TarFile, path: str, name: str) -> None:
     st = os.lstat(path)
     parent, _, base = name.rpartition("/")

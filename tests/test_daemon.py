@@ -62,9 +62,9 @@ def test_runtime_config_reports_cgroupfs_explicitly(cri: CRIClient) -> None:
 
 def test_unimplemented_rpc_answers_unimplemented_with_its_name(cri: CRIClient) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        cri.runtime.CheckpointContainer(pb.CheckpointContainerRequest(container_id="x"), timeout=5)
+        cri.runtime.CheckpointPod(pb.CheckpointPodRequest(pod_sandbox_id="x"), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "CheckpointContainer" in (err.value.details() or "")
+    assert "CheckpointPod" in (err.value.details() or "")
     # The daemon keeps serving.
     assert cri.version().runtime_name == "pycri"
 
@@ -118,7 +118,7 @@ def test_every_rpc_is_logged_with_method_and_status(daemon: Daemon) -> None:
     with daemon.client() as client:
         client.version()
         with pytest.raises(grpc.RpcError):
-            client.runtime.CheckpointContainer(pb.CheckpointContainerRequest(container_id="abc"), timeout=5)
+            client.runtime.CheckpointPod(pb.CheckpointPodRequest(pod_sandbox_id="abc"), timeout=5)
 
     def logged_rpcs() -> list[dict]:
         """The rpc events in the daemon's log, once the failed call's is among them."""
@@ -126,13 +126,13 @@ def test_every_rpc_is_logged_with_method_and_status(daemon: Daemon) -> None:
         rpcs = [
             e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == "rpc"
         ]
-        return rpcs if any(e["method"].endswith("/CheckpointContainer") for e in rpcs) else []
+        return rpcs if any(e["method"].endswith("/CheckpointPod") for e in rpcs) else []
 
     # The event is written as the call completes, which may be just after the client has its answer.
     rpcs = wait_for(logged_rpcs)
-    failed = [e for e in rpcs if e["method"].endswith("/CheckpointContainer")]
+    failed = [e for e in rpcs if e["method"].endswith("/CheckpointPod")]
     assert any(e["method"].endswith("/Version") and e["code"] == "OK" and "ms" in e for e in rpcs)
-    assert failed and failed[0]["code"] == "UNIMPLEMENTED" and failed[0]["container_id"] == "abc"
+    assert failed and failed[0]["code"] == "UNIMPLEMENTED" and failed[0]["pod_sandbox_id"] == "abc"
 
 
 def test_config_command_layers_file_then_flags(tmp_path: Path) -> None:

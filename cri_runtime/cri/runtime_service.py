@@ -31,6 +31,7 @@ from cri_runtime.errors import FailedPrecondition, InvalidArgument
 from cri_runtime.host import idmap
 from cri_runtime.network.cni import CNI
 from cri_runtime.oci.runtimes import RuntimeInfo
+from cri_runtime.runtime import checkpoint
 from cri_runtime.runtime.containers import ContainerManager
 from cri_runtime.runtime.events import ContainerEvent
 from cri_runtime.runtime.pods import Pods
@@ -48,6 +49,9 @@ class DaemonConfig(Protocol):
 
     @property
     def root(self) -> str: ...
+
+    @property
+    def checkpoint_dir(self) -> str: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -329,6 +333,18 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
             raise InvalidArgument("container_id is empty")
         await _in_thread(self._pods().remove_container, request.container_id)
         return pb.RemoveContainerResponse()
+
+    async def CheckpointContainer(
+        self, request: pb.CheckpointContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckpointContainerResponse:
+        if not request.container_id:
+            raise InvalidArgument("container_id is empty")
+        wanted = checkpoint.CheckpointRequest(request.container_id, request.location, float(request.timeout))
+        _, containers = self._managers()
+        await _in_thread(
+            checkpoint.checkpoint_container, containers, wanted, Path(self.config.checkpoint_dir)
+        )
+        return pb.CheckpointContainerResponse()
 
     async def ListContainers(
         self, request: pb.ListContainersRequest, context: grpc.aio.ServicerContext

@@ -21,6 +21,7 @@ from cri_runtime.errors import PycriError
 from cri_runtime.host import apparmor, idmap, selinux, systemd
 from cri_runtime.oci import conmon, podinit
 from cri_runtime.oci import runtimes as oci_runtimes
+from cri_runtime.runtime import checkpoint
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # The paths pycri runs these from.
@@ -547,10 +548,31 @@ def check_confinement() -> list[Finding]:
     return found
 
 
+def check_checkpoint(config: Config) -> list[Finding]:
+    """Whether CheckpointContainer and restores can work here (CRIU and the runtime's support)."""
+    status = checkpoint.criu_status()
+    if not status.available:
+        fix = (
+            "apt-get install criu"
+            if "not installed" in status.reason
+            else "a kernel or criu version that pass criu check"
+        )
+        return [Finding(WARN, "checkpoint", f"checkpointing is not available: {status.reason}", fix)]
+    return [
+        Finding(
+            OK,
+            "checkpoint",
+            f"CRIU works ({status.reason}); archives go under {config.checkpoint_dir} "
+            "(runc; crun only when built with +CRIU)",
+        )
+    ]
+
+
 def run_checks(config: Config, host: Host = Host()) -> list[Finding]:
     found = check_privileges() + check_config(config, host) + check_platform(config) + check_kernel(host)
     found += check_binaries(config)
     found += check_confinement()
+    found += check_checkpoint(config)
     found += check_network(config)
     found += check_socket(config.socket_path)
     found += check_directory("root", Path(config.root), overlay_upper=True, proc=host.proc)

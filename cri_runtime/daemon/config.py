@@ -52,6 +52,9 @@ class Config:
     # Most processes (and threads) a container may have, its pids.max (as CRI-O's pids_limit; CRI
     # has no field for it). 0: no limit of pycri's (kubelet's podPidsLimit still bounds the pod).
     pids_limit: int = 0
+    # CheckpointContainer writes archives only inside this directory (kubelet's checkpoint API
+    # writes to <kubelet root>/checkpoints); anything else is refused.
+    checkpoint_dir: str = "/var/lib/kubelet/checkpoints"
     image: ImageConfig = field(default_factory=ImageConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)

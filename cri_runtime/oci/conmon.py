@@ -332,8 +332,11 @@ class Executor:
         stdin_once: bool = False,
         conmon_cgroup: str | None = None,
         timeout: float = 60.0,
+        restore_from: Path | None = None,
     ) -> int:
         """Start conmon, which runs ``<runtime> create``; return the container's init pid.
+        With ``restore_from`` (CRIU images), conmon runs ``<runtime> restore`` instead and the
+        container is running when this returns.
 
         On failure nothing is left behind: no conmon, no runtime state, no ``state_dir/<id>``,
         and no log file unless it existed before.
@@ -369,6 +372,7 @@ class Executor:
                 conmon_cgroup=conmon_cgroup,
                 created_cgroups=created_cgroups,
                 timeout=timeout,
+                restore_from=restore_from,
             )
         except BaseException:
             self._discard(container_id, directory)
@@ -405,6 +409,7 @@ class Executor:
         terminal: bool,
         stdin: bool,
         stdin_once: bool,
+        restore_from: Path | None = None,
     ) -> list[str]:
         argv = [
             self.conmon_path,
@@ -434,6 +439,8 @@ class Executor:
             argv.append("--stdin")
             if not stdin_once:
                 argv.append("--leave-stdin-open")
+        if restore_from is not None:
+            argv += ["--restore", str(restore_from)]
         return argv
 
     def _start_conmon(
@@ -449,10 +456,18 @@ class Executor:
         conmon_cgroup: str | None,
         created_cgroups: list[str],
         timeout: float,
+        restore_from: Path | None = None,
     ) -> int:
         deadline = time.monotonic() + timeout
         argv = self._conmon_argv(
-            container_id, directory, bundle, log_path, terminal=terminal, stdin=stdin, stdin_once=stdin_once
+            container_id,
+            directory,
+            bundle,
+            log_path,
+            terminal=terminal,
+            stdin=stdin,
+            stdin_once=stdin_once,
+            restore_from=restore_from,
         )
         sync_read, sync_write = os.pipe()
         start_read, start_write = os.pipe()

@@ -43,6 +43,7 @@ from cri_runtime.host import cgroups, idmap, mounts, selinux
 from cri_runtime.model import ContainerConfig, LinuxResources, Mount
 from cri_runtime.oci import apparmor, spec
 from cri_runtime.oci.conmon import ExecResult, Executor
+from cri_runtime.runtime import checkpoint
 from cri_runtime.runtime.events import EventHub
 from cri_runtime.runtime.exits import ExitWatcher
 from cri_runtime.runtime.hooks import NO_HOOKS, LifecycleHooks
@@ -515,7 +516,21 @@ class ContainerManager:
     # --- CreateContainer -----------------------------------------------------------
 
     def create(self, sandbox: Sandbox, config: ContainerConfig) -> Container:
-        """CreateContainer in ``sandbox``, which the caller checked is ready (and keeps so)."""
+        """CreateContainer in ``sandbox``, which the caller checked is ready (and keeps so). An
+        image.image naming a checkpoint archive creates the container to restore from it."""
+        if not checkpoint.is_archive_reference(config.image):
+            return self._create_container(sandbox, config, None)
+        # Named like a container: after a crash, the start-up sweep takes it as an orphan's.
+        source = checkpoint.open_archive(Path(config.image), self.settings.root_dir / secrets.token_hex(32))
+        try:
+            return self._create_container(sandbox, replace(config, image=source.image), source)
+        finally:
+            # On success its CRIU images were moved into the container's directory already.
+            shutil.rmtree(source.directory, ignore_errors=True)
+
+    def _create_container(
+        self, sandbox: Sandbox, config: ContainerConfig, restore: checkpoint.RestoreSource | None
+    ) -> Container:
         if not config.metadata.name:
             raise InvalidArgument("container metadata.name is empty")
         if not config.image:
@@ -565,10 +580,12 @@ class ContainerManager:
             container_id,
             Path(log_path) if log_path else self.settings.state_dir / container_id / "console.log",
         )
+        if restore is not None:
+            checkpoint.require_available(self.executor(container))
         self._reserve_name(container, sandbox)
         try:
             with self.locks.hold(container_id), contextlib.ExitStack() as undo:
-                self._create(container, sandbox, config, image.config, undo)
+                self._create(container, sandbox, config, image.config, undo, restore)
                 undo.pop_all()
         except BaseException:
             self._release_name(container)
@@ -584,6 +601,7 @@ class ContainerManager:
         config: ContainerConfig,
         image_config: dict,
         undo: contextlib.ExitStack,
+        restore: checkpoint.RestoreSource | None = None,
     ) -> None:
         chains = self.images.hold_layers(container.image_id)
         undo.callback(self.images.release_layers, chains)
@@ -601,6 +619,12 @@ class ContainerManager:
         (persistent / "upper").mkdir(parents=True, mode=0o755)
         (persistent / "work").mkdir(mode=0o700)
         undo.callback(shutil.rmtree, persistent, True)
+        if restore is not None:
+            # The checkpointed writable layer (checked and unpacked already) is the upper
+            # directory; StartContainer restores from the CRIU images kept beside it.
+            (persistent / "upper").rmdir()
+            os.rename(restore.upper, persistent / "upper")
+            os.rename(restore.images, persistent / checkpoint.CHECKPOINT_DIRECTORY)
         rootfs.mkdir(parents=True, mode=0o755)
         undo.callback(shutil.rmtree, volatile, True)
         layers, upper, work = (
@@ -739,6 +763,8 @@ class ContainerManager:
             if container.state != "created":
                 raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
             executor = self.executor(container)
+            restore_images = Path(container.dir) / checkpoint.CHECKPOINT_DIRECTORY
+            restoring = not container.pid and restore_images.is_dir()
             try:
                 if not container.pid:
                     # (A container created by an older pycri was created in the runtime already.)
@@ -752,10 +778,14 @@ class ContainerManager:
                         stdin=container.config.stdin,
                         stdin_once=container.config.stdin_once,
                         conmon_cgroup=self.settings.cgroup_driver.conmon_cgroup(sandbox.cgroup_path),
+                        restore_from=restore_images if restoring else None,
                     )
                     failpoints.hit("container.after_conmon")
                 started = time.time_ns()  # before: a quick process may exit before start returns
-                executor.start(container.id)
+                if not restoring:  # a restored container runs already
+                    executor.start(container.id)
+                else:
+                    shutil.rmtree(restore_images, ignore_errors=True)
             except Exception as exc:
                 self._start_failed(container, exc)
                 raise
