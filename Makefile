@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := crun runc conmon catatonit containernetworking-plugins iptables nftables iproute2 procps make \
-                docker-registry busybox-static apache2-utils openssl zstd systemd criu
+                docker-registry busybox-static apache2-utils openssl zstd systemd criu util-linux-extra
 BENCH_PACKAGES := containerd
 PYTEST_ARGS ?=
 RUN_ARGS ?=
