@@ -7,13 +7,18 @@ The plugin is tests/support/nri_plugin.py; the daemon and its NRI socket are tes
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from cri_runtime.api import api_pb2 as pb
+from cri_runtime.errors import FailedPrecondition, InvalidArgument
+from cri_runtime.model import LinuxResources
+from cri_runtime.nri import adjust
 from cri_runtime.nri.api import api_pb2 as nri
+from cri_runtime.nri.resources import from_nri, to_nri, unsupported
 from cri_runtime.nri.ttrpc import TtrpcError
 from tests import test_nri
 from tests.support.nri_plugin import ALL_EVENTS, NriTestPlugin
@@ -299,3 +304,79 @@ def test_validator_sees_the_final_adjustment_and_can_reject_it(nri_env: Env) -> 
     finally:
         validator.stop()
         adjuster.stop()
+
+
+def test_a_validator_that_does_not_answer_fails_create_and_is_dropped(nri_env: Env) -> None:
+    def too_slow(request: nri.ValidateContainerAdjustmentRequest) -> nri.ValidateContainerAdjustmentResponse:
+        time.sleep(2)  # blocks the plugin past the daemon's 1 s request timeout
+        return nri.ValidateContainerAdjustmentResponse()
+
+    validator = NriTestPlugin(
+        _socket(nri_env), "slowjudge", subscribe=ALL_EVENTS, respond={"ValidateContainerAdjustment": too_slow}
+    ).start()
+    try:
+        pod = nri_env.pod("slowjudge")
+        with pytest.raises(grpc.RpcError) as err:
+            nri_env.cri.create_container(pod, "judged", nri_env.image, command=["sleep", "100"])
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "NRI validator 50-slowjudge failed" in err.value.details()
+        assert nri_env.cri.list_containers() == []
+        assert list((nri_env.daemon.state / "containers").iterdir()) == []
+        assert wait_for(lambda: validator.closed, timeout=10)
+        # Without the validator the same container is made.
+        cid = nri_env.run(pod, "judged", ["sleep", "100"])
+        assert nri_env.cri.container_status(cid).status.state == pb.ContainerState.CONTAINER_RUNNING
+    finally:
+        validator.stop()
+
+
+# --- the merge rules and conversions on their own (no daemon) ------------------------------------
+
+
+def test_updates_merge_per_container_with_one_owner_per_field() -> None:
+    requested = to_nri(LinuxResources(memory_limit_in_bytes=64 * MiB, cpu_shares=512))
+    updates = adjust.Updates(target="t", requested=requested)
+    updates.add([_memory_update("t", 96 * MiB), _memory_update("o", 10 * MiB)], "10-a")
+    other_cpu = nri.ContainerUpdate(container_id="o")
+    other_cpu.linux.resources.cpu.cpus = "0"
+    updates.add([other_cpu], "20-b")  # another field of "o": no conflict
+    with pytest.raises(FailedPrecondition, match="10-a and 20-b both adjust memory 'limit'"):
+        updates.add([_memory_update("t", 128 * MiB)], "20-b")
+    updates.add([_memory_update("o", 20 * MiB, ignore_failure=True)], "30-c")  # conflicts: dropped whole
+    assert updates.requested.memory.limit.value == 96 * MiB
+    merged = from_nri(updates.requested, LinuxResources(memory_limit_in_bytes=64 * MiB, cpu_shares=512))
+    assert (merged.memory_limit_in_bytes, merged.cpu_shares) == (96 * MiB, 512)
+    other = updates.others["o"].linux.resources
+    assert (other.memory.limit.value, other.cpu.cpus) == (10 * MiB, "0")
+    creating = adjust.Updates(target="new", creating=True)
+    with pytest.raises(FailedPrecondition, match="during its creation"):
+        creating.add([_memory_update("new", MiB)], "10-a")
+    with pytest.raises(InvalidArgument, match="without a container id"):
+        creating.add([_memory_update("", MiB)], "10-a")
+
+
+def test_resources_round_trip_and_unsupported_fields() -> None:
+    base = LinuxResources(
+        cpu_period=100000,
+        cpu_quota=50000,
+        cpu_shares=256,
+        memory_limit_in_bytes=64 * MiB,
+        oom_score_adj=100,
+        cpuset_cpus="0",
+        unified={"memory.high": "max"},
+    )
+    assert from_nri(to_nri(base), base) == base
+    update = nri.LinuxResources()
+    update.memory.reservation.value = MiB
+    update.pids.limit = 10
+    update.cpu.quota.value = 20000
+    assert unsupported(update) == ["memory.reservation", "pids"]
+    assert from_nri(update, base).cpu_quota == 20000
+    owners = adjust.Owners()
+    owners.claim("env", "X", "10-a")
+    owners.claim("memory", "limit", "10-a")
+    owners.add_hooks("20-b")
+    fields = owners.field_owners()
+    assert fields.compound[nri.Field.Value("Env")].owners["X"] == "10-a"
+    assert fields.simple[nri.Field.Value("MemLimit")] == "10-a"
+    assert fields.simple[nri.Field.Value("OciHooks")] == "20-b"
