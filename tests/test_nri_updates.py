@@ -330,6 +330,21 @@ def test_a_validator_that_does_not_answer_fails_create_and_is_dropped(nri_env: E
         validator.stop()
 
 
+def test_a_plugin_updates_existing_containers_in_its_synchronize_answer(nri_env: Env) -> None:
+    pod = nri_env.pod("synced")
+    cid = nri_env.run(pod, "existing", ["sleep", "100"])
+
+    def on_sync(request: nri.SynchronizeRequest) -> nri.SynchronizeResponse:
+        (existing,) = [c for c in request.containers if c.name == "existing"]
+        return nri.SynchronizeResponse(update=[_memory_update(existing.id, 88 * MiB)])
+
+    plugin = NriTestPlugin(_socket(nri_env), "syncer", respond={"Synchronize": on_sync}).start()
+    try:
+        assert wait_for(lambda: _memory_limit(nri_env, pod, cid) == 88 * MiB, timeout=10)
+    finally:
+        plugin.stop()
+
+
 # --- the merge rules and conversions on their own (no daemon) ------------------------------------
 
 

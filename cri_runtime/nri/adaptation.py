@@ -13,14 +13,15 @@ or UpdateContainer fails that call; a plugin that times out or breaks the protoc
 the call goes on without it); errors from notification events are logged. A validator plugin
 (subscribed to ValidateContainerAdjustment) that rejects, errs or times out fails CreateContainer.
 
-Container updates and evictions: a plugin may ask for them in its answers to CreateContainer,
-UpdateContainer and StopContainer (merged with the adjustments' one-owner-per-field rule) or
-unsolicited, through the runtime service's UpdateContainers. Each update is applied as
-UpdateContainerResources is, all or nothing, without asking the plugins again; an eviction stops
-the container at once (timeout 0), as containerd does. The updates an event's answers ask for are
-applied after the event, off the calling thread (which holds its pod's lock); UpdateContainers
-answers the plugin with the updates that failed (an unknown container, a value the kernel or the
-CRI refuses), leaving out those marked ignore_failure.
+Container updates and evictions: a plugin may ask for updates in its answers to Synchronize,
+CreateContainer, UpdateContainer and StopContainer (merged with the adjustments' one-owner-per-field
+rule), for evictions in its answers to CreateContainer and UpdateContainer, and for both unsolicited,
+through the runtime service's UpdateContainers. Each update is applied as UpdateContainerResources
+is, all or nothing, without asking the plugins again; an eviction stops the container at once
+(timeout 0), as containerd does. The updates an event's answers ask for are applied after the event,
+off the calling thread (which holds its pod's lock); UpdateContainers answers the plugin with the
+updates that failed (an unknown container, a value the kernel or the CRI refuses), leaving out
+those marked ignore_failure.
 
 The runtime calls the hooks from its worker threads; the plugins are served on the daemon's event
 loop, and each hook waits there for its answers.
@@ -398,11 +399,18 @@ class Nri(LifecycleHooks):
                     pods=[pod_message(s) for s in pods],
                     containers=[container_message(c, specs.get(c.id)) for c in containers],
                 )
-                await plugin.channel.call(PLUGIN_SERVICE, "Synchronize", request.SerializeToString(), timeout)
+                synced = nri.SynchronizeResponse.FromString(
+                    await plugin.channel.call(
+                        PLUGIN_SERVICE, "Synchronize", request.SerializeToString(), timeout
+                    )
+                )
                 if plugin in self._connections:
                     self.plugins.append(plugin)
                     self.plugins.sort(key=lambda p: (p.idx, p.name))
             log.info("NRI plugin registered", plugin=plugin.label, events=hex(plugin.events))
+            if synced.update and plugin in self._connections:
+                # The plugin's updates to existing containers (containerd: "post-sync updates").
+                self._spawn(self._apply_async(list(synced.update), [], plugin.label))
         except (TtrpcError, Exception) as exc:
             await self._drop(plugin, f"registration failed: {exc}")
 

@@ -90,8 +90,10 @@ class NriTestPlugin:
         if method == "Synchronize":
             request = nri.SynchronizeRequest.FromString(payload)
             self.synced_containers = [c.name for c in request.containers]
+            self.requests.append((method, request))
+            response = self.respond[method](request) if method in self.respond else nri.SynchronizeResponse()
             self.synced.set()
-            return nri.SynchronizeResponse().SerializeToString()
+            return response.SerializeToString()
         if method == "CreateContainer":
             request = nri.CreateContainerRequest.FromString(payload)
             self.events.append((method, request.container.name))
