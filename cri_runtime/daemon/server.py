@@ -32,7 +32,7 @@ from cri_runtime.daemon.images_api import ImagesAPI
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, PycriError
 from cri_runtime.host import apparmor, cgroups, systemd
 from cri_runtime.network.cni import CNI
-from cri_runtime.nri.adaptation import Nri
+from cri_runtime.nri.adaptation import ContainerControl, Nri
 from cri_runtime.oci import runtimes as oci_runtimes
 from cri_runtime.oci.conmon import Executor
 from cri_runtime.runtime import recovery
@@ -125,7 +125,14 @@ async def serve(
     runtime.containers.start_watcher(loop)
     nri_service = None
     if config.nri.enable:
-        nri_service = Nri(config.nri, functools.partial(_nri_snapshot, runtime), runtime.sandboxes.find)
+        control = ContainerControl(
+            find=runtime.containers.find,
+            update=runtime.pods.apply_container_resources,
+            evict=functools.partial(_evict, runtime.pods),
+        )
+        nri_service = Nri(
+            config.nri, functools.partial(_nri_snapshot, runtime), runtime.sandboxes.find, control
+        )
         await nri_service.start()
         runtime.pods.set_hooks(nri_service)
     metrics.METRICS.watch_runtime(runtime.sandboxes.all, runtime.containers.all)
@@ -322,6 +329,11 @@ def build_runtime(
     recover(db, root, state, pods, executors, cni, cgroup_driver)
     store.collect_unused()
     return Runtime(db, cni, pods)
+
+
+def _evict(pods: Pods, container_id: str) -> None:
+    """An NRI plugin's eviction: the container is stopped at once, as containerd does."""
+    pods.stop_container(container_id, 0)
 
 
 def _nri_snapshot(runtime: Runtime) -> tuple[list[Sandbox], list[Container], dict[str, dict[str, Any]]]:

@@ -8,9 +8,20 @@ on calls it for the events it subscribed to, plugins in (index, name) order. Reg
 synchronisation hold the plugins' write lock, lifecycle events its read lock: a pod or container
 made while a plugin synchronises is reported to it afterwards, never lost.
 
-Failures: a plugin that errors on RunPodSandbox, CreateContainer or StartContainer fails that call;
-a plugin that times out or breaks the protocol is dropped (and the call goes on without it);
-errors from notification events are logged.
+Failures: a plugin that errors on RunPodSandbox, UpdatePodSandbox, CreateContainer, StartContainer
+or UpdateContainer fails that call; a plugin that times out or breaks the protocol is dropped (and
+the call goes on without it); errors from notification events are logged. A validator plugin
+(subscribed to ValidateContainerAdjustment) that rejects, errs or times out fails CreateContainer.
+
+Container updates and evictions: a plugin may ask for updates in its answers to Synchronize,
+CreateContainer, UpdateContainer and StopContainer (merged with the adjustments' one-owner-per-field
+rule), for evictions in its answers to CreateContainer and UpdateContainer, and for both unsolicited,
+through the runtime service's UpdateContainers. Each update is applied as UpdateContainerResources
+is, all or nothing, without asking the plugins again; an eviction stops the container at once
+(timeout 0), as containerd does. The updates an event's answers ask for are applied after the event,
+off the calling thread (which holds its pod's lock); UpdateContainers answers the plugin with the
+updates that failed (an unknown container, a value the kernel or the CRI refuses), leaving out
+those marked ignore_failure.
 
 The runtime calls the hooks from its worker threads; the plugins are served on the daemon's event
 loop, and each hook waits there for its answers.
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import stat
@@ -33,8 +45,10 @@ import structlog
 
 from cri_runtime import __version__
 from cri_runtime.errors import FailedPrecondition, InvalidArgument
+from cri_runtime.model import LinuxResources
 from cri_runtime.nri import adjust
 from cri_runtime.nri.api import api_pb2 as nri
+from cri_runtime.nri.resources import from_nri, to_nri, unsupported
 from cri_runtime.nri.settings import NriConfig
 from cri_runtime.nri.ttrpc import CODE_UNIMPLEMENTED, MuxChannel, TtrpcError
 from cri_runtime.runtime.hooks import LifecycleHooks
@@ -51,6 +65,16 @@ RUNTIME_NAME = "pycri"
 
 StateSnapshot = Callable[[], tuple[list[Sandbox], list[Container], dict[str, dict[str, Any]]]]
 """Pods, containers and each container's OCI spec (by id), for Synchronize."""
+
+
+@dataclass(frozen=True)
+class ContainerControl:
+    """What plugins' container updates and evictions need from the runtime; blocking calls, made
+    from worker threads that hold no pod lock."""
+
+    find: Callable[[str], Container | None]
+    update: Callable[[str, LinuxResources], None]  # all or nothing; raises a CRI error
+    evict: Callable[[str], None]  # stop now
 
 
 def _mask(event: int) -> int:
@@ -104,6 +128,7 @@ def container_message(container: Container, oci_spec: dict[str, Any] | None) -> 
         status_message=container.message,
     )
     if oci_spec:
+        _spec_resources(msg.linux.resources, oci_spec.get("linux", {}).get("resources", {}))
         process = oci_spec.get("process", {})
         msg.args.extend(process.get("args", []))
         msg.env.extend(process.get("env", []))
@@ -116,6 +141,21 @@ def container_message(container: Container, oci_spec: dict[str, Any] | None) -> 
             )
         msg.linux.cgroups_path = oci_spec.get("linux", {}).get("cgroupsPath", "")
     return msg
+
+
+def _spec_resources(out: Any, resources: dict[str, Any]) -> None:
+    """OCI linux.resources (memory and CPU) into NRI's LinuxResources."""
+    memory, cpu = resources.get("memory", {}), resources.get("cpu", {})
+    for name in ("limit", "reservation", "swap"):
+        if isinstance(memory.get(name), int):
+            getattr(out.memory, name).value = memory[name]
+    for name in ("shares", "quota", "period"):
+        if isinstance(cpu.get(name), int):
+            getattr(out.cpu, name).value = cpu[name]
+    out.cpu.cpus = str(cpu.get("cpus", ""))
+    out.cpu.mems = str(cpu.get("mems", ""))
+    if isinstance(resources.get("unified"), dict):
+        out.unified.update({str(k): str(v) for k, v in resources["unified"].items()})
 
 
 @dataclass(eq=False)  # identity: plugins are kept in sets
@@ -172,11 +212,16 @@ class Nri(LifecycleHooks):
     """NRI for one daemon: call :meth:`start` on the daemon's loop, :meth:`stop` on shutdown."""
 
     def __init__(
-        self, config: NriConfig, snapshot: StateSnapshot, find_pod: Callable[[str], Sandbox | None]
+        self,
+        config: NriConfig,
+        snapshot: StateSnapshot,
+        find_pod: Callable[[str], Sandbox | None],
+        control: ContainerControl | None = None,
     ) -> None:
         self.config = config
         self.snapshot = snapshot
         self.find_pod = find_pod
+        self.control = control
         # StopContainer notifications in flight or sent, by container: each is sent once, and
         # RemoveContainer (or the pod's StopPodSandbox) waits for it, keeping NRI's order.
         self._stops: dict[str, asyncio.Task[Any]] = {}
@@ -311,9 +356,19 @@ class Nri(LifecycleHooks):
             self._spawn(self._register(plugin))
             return nri.Empty().SerializeToString()
         if method == "UpdateContainers":
+            if not plugin.registered.is_set():
+                raise TtrpcError(9, "plugin is not registered")
             request = nri.UpdateContainersRequest.FromString(payload)
-            # Unsolicited updates are not applied by pycri (yet): all are reported as failed.
-            return nri.UpdateContainersResponse(failed=list(request.update)).SerializeToString()
+            log.info(
+                "NRI plugin asks for container updates",
+                plugin=plugin.label,
+                update=[u.container_id for u in request.update],
+                evict=[e.container_id for e in request.evict],
+            )
+            failed = await asyncio.get_running_loop().run_in_executor(
+                None, self._apply, list(request.update), list(request.evict), plugin.label
+            )
+            return nri.UpdateContainersResponse(failed=failed).SerializeToString()
         raise TtrpcError(CODE_UNIMPLEMENTED, f"method {method} is not served here")
 
     async def _register(self, plugin: Plugin) -> None:
@@ -344,11 +399,18 @@ class Nri(LifecycleHooks):
                     pods=[pod_message(s) for s in pods],
                     containers=[container_message(c, specs.get(c.id)) for c in containers],
                 )
-                await plugin.channel.call(PLUGIN_SERVICE, "Synchronize", request.SerializeToString(), timeout)
+                synced = nri.SynchronizeResponse.FromString(
+                    await plugin.channel.call(
+                        PLUGIN_SERVICE, "Synchronize", request.SerializeToString(), timeout
+                    )
+                )
                 if plugin in self._connections:
                     self.plugins.append(plugin)
                     self.plugins.sort(key=lambda p: (p.idx, p.name))
             log.info("NRI plugin registered", plugin=plugin.label, events=hex(plugin.events))
+            if synced.update and plugin in self._connections:
+                # The plugin's updates to existing containers (containerd: "post-sync updates").
+                self._spawn(self._apply_async(list(synced.update), [], plugin.label))
         except (TtrpcError, Exception) as exc:
             await self._drop(plugin, f"registration failed: {exc}")
 
@@ -398,11 +460,121 @@ class Nri(LifecycleHooks):
                 raise
             log.warning("NRI event failed", method=method, error=str(exc))
 
+    # --- container updates and evictions asked for by plugins -----------------------------------
+
+    def _apply(self, updates: list[Any], evictions: list[Any], source: str) -> list[Any]:
+        """Evict, then update (containerd's order); the answer is the updates that failed and
+        were not marked ignore_failure. Blocking: a worker thread's job, holding no pod lock."""
+        control = self.control
+        failed: list[Any] = []
+        for eviction in evictions:
+            container = control.find(eviction.container_id) if control else None
+            if control is None or container is None:
+                log.warning("NRI eviction of an unknown container", plugin=source, id=eviction.container_id)
+                continue
+            try:
+                control.evict(container.id)
+                log.info(
+                    "NRI plugin evicted a container", plugin=source, id=container.id, reason=eviction.reason
+                )
+            except Exception as exc:
+                log.error("NRI eviction failed", plugin=source, id=container.id, error=str(exc))
+        for update in updates:
+            cid = update.container_id
+            container = control.find(cid) if control and cid else None
+            try:
+                if control is None or container is None:
+                    raise LookupError(f"container {cid!r} not found")
+                ignored = unsupported(update.linux.resources)
+                if ignored:
+                    log.warning("NRI update fields pycri cannot apply", plugin=source, id=cid, fields=ignored)
+                base = container.config.resources or LinuxResources()
+                control.update(container.id, from_nri(update.linux.resources, base))
+                log.info("NRI plugin updated a container", plugin=source, id=cid)
+            except Exception as exc:
+                log.warning(
+                    "NRI container update failed",
+                    plugin=source,
+                    id=cid,
+                    error=str(exc),
+                    ignore_failure=update.ignore_failure,
+                )
+                if not update.ignore_failure:
+                    failed.append(update)
+        return failed
+
+    async def _apply_async(self, updates: list[Any], evictions: list[Any], source: str) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._apply, updates, evictions, source)
+
+    def _apply_later(self, updates: list[Any], evictions: list[Any], source: str) -> None:
+        """Apply an event's updates and evictions once the event's call has let go of its pod's
+        lock (they may be for containers of the same pod): on a worker thread of their own."""
+        if (not updates and not evictions) or self._loop is None:
+            return
+        loop = self._loop
+
+        def schedule() -> None:
+            self._spawn(self._apply_async(updates, evictions, source))
+
+        loop.call_soon_threadsafe(schedule)
+
+    async def _validate(self, request: Any) -> None:
+        """ValidateContainerAdjustment to every validator at once; any rejection, error or
+        timeout fails the creation (containerd/nri: a validator's failure is the call's)."""
+        assert self._lock is not None
+        async with self._lock.read():
+            validators = [p for p in self.plugins if p.wants(nri.VALIDATE_CONTAINER_ADJUSTMENT)]
+            payload = request.SerializeToString()
+
+            async def one(plugin: Plugin) -> str:
+                try:
+                    answer = await plugin.channel.call(
+                        PLUGIN_SERVICE,
+                        "ValidateContainerAdjustment",
+                        payload,
+                        self.config.plugin_request_timeout,
+                    )
+                    reply = nri.ValidateContainerAdjustmentResponse.FromString(answer)
+                except TtrpcError as exc:
+                    if exc.code in (4, 14):
+                        await self._drop(plugin, str(exc))
+                    return f"NRI validator {plugin.label} failed: {exc}"
+                except Exception as exc:  # a malformed answer
+                    await self._drop(plugin, f"malformed ValidateContainerAdjustment answer: {exc}")
+                    return f"NRI validator {plugin.label} failed: malformed answer"
+                if reply.reject:
+                    reason = reply.reason or "unknown rejection reason"
+                    return f"NRI validator {plugin.label} rejected the container adjustment: {reason}"
+                return ""
+
+            errors = [e for e in await asyncio.gather(*(one(p) for p in validators)) if e]
+        if errors:
+            raise FailedPrecondition("; ".join(errors))
+
     # --- LifecycleHooks ------------------------------------------------------------------------
 
     def run_pod(self, sandbox: Sandbox) -> None:
         request = nri.RunPodSandboxRequest(pod=pod_message(sandbox))
         self._notify(nri.RUN_POD_SANDBOX, "RunPodSandbox", request, nri.RunPodSandboxResponse, fail=True)
+
+    def update_pod(
+        self, sandbox: Sandbox, resources: LinuxResources | None, overhead: LinuxResources | None
+    ) -> None:
+        request = nri.UpdatePodSandboxRequest(pod=pod_message(sandbox))
+        if resources is not None:
+            request.linux_resources.CopyFrom(to_nri(resources))
+        if overhead is not None:
+            request.overhead_linux_resources.CopyFrom(to_nri(overhead))
+        self._notify(
+            nri.UPDATE_POD_SANDBOX, "UpdatePodSandbox", request, nri.UpdatePodSandboxResponse, fail=True
+        )
+
+    def post_update_pod(self, sandbox: Sandbox) -> None:
+        request = nri.PostUpdatePodSandboxRequest(pod=pod_message(sandbox))
+        self._notify(
+            nri.POST_UPDATE_POD_SANDBOX, "PostUpdatePodSandbox", request, nri.PostUpdatePodSandboxResponse
+        )
 
     def stop_pod(self, sandbox: Sandbox) -> None:
         if not self.plugins:
@@ -428,6 +600,8 @@ class Nri(LifecycleHooks):
             self._call_each(nri.CREATE_CONTAINER, "CreateContainer", request, nri.CreateContainerResponse)
         )
         owners = adjust.Owners()
+        merged = nri.ContainerAdjustment()
+        updates = adjust.Updates(target=container.id, creating=True)
         for label, answer in answers:
             if answer.HasField("adjust"):
                 try:
@@ -436,9 +610,23 @@ class Nri(LifecycleHooks):
                     raise InvalidArgument(
                         f"NRI plugin {label}: adjustment cannot be applied: {exc}"
                     ) from None
-            if answer.update:
-                log.warning("NRI: container updates from CreateContainer are not applied", plugin=label)
+                merged.MergeFrom(answer.adjust)  # no field is set twice: the owners saw to it
+            updates.add(answer.update, label)
+            updates.evict(answer.evict)
+        if any(p.wants(nri.VALIDATE_CONTAINER_ADJUSTMENT) for p in self.plugins):
+            validate = nri.ValidateContainerAdjustmentRequest(
+                pod=request.pod,
+                container=request.container,  # as it was before the adjustments
+                adjust=merged,
+                update=list(updates.others.values()),
+                plugins=[nri.PluginInstance(name=p.name, index=p.idx) for p in self.plugins],
+            )
+            validate.owners.owners[container.id].CopyFrom(owners.field_owners())
+            for cid, update_owners in updates.owners.items():
+                validate.owners.owners[cid].CopyFrom(update_owners.field_owners())
+            self._run(self._validate(validate))
         container.annotations = dict(oci_spec.get("annotations", container.annotations))
+        self._apply_later(list(updates.others.values()), updates.evictions, "CreateContainer")
 
     def post_create_container(self, sandbox: Sandbox, container: Container) -> None:
         request = nri.PostCreateContainerRequest(
@@ -459,6 +647,37 @@ class Nri(LifecycleHooks):
             pod=pod_message(sandbox), container=container_message(container, None)
         )
         self._notify(nri.POST_START_CONTAINER, "PostStartContainer", request, nri.PostStartContainerResponse)
+
+    def update_container(
+        self, sandbox: Sandbox, container: Container, resources: LinuxResources
+    ) -> LinuxResources:
+        if not self.plugins:
+            return resources
+        request = nri.UpdateContainerRequest(
+            pod=pod_message(sandbox),
+            container=container_message(container, _bundle_spec(container)),
+            linux_resources=to_nri(resources),
+        )
+        answers = self._run(
+            self._call_each(nri.UPDATE_CONTAINER, "UpdateContainer", request, nri.UpdateContainerResponse)
+        )
+        updates = adjust.Updates(target=container.id, requested=request.linux_resources)
+        for label, answer in answers:
+            updates.add(answer.update, label)
+            updates.evict(answer.evict)
+        ignored = unsupported(updates.requested)
+        if ignored:
+            log.warning("NRI update fields pycri cannot apply", id=container.id, fields=ignored)
+        self._apply_later(list(updates.others.values()), updates.evictions, "UpdateContainer")
+        return from_nri(updates.requested, resources)
+
+    def post_update_container(self, sandbox: Sandbox, container: Container) -> None:
+        request = nri.PostUpdateContainerRequest(
+            pod=pod_message(sandbox), container=container_message(container, _bundle_spec(container))
+        )
+        self._notify(
+            nri.POST_UPDATE_CONTAINER, "PostUpdateContainer", request, nri.PostUpdateContainerResponse
+        )
 
     def container_stopped(self, container: Container) -> None:
         loop = self._loop
@@ -493,8 +712,15 @@ class Nri(LifecycleHooks):
         except FailedPrecondition as exc:
             log.warning("NRI event failed", method="StopContainer", error=str(exc))
             return
-        if any(answer.update for _, answer in answers):
-            log.warning("NRI: container updates from StopContainer are not applied")
+        updates = adjust.Updates()
+        try:
+            for label, answer in answers:
+                updates.add(answer.update, label)
+        except (FailedPrecondition, InvalidArgument) as exc:
+            log.warning("NRI: container updates from StopContainer not applied", error=str(exc))
+            return
+        if updates.others:
+            self._spawn(self._apply_async(list(updates.others.values()), [], "StopContainer"))
 
     async def _after_stops(self, container_ids: list[str] | None, coro: Coroutine[Any, Any, T]) -> T:
         """``coro`` once the StopContainer notifications of ``container_ids`` (None: all) are sent."""
@@ -520,3 +746,12 @@ class Nri(LifecycleHooks):
             log.warning("NRI event failed", method="RemoveContainer", error=str(exc))
         finally:
             self._loop.call_soon_threadsafe(self._stops.pop, container.id, None)
+
+
+def _bundle_spec(container: Container) -> dict[str, Any] | None:
+    """The container's OCI spec as its bundle holds it (None if unreadable)."""
+    try:
+        spec = json.loads((container.bundle_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None

@@ -9,12 +9,40 @@ destination with a leading ``-`` removes the entry (and claims it).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from cri_runtime.errors import FailedPrecondition
+from cri_runtime.errors import FailedPrecondition, InvalidArgument
 from cri_runtime.nri.api import api_pb2 as nri
 
 Spec = dict[str, Any]
+
+
+# (kind, key) of a claim -> NRI's Field and whether it is compound (owned entry by entry, the key
+# naming the entry) or simple; the names of containerd/nri's api.Field, for ValidateContainerAdjustment.
+_COMPOUND = {
+    "annotation": "Annotations",
+    "mount": "Mounts",
+    "env": "Env",
+    "rlimit": "Rlimits",
+    "device": "Devices",
+    "unified": "CgroupsUnified",
+    "hugepage limit": "HugepageLimits",
+}
+_SIMPLE = {
+    ("args", ""): "Args",
+    ("cgroups path", ""): "CgroupsPath",
+    ("oom score adj", ""): "OomScoreAdj",
+    ("memory", "limit"): "MemLimit",
+    ("memory", "reservation"): "MemReservation",
+    ("memory", "swap"): "MemSwapLimit",
+    ("cpu", "shares"): "CPUShares",
+    ("cpu", "quota"): "CPUQuota",
+    ("cpu", "period"): "CPUPeriod",
+    ("cpu", "cpus"): "CPUSetCPUs",
+    ("cpu", "mems"): "CPUSetMems",
+    ("pids", "limit"): "PidsLimit",
+}
 
 
 class Owners:
@@ -22,6 +50,7 @@ class Owners:
 
     def __init__(self) -> None:
         self._owner: dict[tuple[str, str], str] = {}
+        self._hooks: list[str] = []
 
     def claim(self, kind: str, key: str, plugin: str) -> None:
         owner = self._owner.get((kind, key))
@@ -30,6 +59,24 @@ class Owners:
                 f"NRI plugins {owner} and {plugin} both adjust {kind} {key!r}: conflicting adjustments"
             )
         self._owner[(kind, key)] = plugin
+
+    def add_hooks(self, plugin: str) -> None:
+        """OCI hooks accumulate: every plugin adding some is recorded, none conflicts."""
+        if plugin not in self._hooks:
+            self._hooks.append(plugin)
+
+    def field_owners(self) -> nri.FieldOwners:
+        """The claims as NRI's FieldOwners (simple fields by Field number, compound ones by entry)."""
+        owners = nri.FieldOwners()
+        for (kind, key), plugin in self._owner.items():
+            if kind in _COMPOUND:
+                number = nri.Field.Value(_COMPOUND[kind])
+                owners.compound[number].owners[key] = plugin
+            elif (kind, key) in _SIMPLE:
+                owners.simple[nri.Field.Value(_SIMPLE[(kind, key)])] = plugin
+        if self._hooks:
+            owners.simple[nri.Field.Value("OciHooks")] = ",".join(self._hooks)
+        return owners
 
 
 def _split_removal(key: str) -> tuple[str, bool]:
@@ -80,6 +127,7 @@ def apply(spec: Spec, adjust: nri.ContainerAdjustment, plugin: str, owners: Owne
         process["rlimits"] = limits
     if adjust.HasField("hooks"):
         _apply_hooks(spec, adjust.hooks)
+        owners.add_hooks(plugin)
     if adjust.HasField("linux"):
         _apply_linux(spec, adjust.linux, plugin, owners)
 
@@ -175,3 +223,95 @@ def _apply_resources(resources: Spec, adj: nri.LinuxResources, plugin: str, owne
     for key, value in adj.unified.items():
         owners.claim("unified", key, plugin)
         resources.setdefault("unified", {})[key] = value
+
+
+# --- container updates -------------------------------------------------------------------------
+
+
+class Updates:
+    """The container updates plugins answered to one event (CreateContainer, UpdateContainer,
+    StopContainer), merged in plugin order with the same one-owner-per-field rule as adjustments,
+    per container. ``target`` is the container the event is about: for UpdateContainer its requested
+    resources are the starting point and plugins may change them; for CreateContainer plugins may
+    not update it (it is being adjusted); for StopContainer there is none.
+
+    An update with ``ignore_failure`` that conflicts is dropped whole (nothing of it merged); one
+    without fails the event, as in containerd/nri's result.
+    """
+
+    def __init__(self, target: str = "", requested: nri.LinuxResources | None = None, creating: bool = False):
+        self.target = target
+        self.creating = creating
+        self.requested = nri.LinuxResources()
+        if requested is not None:
+            self.requested.CopyFrom(requested)
+        self.owners: dict[str, Owners] = {}
+        self.others: dict[str, nri.ContainerUpdate] = {}  # by container id, in first-asked order
+        self.evictions: list[nri.ContainerEviction] = []
+
+    def add(self, updates: Any, plugin: str) -> None:
+        for update in updates:
+            cid = update.container_id
+            if not cid:
+                raise InvalidArgument(f"NRI plugin {plugin} sent a container update without a container id")
+            if self.creating and cid == self.target:
+                raise FailedPrecondition(
+                    f"NRI plugin {plugin} asked to update container {cid} during its creation"
+                )
+            if cid == self.target:
+                merged = self.requested
+            else:
+                entry = self.others.get(cid)
+                if entry is None:
+                    entry = nri.ContainerUpdate(container_id=cid, ignore_failure=update.ignore_failure)
+                    self.others[cid] = entry
+                else:
+                    entry.ignore_failure = entry.ignore_failure and update.ignore_failure
+                merged = entry.linux.resources
+            if not update.linux.HasField("resources"):
+                continue
+            owners = self.owners.setdefault(cid, Owners())
+            trial_owners = copy.deepcopy(owners)
+            trial = nri.LinuxResources()
+            trial.CopyFrom(merged)
+            try:
+                merge_resources(trial, update.linux.resources, plugin, trial_owners)
+            except FailedPrecondition:
+                if update.ignore_failure:
+                    continue
+                raise
+            merged.CopyFrom(trial)
+            self.owners[cid] = trial_owners
+
+    def evict(self, evictions: Any) -> None:
+        self.evictions.extend(evictions)
+
+
+def merge_resources(
+    into: nri.LinuxResources, update: nri.LinuxResources, plugin: str, owners: Owners
+) -> None:
+    """Merge the fields ``update`` sets into ``into``, each claimed by ``plugin``."""
+    for field in ("limit", "reservation", "swap"):
+        if update.memory.HasField(field):
+            owners.claim("memory", field, plugin)
+            getattr(into.memory, field).value = getattr(update.memory, field).value
+    for field in ("shares", "quota", "period"):
+        if update.cpu.HasField(field):
+            owners.claim("cpu", field, plugin)
+            getattr(into.cpu, field).value = getattr(update.cpu, field).value
+    for field in ("cpus", "mems"):
+        value = getattr(update.cpu, field)
+        if value:
+            owners.claim("cpu", field, plugin)
+            setattr(into.cpu, field, value)
+    for limit in update.hugepage_limits:
+        owners.claim("hugepage limit", limit.page_size, plugin)
+        kept = [h for h in into.hugepage_limits if h.page_size != limit.page_size]
+        del into.hugepage_limits[:]
+        into.hugepage_limits.extend([*kept, limit])
+    for key, value in update.unified.items():
+        owners.claim("unified", key, plugin)
+        into.unified[key] = value
+    if update.HasField("pids"):
+        owners.claim("pids", "limit", plugin)
+        into.pids.limit = update.pids.limit

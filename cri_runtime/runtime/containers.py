@@ -958,9 +958,12 @@ class ContainerManager:
         shutil.rmtree(container.dir, ignore_errors=True)
         self.images.release_layers(container.layers)
 
-    def remove_all_in_pod(self, pod_id: str) -> None:
-        for container in self.in_pod(pod_id):
+    def remove_all_in_pod(self, pod_id: str) -> list[Container]:
+        """Remove the pod's containers; the answer is those removed."""
+        removed = list(self.in_pod(pod_id))
+        for container in removed:
             self._remove(container)
+        return removed
 
     def writable_layers_usage(self) -> FsUsage:
         """What the containers' own layers (upper and work directories) cost on disk: the container

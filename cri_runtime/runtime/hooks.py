@@ -11,12 +11,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from cri_runtime.model import LinuxResources
 from cri_runtime.runtime.state import Container, Sandbox
 
 
 class LifecycleHooks:
     def run_pod(self, sandbox: Sandbox) -> None:
         """The pod is made and not yet visible; raising fails RunPodSandbox."""
+
+    def update_pod(
+        self, sandbox: Sandbox, resources: LinuxResources | None, overhead: LinuxResources | None
+    ) -> None:
+        """UpdatePodSandboxResources is about to resize the pod; raising fails it."""
+
+    def post_update_pod(self, sandbox: Sandbox) -> None:
+        """UpdatePodSandboxResources succeeded."""
 
     def stop_pod(self, sandbox: Sandbox) -> None:
         """The pod's containers are stopped; the pod is still ready."""
@@ -35,6 +44,16 @@ class LifecycleHooks:
 
     def post_start_container(self, sandbox: Sandbox, container: Container) -> None:
         """StartContainer succeeded."""
+
+    def update_container(
+        self, sandbox: Sandbox, container: Container, resources: LinuxResources
+    ) -> LinuxResources:
+        """UpdateContainerResources is about to apply ``resources``; the answer is what it applies
+        instead; raising fails the call (nothing applied)."""
+        return resources
+
+    def post_update_container(self, sandbox: Sandbox, container: Container) -> None:
+        """UpdateContainerResources succeeded."""
 
     def container_stopped(self, container: Container) -> None:
         """The container has stopped, by StopContainer or on its own; called from any thread,

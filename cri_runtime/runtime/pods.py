@@ -71,7 +71,9 @@ class Pods:
         with self.locks.exclusive(sandbox.id):
             if not self._current(sandbox):
                 raise NotFound(f"pod sandbox {pod_id!r} not found")
+            self.hooks.update_pod(sandbox, resources, overhead)  # NRI UpdatePodSandbox; raising fails
             self.sandboxes.update_resources(sandbox, resources, overhead)
+            self.hooks.post_update_pod(sandbox)
 
     def stop_pod(self, pod_id: str) -> None:
         sandbox = self.sandboxes.find(pod_id)
@@ -95,7 +97,9 @@ class Pods:
             if not self._current(sandbox):
                 return
             self.sandboxes.begin_remove(sandbox)
-            self.containers.remove_all_in_pod(sandbox.id)
+            for container in self.containers.remove_all_in_pod(sandbox.id):
+                # NRI: a plugin sees each container's removal, also when its pod takes it along.
+                self.hooks.remove_container(sandbox, container)
             self.hooks.remove_pod(sandbox)
             self.sandboxes.finish_remove(sandbox)
 
@@ -143,6 +147,20 @@ class Pods:
             self.hooks.remove_container(self.sandboxes.find(container.pod_id), container)
 
     def update_container_resources(self, container_id: str, resources: LinuxResources) -> None:
+        """UpdateContainerResources: NRI plugins may change what is applied (UpdateContainer),
+        and are told of the result (PostUpdateContainer)."""
+        container = self.containers.get(container_id)
+        with self.locks.shared(container.pod_id):
+            sandbox = self.sandboxes.find(container.pod_id)
+            if sandbox is not None:
+                resources = self.hooks.update_container(sandbox, container, resources)
+            self.containers.update_resources(container.id, resources)
+            if sandbox is not None:
+                self.hooks.post_update_container(sandbox, container)
+
+    def apply_container_resources(self, container_id: str, resources: LinuxResources) -> None:
+        """A container update an NRI plugin asked for: applied as UpdateContainerResources is, all
+        or nothing, without asking the plugins again."""
         container = self.containers.get(container_id)
         with self.locks.shared(container.pod_id):
             self.containers.update_resources(container.id, resources)

@@ -2,8 +2,10 @@
 
 Both ends being this project's code, the wire compatibility with containerd/nri's Go stub is not
 proven here: that is what critest's NRI specs (a Go plugin built on containerd/nri) check.
-The plugin runs on its own event loop in a thread; it records the events it gets and answers
-CreateContainer with the adjustment it was given, an error, or not in time.
+The plugin runs on its own event loop in a thread; it records the events it gets (and their
+requests) and answers CreateContainer with the adjustment it was given, an error, or not in time;
+``respond`` gives any other event an answer of the test's making (container updates, evictions, a
+validator's verdict), and ``update_containers`` sends the runtime unsolicited updates.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from cri_runtime.nri.api import api_pb2 as nri
 
 RUNTIME = "nri.pkg.api.v1alpha1.Runtime"
 ALL_EVENTS = (1 << (nri.LAST - 1)) - 1
+VALIDATE = 1 << (nri.VALIDATE_CONTAINER_ADJUSTMENT - 1)
+LIFECYCLE_EVENTS = ALL_EVENTS & ~VALIDATE  # everything but being a validator
 
 
 @dataclass
@@ -37,6 +41,10 @@ class NriTestPlugin:
     synced: threading.Event = field(default_factory=threading.Event)
     synced_containers: list[str] = field(default_factory=list)
     on_event: Callable[[str], None] | None = None
+    subscribe: int = LIFECYCLE_EVENTS
+    # method -> function of the request giving the response message (or raising TtrpcError)
+    respond: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    requests: list[tuple[str, Any]] = field(default_factory=list)
 
     def start(self, timeout: float = 10.0) -> NriTestPlugin:
         self._loop = asyncio.new_event_loop()
@@ -58,6 +66,15 @@ class NriTestPlugin:
         request = nri.RegisterPluginRequest(plugin_name=self.name, plugin_idx=self.idx)
         await self.channel.call(RUNTIME, "RegisterPlugin", request.SerializeToString(), 5)
 
+    def update_containers(
+        self, update: list[Any], evict: list[Any] | None = None, timeout: float = 10.0
+    ) -> Any:
+        """The runtime service's UpdateContainers: the answer lists the updates that failed."""
+        request = nri.UpdateContainersRequest(update=update, evict=evict or [])
+        call = self.channel.call(RUNTIME, "UpdateContainers", request.SerializeToString(), timeout)
+        payload = asyncio.run_coroutine_threadsafe(call, self._loop).result(timeout + 1)
+        return nri.UpdateContainersResponse.FromString(payload)
+
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.channel.close("test done"), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -69,20 +86,25 @@ class NriTestPlugin:
 
     async def _handle(self, service: str, method: str, payload: bytes) -> bytes:
         if method == "Configure":
-            return nri.ConfigureResponse(events=ALL_EVENTS).SerializeToString()
+            return nri.ConfigureResponse(events=self.subscribe).SerializeToString()
         if method == "Synchronize":
             request = nri.SynchronizeRequest.FromString(payload)
             self.synced_containers = [c.name for c in request.containers]
+            self.requests.append((method, request))
+            response = self.respond[method](request) if method in self.respond else nri.SynchronizeResponse()
             self.synced.set()
-            return nri.SynchronizeResponse().SerializeToString()
+            return response.SerializeToString()
         if method == "CreateContainer":
             request = nri.CreateContainerRequest.FromString(payload)
             self.events.append((method, request.container.name))
+            self.requests.append((method, request))
             if self.create_delay:
                 await asyncio.sleep(self.create_delay)
             if self.fail_create:
                 raise ttrpc.TtrpcError(ttrpc.CODE_UNKNOWN, self.fail_create)
-            response = nri.CreateContainerResponse()
+            response = (
+                self.respond[method](request) if method in self.respond else nri.CreateContainerResponse()
+            )
             if self.adjust is not None:
                 response.adjust.CopyFrom(self.adjust)
             return response.SerializeToString()
@@ -93,6 +115,9 @@ class NriTestPlugin:
         has_container = "container" in request.DESCRIPTOR.fields_by_name
         subject = request.container.name if has_container else request.pod.name
         self.events.append((method, subject))
+        self.requests.append((method, request))
+        if method in self.respond:
+            return self.respond[method](request).SerializeToString()
         return getattr(nri, f"{method}Response")().SerializeToString()
 
 
