@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.runtime import checkpoint
 from imageservice.checkpoint_image import CHECKPOINT_NAME_ANNOTATION
+from imageservice.db import ImageDB, ImageRecord
 from imageservice.platform import host_platform
 from tests.support.images import Image, Layer, RegistryClient, image_config, push_image
 from tests.support.pods import Env
@@ -288,3 +290,27 @@ def test_checkpoint_image_made_on_another_architecture_is_refused(env: Env, tmp_
     details = err.details() or ""
     assert "checkpoint image" in details and f"is for {OTHER_ARCH}; this node is {here}" in details, details
     env.cri.remove_image("test/foreign:1")
+
+
+def test_image_store_made_before_annotations_were_kept_opens_and_keeps_them_from_then_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pycri.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE images (id TEXT PRIMARY KEY, manifest_digest TEXT NOT NULL, config BLOB NOT NULL, "
+        "size INTEGER NOT NULL, pinned INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);"
+        "INSERT INTO images VALUES ('sha256:" + "1" * 64 + "', '', '{}', 2, 0, 1.0);"
+    )
+    old.commit()
+    old.close()
+
+    db = ImageDB(path)
+    try:
+        (before,) = db.load_images()
+        assert before.annotations == {}
+        db.save_image(ImageRecord("sha256:" + "2" * 64, "", b"{}", 2, [], annotations={"a.b/c": "d"}))
+        loaded = {r.id: r.annotations for r in db.load_images()}
+    finally:
+        db.close()
+    assert loaded == {"sha256:" + "1" * 64: {}, "sha256:" + "2" * 64: {"a.b/c": "d"}}

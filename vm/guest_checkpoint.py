@@ -7,7 +7,9 @@ Checks: `pycri check` says CRIU works; for each OCI runtime that can checkpoint 
 built with +CRIU, else SKIP with the reason): a container counting in a shell variable (its state in
 memory) that wrote a file to its rootfs is checkpointed to an archive with CRI-O's members while it
 keeps running; a new pod's container created from that archive restores: the file is there and the
-counter continues from where it was (it does not start again at 1).
+counter continues from where it was (it does not start again at 1); the same archive made into a
+checkpoint OCI image (`pycri checkpoint-image`), pushed to the in-guest registry, removed and
+pulled back, restores into another new pod the same way.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def count(cri: CRIClient, cid: str) -> int:
     return token_count(cri, cid)[1]
 
 
+def pycri_cli(*args: str) -> None:
+    result = subprocess.run(["pycri", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"pycri {' '.join(args)}: {result.stderr.strip()}"
+    print(f"   pycri {args[0]}: {result.stdout.strip()}")
+
+
 def crun_can_checkpoint() -> str:
     version = subprocess.run(["crun", "--version"], capture_output=True, text=True).stdout
     return "" if "+CRIU" in version else "crun here is built without CRIU (no +CRIU in crun --version)"
@@ -80,6 +88,7 @@ def main() -> int:
         ):
             return finish(checks)
         pods: list[str] = []
+        pulled: list[str] = []
         for runtime in ("runc", "crun"):
             why_not = crun_can_checkpoint() if runtime == "crun" else ""
             if why_not:
@@ -138,13 +147,15 @@ def main() -> int:
             ):
                 continue
 
-            def restore(runtime: str = runtime, archive: Path = archive, state: dict = state) -> None:
-                pod = cri.run_pod(
-                    f"restored-{runtime}", runtime_handler=runtime, log_directory=str(work / "logs")
-                )
+            def restore_into_new_pod(pod_name: str, image_ref: str, state: dict, runtime: str) -> None:
+                """CreateContainer from ``image_ref`` (an archive or a checkpoint image) in a new
+                pod, start it: the file is there and the counter goes on from the checkpoint."""
+                pod = cri.run_pod(pod_name, runtime_handler=runtime, log_directory=str(work / "logs"))
                 pods.append(pod)
-                cid = cri.create_container(pod, "restored", str(archive), log_path="r.log")
+                started = time.monotonic()
+                cid = cri.create_container(pod, "restored", image_ref, log_path=f"{pod_name}.log")
                 cri.start_container(cid)
+                print(f"   create + start (restore): {time.monotonic() - started:.1f}s")
                 assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
                 written = exec_out(cri, cid, "cat", "/written").strip()
                 token, first = token_count(cri, cid)
@@ -160,13 +171,41 @@ def main() -> int:
                 assert second > first, "the restored process is not running"
 
             checks.run(
-                f"[{runtime}] restore into a new pod: the counter continues, the file is there", restore
+                f"[{runtime}] restore into a new pod: the counter continues, the file is there",
+                lambda runtime=runtime, archive=archive, state=state: restore_into_new_pod(
+                    f"restored-{runtime}", str(archive), state, runtime
+                ),
+            )
+
+            def restore_from_image(
+                runtime: str = runtime, archive: Path = archive, state: dict = state
+            ) -> None:
+                # CRI-O's way through a registry: the archive as a checkpoint OCI image, pushed,
+                # forgotten here and pulled back as another node would, restored from.
+                ckpt_image = f"{reg.host}/vm/counter-ckpt-{runtime}:1"
+                started = time.monotonic()
+                pycri_cli("checkpoint-image", str(archive), ckpt_image)
+                pycri_cli("push", ckpt_image)
+                cri.remove_image(ckpt_image)
+                cri.pull(ckpt_image)
+                print(f"   checkpoint-image + push + pull: {time.monotonic() - started:.1f}s")
+                pulled.append(ckpt_image)
+                restore_into_new_pod(f"restored-image-{runtime}", ckpt_image, state, runtime)
+
+            checks.run(
+                f"[{runtime}] checkpoint OCI image (pycri checkpoint-image, push, pull) restores into a "
+                "new pod: the counter continues",
+                restore_from_image,
             )
             archive.unlink(missing_ok=True)
         for each in pods:
             checks.run(
                 f"StopPodSandbox + RemovePodSandbox {each[:12]}",
                 lambda each=each: (cri.stop_pod(each), cri.remove_pod(each)),
+            )
+        for each_image in pulled:
+            checks.run(
+                f"RemoveImage {each_image}", lambda each_image=each_image: cri.remove_image(each_image)
             )
         checks.run("RemoveImage", lambda: cri.remove_image(image))
     cri.close()
