@@ -9,7 +9,8 @@ memory) that wrote a file to its rootfs is checkpointed to an archive with CRI-O
 keeps running; a new pod's container created from that archive restores: the file is there and the
 counter continues from where it was (it does not start again at 1); the same archive made into a
 checkpoint OCI image (`pycri checkpoint-image`), pushed to the in-guest registry, removed and
-pulled back, restores into another new pod the same way.
+pulled back, restores into another new pod the same way; a checkpoint given 1 s for a dump that
+needs more is DeadlineExceeded with criu killed, nothing left and the container running.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import grpc
 
 # This script's directory is first on sys.path: the e2e driver's helpers.
 from guest_e2e import SOCKET, Checks, exec_out, finish, state_of, wait_for
@@ -37,6 +40,30 @@ COUNTER = (
     "echo persisted > /written; t=$RANDOM$RANDOM$RANDOM; i=0; "
     'while true; do i=$((i+1)); echo "$t $i" > /count; sleep 0.1; done'
 )
+
+
+# 128 MB held by a dd blocked writing to a reader that never reads, beside a counter.
+BIG_COUNTER = (
+    "dd if=/dev/zero bs=128M count=1 2>/dev/null | sleep 100000 & "
+    'i=0; while true; do i=$((i+1)); echo "t $i" > /count; sleep 0.1; done'
+)
+
+
+def largest_rss_kb(cri: CRIClient, cid: str) -> int:
+    out = exec_out(cri, cid, "sh", "-c", "cat /proc/[0-9]*/status 2>/dev/null | grep VmRSS || true")
+    return max((int(line.split()[1]) for line in out.splitlines() if line.split()[1:2]), default=0)
+
+
+def criu_pids() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "criu":
+                    found.append(int(entry.name))
+            except OSError:
+                pass  # gone meanwhile
+    return found
 
 
 def token_count(cri: CRIClient, cid: str) -> tuple[str, int]:
@@ -198,6 +225,50 @@ def main() -> int:
                 restore_from_image,
             )
             archive.unlink(missing_ok=True)
+
+            def deadline(runtime: str = runtime) -> None:
+                # A dump that cannot finish in time (a 1 s timeout; the dumps above take ~2 s, and
+                # this one has 128 MB more to write) is killed, runtime and criu both: the call
+                # is DeadlineExceeded, nothing is left, the container goes on running, not frozen.
+                pod = cri.run_pod(
+                    f"ckpt-deadline-{runtime}", runtime_handler=runtime, log_directory=str(work / "logs")
+                )
+                pods.append(pod)
+                cid = cri.create_container(
+                    pod, "big", image, command=["sh", "-c", BIG_COUNTER], log_path="big.log"
+                )
+                cri.start_container(cid)
+                wait_for(lambda: largest_rss_kb(cri, cid) > 120_000, 120, "128 MB held in memory")
+                wait_for(lambda: count(cri, cid) >= 5, 30, "the counter reaching 5")
+                location = CHECKPOINT_DIR / f"deadline-{runtime}.tar"
+                started = time.monotonic()
+                try:
+                    cri.runtime.CheckpointContainer(
+                        pb.CheckpointContainerRequest(container_id=cid, location=str(location), timeout=1),
+                        timeout=60,
+                    )
+                except grpc.RpcError as exc:
+                    code, details = exc.code(), exc.details() or ""
+                else:
+                    raise AssertionError("a 128 MB checkpoint finished within 1 s: nothing to test")
+                elapsed = time.monotonic() - started
+                print(f"   {code.name} after {elapsed:.1f}s: {details}")
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
+                assert "did not finish within" in details, details
+                assert elapsed < 15, elapsed
+                left = [p.name for p in CHECKPOINT_DIR.iterdir() if location.name in p.name]
+                assert left == [], left
+                assert criu_pids() == [], f"criu still running: {criu_pids()}"
+                assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
+                later = count(cri, cid)  # an exec into a frozen container would hang
+                time.sleep(1.0)
+                assert count(cri, cid) > later, "the container stopped counting: left frozen"
+
+            checks.run(
+                f"[{runtime}] CheckpointContainer past its timeout: DeadlineExceeded, criu killed, nothing "
+                "left, the container running",
+                deadline,
+            )
         for each in pods:
             checks.run(
                 f"StopPodSandbox + RemovePodSandbox {each[:12]}",

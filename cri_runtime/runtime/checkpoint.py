@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
@@ -49,7 +50,7 @@ from cri_runtime.errors import (
     PycriError,
     from_os_error,
 )
-from cri_runtime.host import mounts
+from cri_runtime.host import freezer, mounts
 from cri_runtime.oci.conmon import Executor
 from cri_runtime.runtime.state import Container
 
@@ -184,6 +185,7 @@ class CheckpointRequest:
     container_id: str
     location: str
     timeout: float = 0.0  # seconds; 0: DEFAULT_TIMEOUT
+    rpc_remaining: float | None = None  # what is left of the caller's gRPC deadline, if it set one
 
 
 def _remaining(deadline: float, what: str) -> float:
@@ -193,7 +195,7 @@ def _remaining(deadline: float, what: str) -> float:
     return left
 
 
-def _runtime_checkpoint(executor: Executor, container_id: str, work: Path, deadline: float) -> None:
+def _runtime_checkpoint(executor: Executor, container: Container, work: Path, deadline: float) -> None:
     images = work / CHECKPOINT_DIRECTORY
     images.mkdir(mode=0o700)
     argv = [
@@ -207,26 +209,57 @@ def _runtime_checkpoint(executor: Executor, container_id: str, work: Path, deadl
         "--work-path",
         str(work),
         "--leave-running",
-        container_id,
+        container.id,
     ]
     timeout = _remaining(deadline, "before the CRIU dump")
     try:
-        result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+        # A session of its own: on the deadline the runtime and the criu it started go together.
+        process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired:
-        raise DeadlineExceeded(
-            f"{executor.runtime_name} checkpoint of {container_id} did not finish within {timeout:.1f}s"
-        ) from None
     except OSError as exc:
         raise from_os_error(exc, f"cannot run {executor.runtime_name} checkpoint") from exc
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip()
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_dump(process, container)
+        raise DeadlineExceeded(
+            f"{executor.runtime_name} checkpoint of {container.id} did not finish within {timeout:.1f}s: "
+            "the dump was stopped and the container left running"
+        ) from None
+    except BaseException:
+        _stop_dump(process, container)
+        raise
+    if process.returncode != 0:
+        detail = (stderr or stdout).strip()
         dump_log = work / DUMP_LOG
         with contextlib.suppress(OSError):
             tail = dump_log.read_text(errors="replace").strip().splitlines()[-5:]
             detail += " | dump.log: " + " / ".join(tail)
-        raise FailedPrecondition(f"{executor.runtime_name} checkpoint of {container_id} failed: {detail}")
+        raise FailedPrecondition(f"{executor.runtime_name} checkpoint of {container.id} failed: {detail}")
+
+
+def _stop_dump(process: subprocess.Popen[str], container: Container) -> None:
+    """Kill a dump still running (the runtime and its criu, one process group) and thaw the
+    container, which CRIU freezes through its cgroup while it dumps: it goes on running."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    try:
+        process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:  # a pipe held open by something that left the group
+        process.kill()
+        process.wait()
+    try:
+        directory, v2 = freezer.freezer_dir(container.pid)
+        freezer.thaw(directory, v2)
+    except PycriError as exc:
+        log.warning("cannot thaw the container after a stopped dump", id=container.id, error=str(exc))
+    log.warning("checkpoint dump stopped on its deadline", id=container.id)
 
 
 def _deleted_files(upper: Path) -> list[str]:
@@ -267,7 +300,7 @@ def write_archive(container: Container, executor: Executor, target: Path, deadli
     try:
         (work / SPEC_DUMP).write_bytes(container.bundle_dir.joinpath("config.json").read_bytes())
         (work / CONFIG_DUMP).write_text(json.dumps(_config_dump(container, time.time_ns())))
-        _runtime_checkpoint(executor, container.id, work, deadline)
+        _runtime_checkpoint(executor, container, work, deadline)
         # After the dump, so the files match the memory image as closely as a running
         # container allows (CRI-O's order).
         upper = Path(container.dir) / "upper"
@@ -303,7 +336,11 @@ def write_archive(container: Container, executor: Executor, target: Path, deadli
 def checkpoint_container(containers: ContainerManager, request: CheckpointRequest, allowed_dir: Path) -> Path:
     """CheckpointContainer: the archive of running container ``request.container_id`` at
     ``request.location``; the container keeps running."""
-    deadline = time.monotonic() + (request.timeout if request.timeout > 0 else DEFAULT_TIMEOUT)
+    budget = request.timeout if request.timeout > 0 else DEFAULT_TIMEOUT
+    if request.rpc_remaining is not None:
+        # Answer before the caller gives up, so that what it gets is the truth: nothing left.
+        budget = min(budget, request.rpc_remaining - _RUNTIME_CALL_SLACK)
+    deadline = time.monotonic() + budget
     target = validate_location(request.location, allowed_dir)
     container = containers.get(request.container_id)
     with containers.locks.hold(container.id):
