@@ -254,7 +254,7 @@ def main() -> int:
                 elapsed = time.monotonic() - started
                 print(f"   {code.name} after {elapsed:.1f}s: {details}")
                 assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
-                assert "did not finish within" in details, details
+                assert "did not finish" in details, details
                 assert elapsed < 15, elapsed
                 left = [p.name for p in CHECKPOINT_DIR.iterdir() if location.name in p.name]
                 assert left == [], left
