@@ -361,7 +361,7 @@ def stack_image(
             if not layer_tar.is_file():
                 raise InvalidArgument(f"layer {str(layer_tar)!r} is not a file")
             # Stored gzip-compressed like a commit's layer: every registry and runtime takes it.
-            packed = _gzip(layer_tar, blob)
+            packed = gzip_layer(layer_tar, blob)
             rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
             rootfs["diff_ids"] = [*(rootfs.get("diff_ids") or []), packed.diff_id]
             blobs.append((Descriptor(GZIP_LAYER, packed.digest, packed.size), blob))
@@ -375,7 +375,8 @@ def stack_image(
         blob.unlink(missing_ok=True)
 
 
-def _gzip(source: Path, blob: Path) -> PackedLayer:
+def gzip_layer(source: Path, blob: Path) -> PackedLayer:
+    """Compress plain tar ``source`` into new file ``blob``: its digest, diff ID and size."""
     fd = os.open(blob, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as raw, open(source, "rb") as src:
         blob_writer = _HashingWriter(raw)

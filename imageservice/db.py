@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS images (
     config BLOB NOT NULL,
     size INTEGER NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    annotations TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS image_names (
     name TEXT PRIMARY KEY,
@@ -68,6 +69,8 @@ class ImageRecord:
     repo_digests: list[str] = field(default_factory=list)
     pinned: bool = False
     created_at: float = 0.0
+    # The image manifest's annotations (a checkpoint image is known by one of them).
+    annotations: dict[str, str] = field(default_factory=dict)
 
     @functools.cached_property
     def config(self) -> dict:
@@ -93,6 +96,25 @@ def image_user(config: dict) -> tuple[int | None, str]:
     return None, name
 
 
+def _annotations(text: str) -> dict[str, str]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def manifest_annotations(manifest: dict) -> dict[str, str]:
+    """An image manifest's ``annotations``: string keys to string values (anything else in the
+    map is left out, as a registry's hostile or sloppy manifest may carry it)."""
+    raw = manifest.get("annotations")
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 @dataclass(frozen=True)
 class LayerRecord:
     chain_id: str
@@ -110,6 +132,9 @@ class ImageDB:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(SCHEMA)
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(images)")}
+            if "annotations" not in columns:  # a store made before annotations were kept
+                self._conn.execute("ALTER TABLE images ADD COLUMN annotations TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -129,7 +154,7 @@ class ImageDB:
     def load_images(self) -> list[ImageRecord]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, manifest_digest, config, size, pinned, created_at FROM images"
+                "SELECT id, manifest_digest, config, size, pinned, created_at, annotations FROM images"
             ).fetchall()
             names = self._conn.execute(
                 "SELECT name, image_id, kind FROM image_names ORDER BY name"
@@ -147,6 +172,7 @@ class ImageDB:
                 layers=[],
                 pinned=bool(r[4]),
                 created_at=r[5],
+                annotations=_annotations(r[6]),
             )
             for r in rows
         }
@@ -184,8 +210,9 @@ class ImageDB:
         """
         with self._transaction() as conn:
             conn.execute(
-                "INSERT INTO images (id, manifest_digest, config, size, pinned, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pinned = excluded.pinned",
+                "INSERT INTO images (id, manifest_digest, config, size, pinned, created_at, annotations) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET pinned = excluded.pinned, annotations = excluded.annotations",
                 (
                     record.id,
                     record.manifest_digest,
@@ -193,6 +220,7 @@ class ImageDB:
                     record.size,
                     int(record.pinned),
                     record.created_at,
+                    json.dumps(record.annotations, sort_keys=True),
                 ),
             )
             conn.execute("DELETE FROM image_layers WHERE image_id = ?", (record.id,))

@@ -108,6 +108,8 @@ def image_manifest(record: ImageRecord, blobs: list[LayerBlob], fmt: ExportForma
         },
         "layers": layers,
     }
+    if record.annotations and fmt == "oci":  # Docker schema 2 has no annotations
+        manifest["annotations"] = dict(sorted(record.annotations.items()))
     return json.dumps(manifest, separators=(",", ":")).encode()
 
 

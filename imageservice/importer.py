@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from cri_runtime.errors import DataLoss, InvalidArgument, NotFound
-from imageservice.db import ImageRecord
+from imageservice.db import ImageRecord, manifest_annotations
 from imageservice.platform import describe
 from imageservice.reference import parse_reference
 from imageservice.store import INDEX_TYPES, Descriptor, ImageStore
@@ -140,7 +140,11 @@ def _import_oci(store: ImageStore, files: dict[str, Path], archive: Path) -> lis
             for raw_layer in document.get("layers") or []
         ]
         blobs = [(layer, _blob(files, layer, archive)) for layer in layers]
-        records.append(store.import_image(names, top.digest, config_bytes, blobs))
+        records.append(
+            store.import_image(
+                names, top.digest, config_bytes, blobs, annotations=manifest_annotations(document)
+            )
+        )
     return records
 
 

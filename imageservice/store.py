@@ -56,7 +56,7 @@ from cri_runtime.errors import (
 )
 from imageservice.cancel import Cancellation
 from imageservice.config import ImageConfig
-from imageservice.db import ImageDB, ImageRecord, LayerRecord, LayerRef
+from imageservice.db import ImageDB, ImageRecord, LayerRecord, LayerRef, manifest_annotations
 from imageservice.diskusage import disk_usage, disk_usage_of_dir
 from imageservice.platform import describe, host_platform
 from imageservice.reference import Reference, looks_like_image_id, parse_reference, validate_digest
@@ -406,7 +406,15 @@ class ImageStore:
             if manifest is not top:
                 size += len(manifest.body)
             record = self._record(
-                ref, top.digest, image_id, config_bytes, size, layer_descs, diff_ids, chains
+                ref,
+                top.digest,
+                image_id,
+                config_bytes,
+                size,
+                layer_descs,
+                diff_ids,
+                chains,
+                manifest_annotations(manifest.document),
             )
         finally:
             with self._state_lock:
@@ -596,6 +604,7 @@ class ImageStore:
         descs: list[Descriptor],
         diff_ids: list[str],
         chains: list[str],
+        annotations: Mapping[str, str] | None = None,
     ) -> ImageRecord:
         repo_digest = f"{ref.repository}@{manifest_digest}" if manifest_digest and ref.domain else None
         with self._writer_lock:
@@ -620,6 +629,8 @@ class ImageStore:
                 repo_tags=list(existing.repo_tags) if existing else [],
                 repo_digests=list(existing.repo_digests) if existing else [],
                 created_at=existing.created_at if existing else time.time(),
+                # (A store from before annotations were kept learns them on the next pull.)
+                annotations=(existing.annotations if existing else {}) or dict(annotations or {}),
             )
             # With both a tag and a digest the digest decides and the tag is dropped, as in containerd.
             if ref.tagged and not ref.digest and ref.tagged not in record.repo_tags:
@@ -654,6 +665,7 @@ class ImageStore:
         config_bytes: bytes,
         layer_blobs: Sequence[tuple[Descriptor, Path | None]],
         cancel: threading.Event | None = None,
+        annotations: Mapping[str, str] | None = None,
     ) -> ImageRecord:
         """Store an image whose blobs are already on local disk (from an archive, or a commit).
 
@@ -680,7 +692,17 @@ class ImageStore:
             size = len(config_bytes) + sum(desc.size for desc, _ in layer_blobs)
             descs = [d for d, _ in layer_blobs]
             records = [
-                self._record(ref, manifest_digest, config_digest, config_bytes, size, descs, diff_ids, chains)
+                self._record(
+                    ref,
+                    manifest_digest,
+                    config_digest,
+                    config_bytes,
+                    size,
+                    descs,
+                    diff_ids,
+                    chains,
+                    annotations,
+                )
                 for ref in refs
             ]
             return records[-1]
@@ -753,6 +775,7 @@ class ImageStore:
             descs,
             [layer.diff_id for layer in record.layers],
             [layer.chain_id for layer in record.layers],
+            record.annotations,
         )
 
 

@@ -34,6 +34,10 @@ RUNTIME = "runc"  # crun as Debian builds it has no CRIU support
 
 @pytest.fixture
 def env(daemon_factory, pod_image: str, tmp_path: Path) -> Iterator[Env]:  # type: ignore[no-untyped-def]
+    yield from runc_checkpoint_env(daemon_factory, pod_image, tmp_path)
+
+
+def runc_checkpoint_env(daemon_factory, pod_image: str, tmp_path: Path) -> Iterator[Env]:  # type: ignore[no-untyped-def]
     """A runc daemon whose checkpoint directory is ``tmp_path/checkpoints``; afterwards the host
     holds nothing of it."""
     bridge = f"pyt{secrets.token_hex(3)}"

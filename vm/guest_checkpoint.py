@@ -7,7 +7,10 @@ Checks: `pycri check` says CRIU works; for each OCI runtime that can checkpoint 
 built with +CRIU, else SKIP with the reason): a container counting in a shell variable (its state in
 memory) that wrote a file to its rootfs is checkpointed to an archive with CRI-O's members while it
 keeps running; a new pod's container created from that archive restores: the file is there and the
-counter continues from where it was (it does not start again at 1).
+counter continues from where it was (it does not start again at 1); the same archive made into a
+checkpoint OCI image (`pycri checkpoint-image`), pushed to the in-guest registry, removed and
+pulled back, restores into another new pod the same way; a checkpoint given 1 s for a dump that
+needs more is DeadlineExceeded with criu killed, nothing left and the container running.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import grpc
 
 # This script's directory is first on sys.path: the e2e driver's helpers.
 from guest_e2e import SOCKET, Checks, exec_out, finish, state_of, wait_for
@@ -37,6 +42,30 @@ COUNTER = (
 )
 
 
+# 128 MB held by a dd blocked writing to a reader that never reads, beside a counter.
+BIG_COUNTER = (
+    "dd if=/dev/zero bs=128M count=1 2>/dev/null | sleep 100000 & "
+    'i=0; while true; do i=$((i+1)); echo "t $i" > /count; sleep 0.1; done'
+)
+
+
+def largest_rss_kb(cri: CRIClient, cid: str) -> int:
+    out = exec_out(cri, cid, "sh", "-c", "cat /proc/[0-9]*/status 2>/dev/null | grep VmRSS || true")
+    return max((int(line.split()[1]) for line in out.splitlines() if line.split()[1:2]), default=0)
+
+
+def criu_pids() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "criu":
+                    found.append(int(entry.name))
+            except OSError:
+                pass  # gone meanwhile
+    return found
+
+
 def token_count(cri: CRIClient, cid: str) -> tuple[str, int]:
     token, _, number = exec_out(cri, cid, "cat", "/count").strip().partition(" ")
     return token, int(number or 0)
@@ -44,6 +73,12 @@ def token_count(cri: CRIClient, cid: str) -> tuple[str, int]:
 
 def count(cri: CRIClient, cid: str) -> int:
     return token_count(cri, cid)[1]
+
+
+def pycri_cli(*args: str) -> None:
+    result = subprocess.run(["pycri", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"pycri {' '.join(args)}: {result.stderr.strip()}"
+    print(f"   pycri {args[0]}: {result.stdout.strip()}")
 
 
 def crun_can_checkpoint() -> str:
@@ -80,6 +115,7 @@ def main() -> int:
         ):
             return finish(checks)
         pods: list[str] = []
+        pulled: list[str] = []
         for runtime in ("runc", "crun"):
             why_not = crun_can_checkpoint() if runtime == "crun" else ""
             if why_not:
@@ -138,13 +174,15 @@ def main() -> int:
             ):
                 continue
 
-            def restore(runtime: str = runtime, archive: Path = archive, state: dict = state) -> None:
-                pod = cri.run_pod(
-                    f"restored-{runtime}", runtime_handler=runtime, log_directory=str(work / "logs")
-                )
+            def restore_into_new_pod(pod_name: str, image_ref: str, state: dict, runtime: str) -> None:
+                """CreateContainer from ``image_ref`` (an archive or a checkpoint image) in a new
+                pod, start it: the file is there and the counter goes on from the checkpoint."""
+                pod = cri.run_pod(pod_name, runtime_handler=runtime, log_directory=str(work / "logs"))
                 pods.append(pod)
-                cid = cri.create_container(pod, "restored", str(archive), log_path="r.log")
+                started = time.monotonic()
+                cid = cri.create_container(pod, "restored", image_ref, log_path=f"{pod_name}.log")
                 cri.start_container(cid)
+                print(f"   create + start (restore): {time.monotonic() - started:.1f}s")
                 assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
                 written = exec_out(cri, cid, "cat", "/written").strip()
                 token, first = token_count(cri, cid)
@@ -160,13 +198,85 @@ def main() -> int:
                 assert second > first, "the restored process is not running"
 
             checks.run(
-                f"[{runtime}] restore into a new pod: the counter continues, the file is there", restore
+                f"[{runtime}] restore into a new pod: the counter continues, the file is there",
+                lambda runtime=runtime, archive=archive, state=state: restore_into_new_pod(
+                    f"restored-{runtime}", str(archive), state, runtime
+                ),
+            )
+
+            def restore_from_image(
+                runtime: str = runtime, archive: Path = archive, state: dict = state
+            ) -> None:
+                # CRI-O's way through a registry: the archive as a checkpoint OCI image, pushed,
+                # forgotten here and pulled back as another node would, restored from.
+                ckpt_image = f"{reg.host}/vm/counter-ckpt-{runtime}:1"
+                started = time.monotonic()
+                pycri_cli("checkpoint-image", str(archive), ckpt_image)
+                pycri_cli("push", ckpt_image)
+                cri.remove_image(ckpt_image)
+                cri.pull(ckpt_image)
+                print(f"   checkpoint-image + push + pull: {time.monotonic() - started:.1f}s")
+                pulled.append(ckpt_image)
+                restore_into_new_pod(f"restored-image-{runtime}", ckpt_image, state, runtime)
+
+            checks.run(
+                f"[{runtime}] checkpoint OCI image (pycri checkpoint-image, push, pull) restores into a "
+                "new pod: the counter continues",
+                restore_from_image,
             )
             archive.unlink(missing_ok=True)
+
+            def deadline(runtime: str = runtime) -> None:
+                # A dump that cannot finish in time (a 1 s timeout; the dumps above take ~2 s, and
+                # this one has 128 MB more to write) is killed, runtime and criu both: the call
+                # is DeadlineExceeded, nothing is left, the container goes on running, not frozen.
+                pod = cri.run_pod(
+                    f"ckpt-deadline-{runtime}", runtime_handler=runtime, log_directory=str(work / "logs")
+                )
+                pods.append(pod)
+                cid = cri.create_container(
+                    pod, "big", image, command=["sh", "-c", BIG_COUNTER], log_path="big.log"
+                )
+                cri.start_container(cid)
+                wait_for(lambda: largest_rss_kb(cri, cid) > 120_000, 120, "128 MB held in memory")
+                wait_for(lambda: count(cri, cid) >= 5, 30, "the counter reaching 5")
+                location = CHECKPOINT_DIR / f"deadline-{runtime}.tar"
+                started = time.monotonic()
+                try:
+                    cri.runtime.CheckpointContainer(
+                        pb.CheckpointContainerRequest(container_id=cid, location=str(location), timeout=1),
+                        timeout=60,
+                    )
+                except grpc.RpcError as exc:
+                    code, details = exc.code(), exc.details() or ""
+                else:
+                    raise AssertionError("a 128 MB checkpoint finished within 1 s: nothing to test")
+                elapsed = time.monotonic() - started
+                print(f"   {code.name} after {elapsed:.1f}s: {details}")
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
+                assert "did not finish" in details, details
+                assert elapsed < 15, elapsed
+                left = [p.name for p in CHECKPOINT_DIR.iterdir() if location.name in p.name]
+                assert left == [], left
+                assert criu_pids() == [], f"criu still running: {criu_pids()}"
+                assert state_of(cri, cid) == pb.ContainerState.CONTAINER_RUNNING
+                later = count(cri, cid)  # an exec into a frozen container would hang
+                time.sleep(1.0)
+                assert count(cri, cid) > later, "the container stopped counting: left frozen"
+
+            checks.run(
+                f"[{runtime}] CheckpointContainer past its timeout: DeadlineExceeded, criu killed, nothing "
+                "left, the container running",
+                deadline,
+            )
         for each in pods:
             checks.run(
                 f"StopPodSandbox + RemovePodSandbox {each[:12]}",
                 lambda each=each: (cri.stop_pod(each), cri.remove_pod(each)),
+            )
+        for each_image in pulled:
+            checks.run(
+                f"RemoveImage {each_image}", lambda each_image=each_image: cri.remove_image(each_image)
             )
         checks.run("RemoveImage", lambda: cri.remove_image(image))
     cri.close()

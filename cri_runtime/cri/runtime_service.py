@@ -339,7 +339,9 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
     ) -> pb.CheckpointContainerResponse:
         if not request.container_id:
             raise InvalidArgument("container_id is empty")
-        wanted = checkpoint.CheckpointRequest(request.container_id, request.location, float(request.timeout))
+        wanted = checkpoint.CheckpointRequest(
+            request.container_id, request.location, float(request.timeout), context.time_remaining()
+        )
         _, containers = self._managers()
         await _in_thread(
             checkpoint.checkpoint_container, containers, wanted, Path(self.config.checkpoint_dir)

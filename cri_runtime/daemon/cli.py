@@ -1,4 +1,5 @@
-"""The ``pycri`` command: serve, check, version, config, image import/tag/export, commit, push."""
+"""The ``pycri`` command: serve, check, version, config, image import/tag/export, commit, push,
+checkpoint-image."""
 
 from __future__ import annotations
 
@@ -281,6 +282,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint_image(args: argparse.Namespace) -> int:
+    request = {"archive": str(Path(args.archive).resolve()), "name": args.name}
+    result = _images_call(args, "CheckpointImage", request)
+    if result is None:
+        return 1
+    print(result["image"]["id"], " ".join(result["image"]["repo_tags"]))
+    return 0
+
+
 def _add_workflow_commands(sub: argparse._SubParsersAction, image_sub: argparse._SubParsersAction) -> None:
     commit = sub.add_parser("commit", help="make an image of a container's changes")
     commit.add_argument("container")
@@ -318,6 +328,14 @@ def _add_workflow_commands(sub: argparse._SubParsersAction, image_sub: argparse.
     push.add_argument("--timeout", type=float, default=3600.0)
     _add_config_flags(push)
     push.set_defaults(func=_cmd_push)
+    ckpt = sub.add_parser(
+        "checkpoint-image", help="make a checkpoint OCI image (CRI-O's layout) of a checkpoint archive"
+    )
+    ckpt.add_argument("archive", help="the archive CheckpointContainer wrote")
+    ckpt.add_argument("name", help="NAME[:TAG] of the image (push it with pycri push)")
+    ckpt.add_argument("--timeout", type=float, default=3600.0)
+    _add_config_flags(ckpt)
+    ckpt.set_defaults(func=_cmd_checkpoint_image)
     build = sub.add_parser("build", help="build an image from a Containerfile")
     build.add_argument("context")
     build.add_argument("-f", "--file", help="the Containerfile (default CONTEXT/Containerfile or Dockerfile)")

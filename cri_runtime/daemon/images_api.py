@@ -1,4 +1,5 @@
-"""``pycri.v1.Images``: pycri's own image workflow on its socket (commit, tag, export, push).
+"""``pycri.v1.Images``: pycri's own image workflow on its socket (commit, tag, export, push,
+checkpoint-image).
 
 Like ``pycri.v1.Admin`` (``pycri image import``) it is JSON over gRPC on the CRI server: these
 calls are pycri's CLI talking to its own daemon, not a wire contract other programs implement,
@@ -22,6 +23,7 @@ from cri_runtime.cri.status import status_code
 from cri_runtime.errors import InvalidArgument, PycriError
 from cri_runtime.runtime.commit import CommitRequest, commit_container
 from cri_runtime.runtime.containers import ContainerManager
+from imageservice.checkpoint_image import make_checkpoint_image
 from imageservice.commit import stack_image
 from imageservice.db import ImageRecord
 from imageservice.export import export_image
@@ -125,6 +127,11 @@ class ImagesAPI:
         )
         return {"image": _image(record)}
 
+    def checkpoint_image(self, request: dict) -> dict:
+        """A checkpoint OCI image (CRI-O's layout and annotation) of a checkpoint archive."""
+        record = make_checkpoint_image(self.store, Path(_text(request, "archive")), _text(request, "name"))
+        return {"image": _image(record)}
+
     def _unary(self, method: Callable[[dict], dict]) -> Handler:
         async def call(request: dict, context: grpc.aio.ServicerContext) -> dict:
             if not isinstance(request, dict):
@@ -145,6 +152,7 @@ class ImagesAPI:
             "Export": self.export,
             "Push": self.push,
             "Stack": self.stack,
+            "CheckpointImage": self.checkpoint_image,
         }
         return grpc.method_handlers_generic_handler(
             IMAGES_SERVICE,

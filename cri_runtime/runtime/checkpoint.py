@@ -14,6 +14,12 @@ A restore archive comes from outside and is treated as hostile: only plain files
 under relative, non-climbing names are unpacked, the layer changes go through the image layer
 unpacker, and an archive for another architecture or without its metadata is refused before
 anything is made.
+
+A checkpoint OCI image (CRI-O's way to ship a checkpoint through a registry; made by
+``checkpointctl build``, buildah, or ``pycri checkpoint-image``) is one whose manifest carries
+the annotation ``io.kubernetes.cri-o.annotations.checkpoint.name``; its content is an archive's
+members at the root. A restore from one mounts the image read-only from the store for as long
+as it takes to copy the CRIU images and unpack the rootfs diff, under the same rules.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import tarfile
 import threading
@@ -42,12 +50,16 @@ from cri_runtime.errors import (
     PycriError,
     from_os_error,
 )
+from cri_runtime.host import freezer, mounts
 from cri_runtime.oci.conmon import Executor
 from cri_runtime.runtime.state import Container
 
 if TYPE_CHECKING:
     from cri_runtime.runtime.containers import ContainerManager
+    from imageservice.store import ImageStore
+from imageservice.checkpoint_image import CHECKPOINT_NAME_ANNOTATION
 from imageservice.commit import pack_upper_plain
+from imageservice.db import ImageRecord
 from imageservice.platform import host_platform
 from imageservice.unpack import unpack_layer
 
@@ -67,6 +79,7 @@ CRIU_CHECK_TIMEOUT = 30.0
 DEFAULT_TIMEOUT = 300.0
 # A restore archive bigger than this (unpacked) is refused: it is read onto the node's disk.
 MAX_RESTORE_BYTES = 64 << 30
+MAX_METADATA_BYTES = 16 << 20  # config.dump, spec.dump
 _RUNTIME_CALL_SLACK = 1.0
 
 
@@ -172,6 +185,7 @@ class CheckpointRequest:
     container_id: str
     location: str
     timeout: float = 0.0  # seconds; 0: DEFAULT_TIMEOUT
+    rpc_remaining: float | None = None  # what is left of the caller's gRPC deadline, if it set one
 
 
 def _remaining(deadline: float, what: str) -> float:
@@ -181,7 +195,7 @@ def _remaining(deadline: float, what: str) -> float:
     return left
 
 
-def _runtime_checkpoint(executor: Executor, container_id: str, work: Path, deadline: float) -> None:
+def _runtime_checkpoint(executor: Executor, container: Container, work: Path, deadline: float) -> None:
     images = work / CHECKPOINT_DIRECTORY
     images.mkdir(mode=0o700)
     argv = [
@@ -195,26 +209,57 @@ def _runtime_checkpoint(executor: Executor, container_id: str, work: Path, deadl
         "--work-path",
         str(work),
         "--leave-running",
-        container_id,
+        container.id,
     ]
     timeout = _remaining(deadline, "before the CRIU dump")
     try:
-        result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+        # A session of its own: on the deadline the runtime and the criu it started go together.
+        process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired:
-        raise DeadlineExceeded(
-            f"{executor.runtime_name} checkpoint of {container_id} did not finish within {timeout:.1f}s"
-        ) from None
     except OSError as exc:
         raise from_os_error(exc, f"cannot run {executor.runtime_name} checkpoint") from exc
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip()
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_dump(process, container)
+        raise DeadlineExceeded(
+            f"{executor.runtime_name} checkpoint of {container.id} did not finish within {timeout:.1f}s: "
+            "the dump was stopped and the container left running"
+        ) from None
+    except BaseException:
+        _stop_dump(process, container)
+        raise
+    if process.returncode != 0:
+        detail = (stderr or stdout).strip()
         dump_log = work / DUMP_LOG
         with contextlib.suppress(OSError):
             tail = dump_log.read_text(errors="replace").strip().splitlines()[-5:]
             detail += " | dump.log: " + " / ".join(tail)
-        raise FailedPrecondition(f"{executor.runtime_name} checkpoint of {container_id} failed: {detail}")
+        raise FailedPrecondition(f"{executor.runtime_name} checkpoint of {container.id} failed: {detail}")
+
+
+def _stop_dump(process: subprocess.Popen[str], container: Container) -> None:
+    """Kill a dump still running (the runtime and its criu, one process group) and thaw the
+    container, which CRIU freezes through its cgroup while it dumps: it goes on running."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    try:
+        process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:  # a pipe held open by something that left the group
+        process.kill()
+        process.wait()
+    try:
+        directory, v2 = freezer.freezer_dir(container.pid)
+        freezer.thaw(directory, v2)
+    except PycriError as exc:
+        log.warning("cannot thaw the container after a stopped dump", id=container.id, error=str(exc))
+    log.warning("checkpoint dump stopped on its deadline", id=container.id)
 
 
 def _deleted_files(upper: Path) -> list[str]:
@@ -255,7 +300,7 @@ def write_archive(container: Container, executor: Executor, target: Path, deadli
     try:
         (work / SPEC_DUMP).write_bytes(container.bundle_dir.joinpath("config.json").read_bytes())
         (work / CONFIG_DUMP).write_text(json.dumps(_config_dump(container, time.time_ns())))
-        _runtime_checkpoint(executor, container.id, work, deadline)
+        _runtime_checkpoint(executor, container, work, deadline)
         # After the dump, so the files match the memory image as closely as a running
         # container allows (CRI-O's order).
         upper = Path(container.dir) / "upper"
@@ -291,7 +336,11 @@ def write_archive(container: Container, executor: Executor, target: Path, deadli
 def checkpoint_container(containers: ContainerManager, request: CheckpointRequest, allowed_dir: Path) -> Path:
     """CheckpointContainer: the archive of running container ``request.container_id`` at
     ``request.location``; the container keeps running."""
-    deadline = time.monotonic() + (request.timeout if request.timeout > 0 else DEFAULT_TIMEOUT)
+    budget = request.timeout if request.timeout > 0 else DEFAULT_TIMEOUT
+    if request.rpc_remaining is not None:
+        # Answer before the caller gives up, so that what it gets is the truth: nothing left.
+        budget = min(budget, request.rpc_remaining - _RUNTIME_CALL_SLACK)
+    deadline = time.monotonic() + budget
     target = validate_location(request.location, allowed_dir)
     container = containers.get(request.container_id)
     with containers.locks.hold(container.id):
@@ -397,43 +446,147 @@ def open_archive(archive: Path, dest: Path) -> RestoreSource:
     members.mkdir(mode=0o700)
     try:
         _extract(archive, members)
-        try:
-            config = json.loads((members / CONFIG_DUMP).read_text())
-            spec = json.loads((members / SPEC_DUMP).read_text())
-        except FileNotFoundError as exc:
-            raise InvalidArgument(
-                f"checkpoint archive {str(archive)!r} has no {os.path.basename(str(exc.filename))}"
-            ) from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(
-                f"checkpoint archive {str(archive)!r}: metadata is not JSON: {exc}"
-            ) from None
-        if not isinstance(config, dict) or not isinstance(spec, dict):
-            raise InvalidArgument(f"checkpoint archive {str(archive)!r}: metadata is not a JSON object")
-        here = host_platform().architecture
-        arch = config.get("architecture") or here
-        if arch != here:
-            raise InvalidArgument(
-                f"checkpoint archive {str(archive)!r} was made on {arch}; this node is {here}"
-            )
-        image = config.get("rootfsImageRef") or config.get("rootfsImage")
-        if not isinstance(image, str) or not image:
-            raise InvalidArgument(f"checkpoint archive {str(archive)!r}: {CONFIG_DUMP} names no rootfsImage")
-        if not (members / CHECKPOINT_DIRECTORY).is_dir():
-            raise InvalidArgument(
-                f"checkpoint archive {str(archive)!r} has no {CHECKPOINT_DIRECTORY}/ (CRIU images)"
-            )
-        source = RestoreSource(dest, image, str(config.get("rootfsImageName") or image), spec)
-        _unpack_rootfs_diff(members / ROOTFS_DIFF_TAR, source.upper)
-        return source
+        return _open_members(members, dest, f"checkpoint archive {str(archive)!r}")
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
 
 
-def _unpack_rootfs_diff(diff: Path, upper: Path) -> None:
+def is_checkpoint_image(record: ImageRecord) -> bool:
+    """CRI-O's rule: an image whose manifest carries the checkpoint name annotation is a
+    checkpoint image (its content: a checkpoint archive's members at its root)."""
+    return CHECKPOINT_NAME_ANNOTATION in record.annotations
+
+
+def open_image(store: ImageStore, record: ImageRecord, dest: Path) -> RestoreSource:
+    """Check checkpoint image ``record`` and take what a restore needs from its content, mounted
+    read-only from the store for the while (the CRIU images copied, the rootfs diff unpacked,
+    nothing else read), into new directory ``dest``; InvalidArgument (and ``dest`` removed)
+    for anything missing, hostile or made for another architecture."""
+    what = f"checkpoint image {(record.repo_tags or record.repo_digests or [record.id])[0]}"
+    here = host_platform().architecture
+    arch = record.config.get("architecture") or here
+    if arch != here:
+        raise InvalidArgument(f"{what} is for {arch}; this node is {here}")
+    dest.mkdir(mode=0o700)
+    content = dest / "image"
+    try:
+        content.mkdir(mode=0o700)
+        (dest / "archive").mkdir(mode=0o700)
+        chains = store.hold_layers(record.id)
+        try:
+            mounts.mount_layers_readonly(store.layer_dirs(record.id), content)
+            try:
+                return _open_members(content, dest, what)
+            finally:
+                mounts.unmount(content)
+        finally:
+            store.release_layers(chains)
+    except BaseException:
+        if not mounts.mounts_under(content):  # never remove through a mount still there
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _read_member(root: Path, name: str, what: str) -> bytes:
+    """Member ``name`` of checkpoint content ``root``: a plain file (a link is not followed)."""
+    try:
+        fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InvalidArgument(f"{what} has no {name}") from None
+    except OSError as exc:
+        raise InvalidArgument(
+            f"{what}: {name} cannot be read ({exc.strerror}); it must be a plain file"
+        ) from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"{what}: {name} is not a plain file")
+        if st.st_size > MAX_METADATA_BYTES:
+            raise InvalidArgument(f"{what}: {name} is larger than {MAX_METADATA_BYTES} bytes")
+        return fh.read(MAX_METADATA_BYTES + 1)
+
+
+def _json_member(root: Path, name: str, what: str) -> dict:
+    data = _read_member(root, name, what)
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{what}: metadata is not JSON: {name}: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what}: metadata is not a JSON object: {name}")
+    return value
+
+
+def _open_members(root: Path, dest: Path, what: str) -> RestoreSource:
+    """Check the checkpoint members under ``root`` (an unpacked archive, or a checkpoint image's
+    mounted content) and make the restore's own copy in ``dest``: the CRIU images under
+    ``dest/archive/checkpoint`` and the rootfs diff unpacked as ``dest/upper``."""
+    config = _json_member(root, CONFIG_DUMP, what)
+    spec = _json_member(root, SPEC_DUMP, what)
+    here = host_platform().architecture
+    arch = config.get("architecture") or here
+    if arch != here:
+        raise InvalidArgument(f"{what} was made on {arch}; this node is {here}")
+    image = config.get("rootfsImageRef") or config.get("rootfsImage")
+    if not isinstance(image, str) or not image:
+        raise InvalidArgument(f"{what}: {CONFIG_DUMP} names no rootfsImage")
+    images = root / CHECKPOINT_DIRECTORY
+    try:
+        images_are_a_directory = stat.S_ISDIR(os.lstat(images).st_mode)
+    except FileNotFoundError:
+        images_are_a_directory = False
+    if not images_are_a_directory:
+        raise InvalidArgument(f"{what} has no {CHECKPOINT_DIRECTORY}/ (CRIU images)")
+    source = RestoreSource(dest, image, str(config.get("rootfsImageName") or image), spec)
+    if images != source.images:
+        _copy_plain_tree(images, source.images, what)
+    diff = root / ROOTFS_DIFF_TAR
+    try:
+        diff_mode: int | None = os.lstat(diff).st_mode
+    except FileNotFoundError:
+        diff_mode = None
+    if diff_mode is not None and not stat.S_ISREG(diff_mode):
+        raise InvalidArgument(f"{what}: {ROOTFS_DIFF_TAR} is not a plain file")
+    _unpack_rootfs_diff(diff, source.upper, keep=images != source.images)
+    return source
+
+
+def _copy_plain_tree(source: Path, target: Path, what: str) -> None:
+    """Copy directory ``source`` (checkpoint content from an image: links are not followed,
+    anything but plain files and directories refused) to new directory ``target``."""
+    total = 0
+    target.mkdir(mode=0o700)
+    for directory, dirs, files in os.walk(source):
+        relative = os.path.relpath(directory, source)
+        out = target if relative == "." else target / relative
+        for name in [*dirs, *files]:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            shown = os.path.join(CHECKPOINT_DIRECTORY, os.path.relpath(path, source))
+            if stat.S_ISDIR(st.st_mode):
+                (out / name).mkdir(mode=0o700)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidArgument(f"{what}: {shown!r} is not a plain file or directory")
+            total += st.st_size
+            if total > MAX_RESTORE_BYTES:
+                raise InvalidArgument(
+                    f"{what}: {CHECKPOINT_DIRECTORY}/ holds more than {MAX_RESTORE_BYTES} bytes"
+                )
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as src:
+                out_fd = os.open(
+                    out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+                )
+                with os.fdopen(out_fd, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _unpack_rootfs_diff(diff: Path, upper: Path, *, keep: bool = False) -> None:
     """The checkpointed writable layer into new directory ``upper``, through the image layer
-    unpacker's hostile-content rules (the whiteouts become overlay whiteouts again)."""
+    unpacker's hostile-content rules (the whiteouts become overlay whiteouts again); ``diff``
+    removed afterwards unless ``keep`` (an image's, read where it is mounted)."""
     upper.mkdir(mode=0o755)
     if not diff.is_file():
         return
@@ -441,4 +594,5 @@ def _unpack_rootfs_diff(diff: Path, upper: Path) -> None:
         unpack_layer(diff, upper, blob_digest=f"checkpoint {ROOTFS_DIFF_TAR}")
     except PycriError as exc:
         raise InvalidArgument(f"checkpoint archive {ROOTFS_DIFF_TAR}: {exc}") from exc
-    diff.unlink()
+    if not keep:
+        diff.unlink()

@@ -517,13 +517,23 @@ class ContainerManager:
 
     def create(self, sandbox: Sandbox, config: ContainerConfig) -> Container:
         """CreateContainer in ``sandbox``, which the caller checked is ready (and keeps so). An
-        image.image naming a checkpoint archive creates the container to restore from it."""
-        if not checkpoint.is_archive_reference(config.image):
-            return self._create_container(sandbox, config, None)
+        image.image naming a checkpoint archive, or a checkpoint OCI image in the store, creates
+        the container to restore from it (CRI-O's rules)."""
         # Named like a container: after a crash, the start-up sweep takes it as an orphan's.
-        source = checkpoint.open_archive(Path(config.image), self.settings.root_dir / secrets.token_hex(32))
+        scratch = self.settings.root_dir / secrets.token_hex(32)
+        if checkpoint.is_archive_reference(config.image):
+            source = checkpoint.open_archive(Path(config.image), scratch)
+        else:
+            record = self.images.resolve(config.image) if config.image else None
+            if record is None or not checkpoint.is_checkpoint_image(record):
+                return self._create_container(sandbox, config, None)
+            source = checkpoint.open_image(self.images, record, scratch)
         try:
-            return self._create_container(sandbox, replace(config, image=source.image), source)
+            base = source.image
+            with contextlib.suppress(InvalidArgument):  # (a name that is no reference: not the base)
+                if self.images.resolve(base) is None and self.images.resolve(source.image_name):
+                    base = source.image_name  # the same image by name, under another ID here
+            return self._create_container(sandbox, replace(config, image=base), source)
         finally:
             # On success its CRIU images were moved into the container's directory already.
             shutil.rmtree(source.directory, ignore_errors=True)
