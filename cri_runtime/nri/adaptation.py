@@ -226,6 +226,9 @@ class Nri(LifecycleHooks):
         # RemoveContainer (or the pod's StopPodSandbox) waits for it, keeping NRI's order.
         self._stops: dict[str, asyncio.Task[Any]] = {}
         self.plugins: list[Plugin] = []
+        # Plugins between Configure and the end of their Synchronize: an event made meanwhile must
+        # wait for the synchronisation (the read lock) and then reach them, not skip them.
+        self._registering = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._lock: RWLock | None = None
@@ -391,28 +394,37 @@ class Nri(LifecycleHooks):
                 await plugin.channel.call(PLUGIN_SERVICE, "Configure", configure.SerializeToString(), timeout)
             )
             plugin.events = reply.events if reply.events else (1 << (nri.LAST - 1)) - 1
-            async with self._lock.write():
-                pods, containers, specs = await asyncio.get_running_loop().run_in_executor(
-                    None, self.snapshot
-                )
-                request = nri.SynchronizeRequest(
-                    pods=[pod_message(s) for s in pods],
-                    containers=[container_message(c, specs.get(c.id)) for c in containers],
-                )
-                synced = nri.SynchronizeResponse.FromString(
-                    await plugin.channel.call(
-                        PLUGIN_SERVICE, "Synchronize", request.SerializeToString(), timeout
-                    )
-                )
-                if plugin in self._connections:
-                    self.plugins.append(plugin)
-                    self.plugins.sort(key=lambda p: (p.idx, p.name))
+            self._registering += 1
+            try:
+                await self._synchronize(plugin, timeout)
+            finally:
+                self._registering -= 1
             log.info("NRI plugin registered", plugin=plugin.label, events=hex(plugin.events))
-            if synced.update and plugin in self._connections:
-                # The plugin's updates to existing containers (containerd: "post-sync updates").
-                self._spawn(self._apply_async(list(synced.update), [], plugin.label))
         except (TtrpcError, Exception) as exc:
             await self._drop(plugin, f"registration failed: {exc}")
+
+    async def _synchronize(self, plugin: Plugin, timeout: float) -> None:
+        """Synchronize under the write lock; the plugin gets events once this is done."""
+        assert self._lock is not None
+        async with self._lock.write():
+            pods, containers, specs = await asyncio.get_running_loop().run_in_executor(None, self.snapshot)
+            request = nri.SynchronizeRequest(
+                pods=[pod_message(s) for s in pods],
+                containers=[container_message(c, specs.get(c.id)) for c in containers],
+            )
+            synced = nri.SynchronizeResponse.FromString(
+                await plugin.channel.call(PLUGIN_SERVICE, "Synchronize", request.SerializeToString(), timeout)
+            )
+            if plugin in self._connections:
+                self.plugins.append(plugin)
+                self.plugins.sort(key=lambda p: (p.idx, p.name))
+        if synced.update and plugin in self._connections:
+            # The plugin's updates to existing containers (containerd: "post-sync updates").
+            self._spawn(self._apply_async(list(synced.update), [], plugin.label))
+
+    def _idle(self) -> bool:
+        """No plugin registered or registering: the events have no one to go to."""
+        return not self.plugins and not self._registering
 
     # --- calls to plugins ----------------------------------------------------------------------
 
@@ -451,7 +463,7 @@ class Nri(LifecycleHooks):
         return answers
 
     def _notify(self, event: int, method: str, request: Any, response_type: Any, fail: bool = False) -> None:
-        if not self.plugins:
+        if self._idle():
             return
         try:
             self._run(self._call_each(event, method, request, response_type))
@@ -577,7 +589,7 @@ class Nri(LifecycleHooks):
         )
 
     def stop_pod(self, sandbox: Sandbox) -> None:
-        if not self.plugins:
+        if self._idle():
             return
         request = nri.StopPodSandboxRequest(pod=pod_message(sandbox))
         call = self._call_each(nri.STOP_POD_SANDBOX, "StopPodSandbox", request, nri.StopPodSandboxResponse)
@@ -591,7 +603,7 @@ class Nri(LifecycleHooks):
         self._notify(nri.REMOVE_POD_SANDBOX, "RemovePodSandbox", request, nri.RemovePodSandboxResponse)
 
     def create_container(self, sandbox: Sandbox, container: Container, oci_spec: dict[str, Any]) -> None:
-        if not self.plugins:
+        if self._idle():
             return
         request = nri.CreateContainerRequest(
             pod=pod_message(sandbox), container=container_message(container, oci_spec)
@@ -651,7 +663,7 @@ class Nri(LifecycleHooks):
     def update_container(
         self, sandbox: Sandbox, container: Container, resources: LinuxResources
     ) -> LinuxResources:
-        if not self.plugins:
+        if self._idle():
             return resources
         request = nri.UpdateContainerRequest(
             pod=pod_message(sandbox),
@@ -681,7 +693,7 @@ class Nri(LifecycleHooks):
 
     def container_stopped(self, container: Container) -> None:
         loop = self._loop
-        if loop is None or not self.plugins:
+        if loop is None or self._idle():
             return
         try:
             on_loop = asyncio.get_running_loop() is loop
@@ -733,7 +745,7 @@ class Nri(LifecycleHooks):
     def remove_container(self, sandbox: Sandbox | None, container: Container) -> None:
         if self._loop is None:
             return
-        if sandbox is None or not self.plugins:
+        if sandbox is None or self._idle():
             self._loop.call_soon_threadsafe(self._stops.pop, container.id, None)
             return
         request = nri.RemoveContainerRequest(
