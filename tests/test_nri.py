@@ -7,6 +7,7 @@ NRI specs is the test of compatibility with containerd/nri.
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import struct
@@ -117,6 +118,83 @@ def test_plugin_adjusts_env_annotation_and_mount_and_sees_events(nri_env: Env, t
             ("RemovePodSandbox", "nripod"),
         ]
         assert plugin.events == expected
+    finally:
+        plugin.stop()
+
+
+def test_plugin_adjusts_sysctl_seccomp_and_namespace_entries(nri_env: Env) -> None:
+    deny_mkdir = nri.LinuxSeccomp(
+        default_action="SCMP_ACT_ALLOW",
+        syscalls=[
+            nri.LinuxSyscall(
+                names=["mkdir", "mkdirat"], action="SCMP_ACT_ERRNO", errno_ret=nri.OptionalUInt32(value=1)
+            )
+        ],
+    )
+    adjust = nri.ContainerAdjustment(
+        linux=nri.LinuxContainerAdjustment(
+            sysctl={"kernel.shm_rmid_forced": "1"},
+            seccomp_policy=deny_mkdir,
+            # The container's own UTS namespace instead of the pod's (a new one: no path).
+            namespaces=[nri.LinuxNamespace(type="uts")],
+        )
+    )
+    plugin = NriTestPlugin(_socket(nri_env), "linuxadj", adjust=adjust).start()
+    try:
+        pod = nri_env.pod("linuxadj")
+        cid = nri_env.run(pod, "adjusted", ["sleep", "100"])
+        assert exec_out(nri_env.cri, cid, "cat", "/proc/sys/kernel/shm_rmid_forced") == "1\n"
+        made = nri_env.cri.exec_sync(cid, ["mkdir", "/tmp/denied"], 10)
+        assert made.exit_code != 0 and b"Operation not permitted" in made.stderr, made
+        spec = json.loads((nri_env.daemon.state / "containers" / cid / "bundle" / "config.json").read_text())
+        assert spec["linux"]["sysctl"]["kernel.shm_rmid_forced"] == "1"
+        assert spec["linux"]["seccomp"]["syscalls"][0]["names"] == ["mkdir", "mkdirat"]
+        assert {"type": "uts"} in spec["linux"]["namespaces"]
+    finally:
+        plugin.stop()
+
+
+@pytest.mark.parametrize(
+    ("adjust", "words"),
+    [
+        (
+            nri.ContainerAdjustment(
+                linux=nri.LinuxContainerAdjustment(
+                    io_priority=nri.LinuxIOPriority(**{"class": nri.IOPRIO_CLASS_BE, "priority": 4})
+                )
+            ),
+            "process.ioPriority",
+        ),
+        (
+            nri.ContainerAdjustment(
+                linux=nri.LinuxContainerAdjustment(scheduler=nri.LinuxScheduler(policy=nri.SCHED_BATCH))
+            ),
+            "process.scheduler",
+        ),
+        (nri.ContainerAdjustment(CDI_devices=[nri.CDIDevice(name="vendor.com/gpu=0")]), "CDI devices"),
+        (
+            nri.ContainerAdjustment(
+                linux=nri.LinuxContainerAdjustment(
+                    resources=nri.LinuxResources(blockio_class=nri.OptionalString(value="slow"))
+                )
+            ),
+            "block I/O class",
+        ),
+    ],
+    ids=["io-priority", "scheduler", "cdi", "blockio-class"],
+)
+def test_adjustments_the_runtimes_cannot_apply_are_refused(
+    nri_env: Env, adjust: nri.ContainerAdjustment, words: str
+) -> None:
+    plugin = NriTestPlugin(_socket(nri_env), "toomuch", adjust=adjust).start()
+    try:
+        pod = nri_env.pod("refusedadj")
+        with pytest.raises(grpc.RpcError) as err:
+            nri_env.cri.create_container(pod, "c", nri_env.image, command=["sleep", "100"])
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert words in err.value.details() and "toomuch" in err.value.details()
+        assert nri_env.cri.list_containers() == []
+        assert list((nri_env.daemon.state / "containers").iterdir()) == []
     finally:
         plugin.stop()
 

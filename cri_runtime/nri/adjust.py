@@ -28,6 +28,8 @@ _COMPOUND = {
     "device": "Devices",
     "unified": "CgroupsUnified",
     "hugepage limit": "HugepageLimits",
+    "namespace": "Namespace",
+    "sysctl": "Sysctl",
 }
 _SIMPLE = {
     ("args", ""): "Args",
@@ -42,6 +44,24 @@ _SIMPLE = {
     ("cpu", "cpus"): "CPUSetCPUs",
     ("cpu", "mems"): "CPUSetMems",
     ("pids", "limit"): "PidsLimit",
+    ("memory", "swappiness"): "MemSwappiness",
+    ("memory", "disable_oom_killer"): "MemDisableOomKiller",
+    ("cpu", "realtime_runtime"): "CPURealtimeRuntime",
+    ("cpu", "realtime_period"): "CPURealtimePeriod",
+    ("seccomp policy", ""): "SeccompPolicy",
+    ("rdt", "clos id"): "RdtClosID",
+    ("rdt", "schemata"): "RdtSchemata",
+    ("rdt", "monitoring"): "RdtEnableMonitoring",
+}
+
+# Adjustments whose OCI fields (runtime-spec 1.2+) Debian bookworm's crun 1.8.1 and runc 1.1.5 do not
+# know: they would ignore them without a word, so a container would run without what the plugin
+# asked for. Refused instead, naming the field.
+_NOT_APPLIED = {
+    "io_priority": "process.ioPriority",
+    "scheduler": "process.scheduler",
+    "memory_policy": "linux.memoryPolicy",
+    "net_devices": "linux.netDevices",
 }
 
 
@@ -128,6 +148,12 @@ def apply(spec: Spec, adjust: nri.ContainerAdjustment, plugin: str, owners: Owne
     if adjust.HasField("hooks"):
         _apply_hooks(spec, adjust.hooks)
         owners.add_hooks(plugin)
+    if adjust.CDI_devices:
+        names = ", ".join(d.name for d in adjust.CDI_devices)
+        raise FailedPrecondition(
+            f"NRI plugin {plugin} asks for CDI devices ({names}): "
+            "pycri has no CDI registry (/etc/cdi) support"
+        )
     if adjust.HasField("linux"):
         _apply_linux(spec, adjust.linux, plugin, owners)
 
@@ -197,21 +223,110 @@ def _apply_linux(spec: Spec, linux: nri.LinuxContainerAdjustment, plugin: str, o
         spec.setdefault("process", {})["oomScoreAdj"] = linux.oom_score_adj.value
     if linux.HasField("resources"):
         _apply_resources(oci_linux.setdefault("resources", {}), linux.resources, plugin, owners)
+    for field, oci_name in _NOT_APPLIED.items():
+        if linux.HasField(field) if field != "net_devices" else bool(linux.net_devices):
+            raise FailedPrecondition(
+                f"NRI plugin {plugin} adjusts {oci_name}, which the OCI runtimes here (crun 1.8.1, "
+                "runc 1.1.5) would ignore: refused rather than run the container without it"
+            )
+    for ns in linux.namespaces:
+        kind, remove = _split_removal(ns.type)
+        owners.claim("namespace", kind, plugin)
+        namespaces = [n for n in oci_linux.get("namespaces", []) if n.get("type") != kind]
+        if not remove:
+            entry = {"type": kind}
+            if ns.path:
+                entry["path"] = ns.path
+            namespaces.append(entry)
+        oci_linux["namespaces"] = namespaces
+    for raw, value in linux.sysctl.items():
+        key, remove = _split_removal(raw)
+        owners.claim("sysctl", key, plugin)
+        sysctl = oci_linux.setdefault("sysctl", {})
+        if remove:
+            sysctl.pop(key, None)
+        else:
+            sysctl[key] = value
+    if linux.HasField("seccomp_policy"):
+        owners.claim("seccomp policy", "", plugin)
+        oci_linux["seccomp"] = _seccomp(linux.seccomp_policy)
+    if linux.HasField("rdt"):
+        _apply_rdt(oci_linux, linux.rdt, plugin, owners)
+
+
+def _seccomp(policy: nri.LinuxSeccomp) -> Spec:
+    """NRI's LinuxSeccomp as the OCI ``linux.seccomp`` object (the whole policy is replaced)."""
+    out: Spec = {"defaultAction": policy.default_action}
+    if policy.HasField("default_errno"):
+        out["defaultErrnoRet"] = policy.default_errno.value
+    if policy.architectures:
+        out["architectures"] = list(policy.architectures)
+    if policy.flags:
+        out["flags"] = list(policy.flags)
+    if policy.listener_path:
+        out["listenerPath"] = policy.listener_path
+    if policy.listener_metadata:
+        out["listenerMetadata"] = policy.listener_metadata
+    syscalls = []
+    for rule in policy.syscalls:
+        entry: Spec = {"names": list(rule.names), "action": rule.action}
+        if rule.HasField("errno_ret"):
+            entry["errnoRet"] = rule.errno_ret.value
+        if rule.args:
+            entry["args"] = [
+                {"index": a.index, "value": a.value, "valueTwo": a.value_two, "op": a.op} for a in rule.args
+            ]
+        syscalls.append(entry)
+    if syscalls:
+        out["syscalls"] = syscalls
+    if not out["defaultAction"]:
+        raise InvalidArgument("NRI seccomp policy without a default action")
+    return out
+
+
+def _apply_rdt(oci_linux: Spec, rdt: nri.LinuxRdt, plugin: str, owners: Owners) -> None:
+    if rdt.remove:
+        for key in ("clos id", "schemata", "monitoring"):
+            owners.claim("rdt", key, plugin)
+        oci_linux.pop("intelRdt", None)
+        return
+    intel = oci_linux.setdefault("intelRdt", {})
+    if rdt.HasField("clos_id"):
+        owners.claim("rdt", "clos id", plugin)
+        intel["closID"] = rdt.clos_id.value
+    if rdt.HasField("schemata"):
+        owners.claim("rdt", "schemata", plugin)
+        intel["schemata"] = list(rdt.schemata.value)
+    if rdt.HasField("enable_monitoring"):
+        owners.claim("rdt", "monitoring", plugin)
+        intel["enableMonitoring"] = rdt.enable_monitoring.value
 
 
 def _apply_resources(resources: Spec, adj: nri.LinuxResources, plugin: str, owners: Owners) -> None:
     if adj.HasField("memory"):
         memory = resources.setdefault("memory", {})
-        for field, oci_name in (("limit", "limit"), ("reservation", "reservation"), ("swap", "swap")):
+        for field, oci_name in (
+            ("limit", "limit"),
+            ("reservation", "reservation"),
+            ("swap", "swap"),
+            ("swappiness", "swappiness"),
+            ("disable_oom_killer", "disableOOMKiller"),
+        ):
             if adj.memory.HasField(field):
                 owners.claim("memory", field, plugin)
                 memory[oci_name] = getattr(adj.memory, field).value
     if adj.HasField("cpu"):
         cpu = resources.setdefault("cpu", {})
-        for field in ("shares", "quota", "period"):
+        for field, oci_name in (
+            ("shares", "shares"),
+            ("quota", "quota"),
+            ("period", "period"),
+            ("realtime_runtime", "realtimeRuntime"),
+            ("realtime_period", "realtimePeriod"),
+        ):
             if adj.cpu.HasField(field):
                 owners.claim("cpu", field, plugin)
-                cpu[field] = getattr(adj.cpu, field).value
+                cpu[oci_name] = getattr(adj.cpu, field).value
         for field in ("cpus", "mems"):
             value = getattr(adj.cpu, field)
             if value:
@@ -223,6 +338,23 @@ def _apply_resources(resources: Spec, adj: nri.LinuxResources, plugin: str, owne
     for key, value in adj.unified.items():
         owners.claim("unified", key, plugin)
         resources.setdefault("unified", {})[key] = value
+    for limit in adj.hugepage_limits:
+        owners.claim("hugepage limit", limit.page_size, plugin)
+        kept = [h for h in resources.get("hugepageLimits", []) if h.get("pageSize") != limit.page_size]
+        resources["hugepageLimits"] = [*kept, {"pageSize": limit.page_size, "limit": limit.limit}]
+    for rule in adj.devices:  # NRI v1 emulation: device cgroup rules
+        entry: Spec = {"allow": rule.allow, "type": rule.type or "a", "access": rule.access or "rwm"}
+        if rule.HasField("major"):
+            entry["major"] = rule.major.value
+        if rule.HasField("minor"):
+            entry["minor"] = rule.minor.value
+        resources.setdefault("devices", []).append(entry)
+    for field, what in (("blockio_class", "a block I/O class"), ("rdt_class", "an RDT class")):
+        if adj.HasField(field):
+            raise FailedPrecondition(
+                f"NRI plugin {plugin} assigns {what} ({getattr(adj, field).value!r}): pycri has no "
+                "class configuration for it"
+            )
 
 
 # --- container updates -------------------------------------------------------------------------
