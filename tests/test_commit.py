@@ -21,7 +21,8 @@ import pytest
 
 from cri_runtime.errors import InvalidArgument
 from cri_runtime.host import mounts
-from imageservice.commit import apply_changes, commit_config, pack_upper
+from imageservice.commit import apply_changes, commit_config
+from imageservice.packer import pack_upper
 from imageservice.unpack import unpack_layer
 from tests.support.pods import Env, container_pid, exec_out, wait_exited
 
@@ -368,3 +369,9 @@ def test_commit_racing_a_removal_either_commits_or_is_not_found(env: Env) -> Non
                 assert wait_exited(env.cri, check).exit_code == 0
     assert list((env.daemon.root / "tmp").iterdir()) == []
     print(f"\ncommit vs removal: {outcomes}")
+
+
+def test_the_cli_names_the_images_service_as_the_daemon_serves_it() -> None:
+    from cri_runtime.daemon import cli, images_api
+
+    assert cli.IMAGES_SERVICE == images_api.IMAGES_SERVICE
