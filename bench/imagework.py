@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.measure import median
+from bench.measure import median, read_cpu_ticks
 from bench.pods import build_and_push_pod_images
 from bench.runtimes import PodNetwork, PycriRuntime
 from tests.support.registry import Registry
@@ -140,14 +142,27 @@ def commit_run(rt: PycriRuntime, pod: str, image: str, work: Path, run: int, mb:
         upper_bytes = _du_bytes(upper)
         archive = work / f"ref-{run}.tar.gz"
 
+        cpu: dict[str, float] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def children_cpu() -> float:
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return usage.ru_utime + usage.ru_stime
+
         def reference() -> float:
+            before = children_cpu()
             started = time.perf_counter()
             subprocess.run(["tar", "-czf", str(archive), "-C", str(upper), "."], check=True, timeout=600)
             subprocess.run(["sha256sum", str(archive)], check=True, capture_output=True, timeout=120)
-            return time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            cpu["tar"] = children_cpu() - before
+            return seconds
 
         def commit() -> tuple[float, str]:
+            # CPU of the daemon (all its threads) and of the CLI process.
+            before, cli_before = read_cpu_ticks(rt.pid) or 0, children_cpu()
             seconds, out = _pycri(socket, root, "commit", cid, f"bench/commit:{run}")
+            cpu["commit"] = ((read_cpu_ticks(rt.pid) or 0) - before) / tick + children_cpu() - cli_before
             return seconds, out.split()[0]
 
         # Alternate who goes first: both read the same files; neither always gets the warmer cache.
@@ -199,6 +214,9 @@ def commit_run(rt: PycriRuntime, pod: str, image: str, work: Path, run: int, mb:
         "commit_in_daemon_seconds": logged.get("seconds"),
         "commit_pack_seconds": logged.get("pack_seconds"),
         "ratio": commit_seconds / tar_seconds,
+        "tar_cpu_seconds": cpu["tar"],
+        "commit_cpu_seconds": cpu["commit"],
+        "load_average": os.getloadavg()[0],
         "upper_bytes": upper_bytes,
         "archive_bytes": archive_bytes,
         "layer_bytes": int(status.size),
@@ -258,7 +276,9 @@ def images_bench(
                 f"commit run {run}: tar -czf + sha256sum {res['tar_seconds']:.2f}s, pycri commit "
                 f"{res['commit_seconds']:.2f}s (daemon {res['commit_in_daemon_seconds']}s, "
                 f"of which packing {res['commit_pack_seconds']}s), "
-                f"ratio {res['ratio']:.2f}; upper {res['upper_bytes'] / MIB:.1f} MiB"
+                f"ratio {res['ratio']:.2f}; CPU tar {res['tar_cpu_seconds']:.2f}s, commit "
+                f"{res['commit_cpu_seconds']:.2f}s; upper {res['upper_bytes'] / MIB:.1f} MiB; "
+                f"load {res['load_average']:.1f}"
             )
         out["commit"] = runs
         try:
@@ -299,6 +319,17 @@ def render(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
                 f"| … commit, in the daemon (its log), median (s) | {median(daemon_s):.2f} | {tar_s:.2f} "
                 f"| {median(daemon_s) / tar_s:.2f} | — | — |"
             )
+        cpu_commit = median([r["commit_cpu_seconds"] for r in runs])
+        cpu_tar = median([r["tar_cpu_seconds"] for r in runs])
+        lines.append(
+            f"| … CPU time (user + sys): daemon + CLI vs tar + gzip + sha256sum, median (s) "
+            f"| {cpu_commit:.2f} | {cpu_tar:.2f} | {cpu_commit / cpu_tar:.2f} | — | — |"
+        )
+        lines.append(
+            "| … 1-minute load average after each run | "
+            + " ".join(f"{r['load_average']:.1f}" for r in runs)
+            + f" | (on {os.cpu_count()} CPUs) | | | |"
+        )
         lines.append("| … per-run ratios | " + " ".join(f"{r['ratio']:.2f}" for r in runs) + " | | | | |")
     rebuild = res.get("rebuild")
     if rebuild:
