@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shlex
 import stat
 import tarfile
@@ -44,7 +45,36 @@ _UNSUPPORTED_XATTRS = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
 _CHUNK = 1 << 20
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
-CHANGE_KEYS = ("CMD", "ENTRYPOINT", "ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "STOPSIGNAL", "VOLUME")
+CHANGE_KEYS = (
+    "CMD",
+    "ENTRYPOINT",
+    "ENV",
+    "WORKDIR",
+    "USER",
+    "LABEL",
+    "EXPOSE",
+    "STOPSIGNAL",
+    "VOLUME",
+    "HEALTHCHECK",
+    "ONBUILD",
+)
+# HEALTHCHECK options, as Docker names them, to the image config's Healthcheck keys.
+_HEALTH_DURATIONS = {
+    "--interval": "Interval",
+    "--timeout": "Timeout",
+    "--start-period": "StartPeriod",
+    "--start-interval": "StartInterval",
+}
+_DURATION_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "ms": 1_000_000,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 
 
 class _HashingWriter:
@@ -175,9 +205,54 @@ def _pairs(value: str, what: str) -> list[tuple[str, str]]:
     return out
 
 
+def _duration_ns(text: str, what: str) -> int:
+    """A Go duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds, as Docker stores it."""
+    pos, total = 0, 0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+        pos = match.end()
+    if not text or pos != len(text):
+        raise InvalidArgument(f"{what}: {text!r} is not a duration such as 30s, 1m30s or 500ms")
+    return total
+
+
+def _healthcheck(value: str, change: str) -> dict:
+    """``HEALTHCHECK [--interval=D --timeout=D --start-period=D --start-interval=D --retries=N] CMD
+    command`` or ``HEALTHCHECK NONE``, as Docker records it in the image config."""
+    rest = value.strip()
+    health: dict[str, object] = {}
+    while rest.startswith("--"):
+        option, _, rest = rest.partition(" ")
+        rest = rest.strip()
+        name, sep, text = option.partition("=")
+        if name in _HEALTH_DURATIONS and sep:
+            health[_HEALTH_DURATIONS[name]] = _duration_ns(text, f"HEALTHCHECK {name}")
+        elif name == "--retries" and sep and text.isdigit():
+            health["Retries"] = int(text)
+        else:
+            raise InvalidArgument(
+                f"--change {change!r}: {option!r} is not one of --interval, --timeout, --start-period, "
+                "--start-interval (=DURATION) or --retries (=N)"
+            )
+    word, _, command = rest.partition(" ")
+    if word.upper() == "NONE" and not command.strip() and not health:
+        return {"Test": ["NONE"]}
+    if word.upper() != "CMD" or not command.strip():
+        raise InvalidArgument(f"--change {change!r}: HEALTHCHECK takes [OPTIONS] CMD command, or NONE")
+    command = command.strip()
+    if command.startswith("["):
+        health["Test"] = ["CMD", *_json_or_shell(command)]
+    else:
+        health["Test"] = ["CMD-SHELL", command]
+    return {"Test": health.pop("Test"), **health}
+
+
 def apply_changes(config: dict, changes: list[str]) -> dict:
     """The runtime config (the ``config`` object of an image config) with Dockerfile-style
-    ``changes`` applied: CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, EXPOSE."""
+    ``changes`` applied: CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, EXPOSE, STOPSIGNAL, VOLUME,
+    HEALTHCHECK (the ``Healthcheck`` object) and ONBUILD (appended to ``OnBuild``)."""
     out = copy.deepcopy(config)
     for change in changes:
         keyword, _, value = change.strip().partition(" ")
@@ -214,6 +289,13 @@ def apply_changes(config: dict, changes: list[str]) -> dict:
             paths = _json_or_shell(value) if value.startswith("[") else value.split()
             volumes.update({path: {} for path in paths})
             out["Volumes"] = volumes
+        elif keyword == "HEALTHCHECK":
+            out["Healthcheck"] = _healthcheck(value, change)
+        elif keyword == "ONBUILD":
+            trigger = value.split(None, 1)[0].upper()
+            if trigger in ("ONBUILD", "FROM", "MAINTAINER"):
+                raise InvalidArgument(f"--change {change!r}: ONBUILD cannot trigger {trigger}")
+            out["OnBuild"] = [*(out.get("OnBuild") or []), value]
         elif keyword == "EXPOSE":
             ports = dict(out.get("ExposedPorts") or {})
             for port in value.split():

@@ -210,3 +210,28 @@ def test_add_of_a_hostile_archive_is_refused_and_writes_nothing(env: Env, tmp_pa
     assert {i.id for i in env.cri.list_images()} == images_before
     assert list((env.daemon.root / "tmp").iterdir()) == []
     assert not Path("/tmp/evil").exists() and not (tmp_path / "evil").exists()
+
+
+def test_healthcheck_and_onbuild_are_recorded_in_the_image_config(env: Env, tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Containerfile").write_text(
+        f"FROM {env.image}\nARG PORT=8080\n"
+        "HEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost:$PORT || exit 1\n"
+        "ONBUILD RUN echo triggered $PORT\n"
+    )
+    built = pycri(env, "build", "-t", "health:1", str(context))
+    assert built.returncode == 0, built.stderr + built.stdout
+    info = json.loads(env.cri.image_status("health:1", verbose=True).info["info"])
+    config = info["imageSpec"]["config"]
+    # Recorded as written: no build variable substituted, as in Docker.
+    assert config["Healthcheck"] == {
+        "Test": ["CMD-SHELL", "wget -q -O- localhost:$PORT || exit 1"],
+        "Interval": 5 * 10**9,
+        "Retries": 2,
+    }
+    assert config["OnBuild"] == ["RUN echo triggered $PORT"]
+    bad = context / "Bad"
+    bad.write_text(f"FROM {env.image}\nHEALTHCHECK --interval=soon CMD true\n")
+    refused = pycri(env, "build", "-f", str(bad), str(context))
+    assert refused.returncode != 0 and "not a duration" in refused.stderr, refused.stderr

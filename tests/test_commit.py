@@ -455,3 +455,35 @@ def test_the_layer_written_beside_the_blob_is_what_the_unpacker_makes_of_it(tmp_
     assert os.getxattr(mirror / "opaque", "trusted.overlay.opaque") == b"y"
     assert "trusted.overlay.origin" not in os.listxattr(mirror / "dir")
     assert os.stat(mirror / "zz-hard").st_ino == os.stat(mirror / "dir" / "sub" / "file").st_ino
+
+
+def test_healthcheck_and_onbuild_changes_are_recorded_as_docker_does() -> None:
+    config = apply_changes(
+        {"OnBuild": ["RUN echo first"]},
+        [
+            "HEALTHCHECK --interval=1m30s --timeout=500ms --start-period=2s --retries=4 "
+            "CMD wget -q -O- localhost",
+            "ONBUILD COPY . /src",
+        ],
+    )
+    assert config["Healthcheck"] == {
+        "Test": ["CMD-SHELL", "wget -q -O- localhost"],
+        "Interval": 90 * 10**9,
+        "Timeout": 500 * 10**6,
+        "StartPeriod": 2 * 10**9,
+        "Retries": 4,
+    }
+    assert config["OnBuild"] == ["RUN echo first", "COPY . /src"]
+    assert apply_changes({}, ['HEALTHCHECK CMD ["test", "-e", "/ok"]'])["Healthcheck"] == {
+        "Test": ["CMD", "test", "-e", "/ok"]
+    }
+    assert apply_changes({}, ["HEALTHCHECK NONE"])["Healthcheck"] == {"Test": ["NONE"]}
+    for bad, says in (
+        ("HEALTHCHECK --interval=soon CMD true", "not a duration"),
+        ("HEALTHCHECK --every=1s CMD true", "is not one of --interval"),
+        ("HEALTHCHECK true", "CMD command, or NONE"),
+        ("ONBUILD FROM busybox", "cannot trigger FROM"),
+        ("ONBUILD ONBUILD RUN x", "cannot trigger ONBUILD"),
+    ):
+        with pytest.raises(InvalidArgument, match=says):
+            apply_changes({}, [bad])

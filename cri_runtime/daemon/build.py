@@ -37,7 +37,22 @@ from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Py
 ImagesCall = Callable[[str, dict], dict]
 
 _VAR = re.compile(r"\$(?:\{(\w+)(?::-([^}]*))?\}|(\w+))")
-_CONFIG_ONLY = ("ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "CMD", "ENTRYPOINT", "STOPSIGNAL", "VOLUME")
+_CONFIG_ONLY = (
+    "ENV",
+    "WORKDIR",
+    "USER",
+    "LABEL",
+    "EXPOSE",
+    "CMD",
+    "ENTRYPOINT",
+    "STOPSIGNAL",
+    "VOLUME",
+    "HEALTHCHECK",
+    "ONBUILD",
+)
+# Recorded as written: Docker substitutes no build variables in these (ONBUILD's are for the
+# build that triggers it).
+_VERBATIM = ("HEALTHCHECK", "ONBUILD")
 
 
 @dataclass(frozen=True)
@@ -352,6 +367,8 @@ class Build:
         if step.keyword in ("CMD", "ENTRYPOINT"):
             form = _exec_form(step.args) or [*shell, step.args]
             return f"{step.keyword} {json.dumps(form)}"
+        if step.keyword in _VERBATIM:
+            return f"{step.keyword} {step.args}"
         return f"{step.keyword} {substitute(step.args, variables)}"
 
     def _stack(self, image: str, changes: list[str], layer: Path | None, created_by: str) -> str:
