@@ -161,7 +161,7 @@ class _LayerTar:
                 self.tar.addfile(info)
                 self.dirs.add(parent)
 
-    def add(self, source: Path, name: str, chown: tuple[int, int] | None) -> None:
+    def add(self, source: Path, name: str, chown: tuple[int, int] | None, chmod: int | None = None) -> None:
         st = source.lstat()
         info = self.tar.gettarinfo(str(source), arcname=name)
         info.uname = info.gname = ""
@@ -169,6 +169,8 @@ class _LayerTar:
             info.uid, info.gid = chown
         else:
             info.uid = info.gid = 0
+        if chmod is not None and not info.issym():
+            info.mode = chmod
         self._parents(name, info.uid, info.gid)
         self.key.update(
             f"{name}\0{info.mode}\0{info.uid}\0{info.gid}\0{info.type!r}\0{info.linkname}\0".encode()
@@ -443,14 +445,19 @@ class Build:
     def _copy(self, image: str, step: Instruction, variables: dict[str, str], config: dict) -> str:
         words = shlex.split(substitute(step.args, variables))
         chown: tuple[int, int] | None = None
+        chmod: int | None = None
         source_image = ""
         while words and words[0].startswith("--"):
             flag = words.pop(0)
             if flag.startswith("--chown="):
-                user, _, group = flag.removeprefix("--chown=").partition(":")
-                if not user.isdigit() or (group and not group.isdigit()):
-                    raise InvalidArgument(f"line {step.line}: --chown takes numeric UID[:GID]")
-                chown = (int(user), int(group or user))
+                chown = self._owner(image, flag.removeprefix("--chown="), step)
+            elif flag.startswith("--chmod="):
+                mode = flag.removeprefix("--chmod=")
+                if not mode or any(c not in "01234567" for c in mode) or int(mode, 8) > 0o7777:
+                    raise InvalidArgument(
+                        f"line {step.line}: --chmod takes an octal mode such as 755 or 0644"
+                    )
+                chmod = int(mode, 8)
             elif flag.startswith("--from=") and step.keyword == "COPY":
                 name = flag.removeprefix("--from=")
                 source_image = self.stages.get(name) or self._from(name)
@@ -460,8 +467,22 @@ class Build:
             raise InvalidArgument(f"line {step.line}: {step.keyword} SRC... DEST")
         if source_image:
             with self._image_root(source_image) as root:
-                return self._copy_from(image, step, words, chown, config, root, source_image)
-        return self._copy_from(image, step, words, chown, config, self.context, "")
+                return self._copy_from(image, step, words, chown, config, root, source_image, chmod)
+        return self._copy_from(image, step, words, chown, config, self.context, "", chmod)
+
+    def _owner(self, image: str, text: str, step: Instruction) -> tuple[int, int]:
+        """``--chown=USER[:GROUP]``, numbers or names; names are looked up in the image's own
+        /etc/passwd and /etc/group. Without a group the GID is the UID's number, as in Docker."""
+        user, _, group = text.partition(":")
+        if not user:
+            raise InvalidArgument(f"line {step.line}: --chown takes USER[:GROUP]")
+        if user.isdigit() and (not group or group.isdigit()):
+            return int(user), int(group or user)
+        with self._image_root(image) as root:
+            uid = int(user) if user.isdigit() else _lookup(root, "passwd", user, step)
+            if not group:
+                return uid, uid
+            return uid, int(group) if group.isdigit() else _lookup(root, "group", group, step)
 
     @contextlib.contextmanager
     def _image_root(self, image: str) -> Iterator[Path]:
@@ -486,6 +507,7 @@ class Build:
         config: dict,
         root: Path,
         source_image: str,
+        chmod: int | None = None,
     ) -> str:
         *sources, dest = words
         where = f"image {source_image[7:19]}" if source_image else "the build context"
@@ -503,10 +525,10 @@ class Build:
                 if step.keyword == "ADD" and _is_archive(real):
                     layer.add_archive(real, dest_path)
                 elif real.is_dir():
-                    self._add_tree(layer, real, dest_path, chown, step, root, ignore, not source_image)
+                    self._add_tree(layer, real, dest_path, chown, step, root, ignore, not source_image, chmod)
                 else:
                     name = f"{dest_path}/{source.name}" if into_dir else dest_path
-                    layer.add(real, name.lstrip("/"), chown)
+                    layer.add(real, name.lstrip("/"), chown, chmod)
         key = self._key(image, step.keyword, dest_path, layer.key.hexdigest())
         cached = self._cached(key)
         if cached:
@@ -528,6 +550,7 @@ class Build:
         root: Path,
         ignore: list[tuple[bool, str]],
         check_links: bool,
+        chmod: int | None = None,
     ) -> None:
         for directory, dirnames, filenames in os.walk(top):
             dirnames.sort()
@@ -541,7 +564,7 @@ class Build:
                     # Kept as a link; one pointing out of the context is refused, not followed.
                     _inside(root, path, f"line {step.line}", "the build context")
                 inner = str(path.relative_to(top))
-                layer.add(path, f"{dest}/{inner}".lstrip("/"), chown)
+                layer.add(path, f"{dest}/{inner}".lstrip("/"), chown, chmod)
 
     def _cleanup(self) -> None:
         if self.pod is not None:
@@ -550,6 +573,21 @@ class Build:
             with contextlib.suppress(Exception):
                 self.cri.remove_pod(self.pod)
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _lookup(root: Path, database: str, name: str, step: Instruction) -> int:
+    """The ID of ``name`` in the image's /etc/passwd or /etc/group (a link out of the image's
+    root is refused, not followed)."""
+    path = root / "etc" / database
+    where = f"the image's /etc/{database}"
+    if not path.exists():
+        raise InvalidArgument(f"line {step.line}: --chown {name}: the image has no /etc/{database}")
+    real = _inside(root, path, f"line {step.line}", "the image")
+    for line in real.read_text(errors="replace").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
+            return int(fields[2])
+    raise InvalidArgument(f"line {step.line}: --chown: no {name!r} in {where}")
 
 
 def _env_map(config: dict) -> dict[str, str]:
