@@ -287,3 +287,51 @@ def test_copy_chown_by_name_from_the_image_and_chmod(env: Env, tmp_path: Path) -
         refused = pycri(env, "build", "-f", str(context / "Bad"), str(context))
         assert refused.returncode != 0 and says in refused.stderr, refused.stderr
     assert [p for p in env.cri.list_pods() if p.metadata.namespace == "pycri-build"] == []
+
+
+def test_a_killed_build_client_leaves_no_build_pod(env: Env, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Containerfile").write_text(f"FROM {env.image}\nRUN sleep 120\n")
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cri_runtime.daemon.cli",
+            "build",
+            str(context),
+            "--socket",
+            str(env.daemon.socket),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def build_pods() -> list[str]:
+            return [p.id for p in env.cri.list_pods() if p.metadata.namespace == "pycri-build"]
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pods = build_pods()
+            running = [c for c in env.cri.list_containers() if c.pod_sandbox_id in pods and c.state == 1]
+            if running:
+                break
+            time.sleep(0.2)
+        assert running, "the build's RUN step never started"
+        client.send_signal(signal.SIGKILL)  # no chance to clean up: the daemon must
+        client.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while build_pods() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert build_pods() == []
+        assert [c for c in env.cri.list_containers() if c.pod_sandbox_id in pods] == []
+        assert "build pod of a vanished client removed" in env.daemon.log_path.read_text()
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()

@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import shlex
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PycriError
@@ -246,6 +247,9 @@ class Build:
             with contextlib.suppress(ValueError):
                 self.cache = json.loads(options.cache_file.read_text())
         self.pod: str | None = None
+        # Held open while the build runs; a build killed midway leaves its pod to the daemon.
+        self._session: queue.Queue[dict | None] = queue.Queue()
+        self._session_call: Any = None
         self.work = Path(tempfile.mkdtemp(prefix="pycri-build-"))
         self.runs = 0  # containers made (RUN steps not cached, COPY --from sources)
         self.stages: dict[str, str] = {}  # stage name and index -> its image
@@ -393,6 +397,7 @@ class Build:
                 # with only lo (see the pycri.io/network annotation in runtime/sandboxes.py).
                 annotations={} if self.options.host_network else {"pycri.io/network": "none"},
             )
+            self._open_session(self.pod)
         return self.pod
 
     def _run(self, image: str, step: Instruction, shell: list[str], args: dict[str, str]) -> str:
@@ -566,7 +571,29 @@ class Build:
                 inner = str(path.relative_to(top))
                 layer.add(path, f"{dest}/{inner}".lstrip("/"), chown, chmod)
 
+    def _open_session(self, pod_id: str) -> None:
+        from cri_runtime.daemon.cli import IMAGES_SERVICE
+
+        call = self.cri.channel.stream_stream(
+            f"/{IMAGES_SERVICE}/BuildSession",
+            request_serializer=lambda d: json.dumps(d).encode(),
+            response_deserializer=json.loads,
+        )
+        self._session.put({"pod_id": pod_id})
+        self._session_call = call(iter(self._session.get, None))
+
+    def _close_session(self) -> None:
+        if self._session_call is None:
+            return
+        self._session.put({"done": True})
+        self._session.put(None)
+        with contextlib.suppress(Exception):
+            for _ in self._session_call:
+                pass
+        self._session_call = None
+
     def _cleanup(self) -> None:
+        self._close_session()
         if self.pod is not None:
             with contextlib.suppress(Exception):
                 self.cri.stop_pod(self.pod)
