@@ -150,6 +150,7 @@ def commit_run(rt: PycriRuntime, pod: str, image: str, work: Path, run: int, mb:
             return usage.ru_utime + usage.ru_stime
 
         def reference() -> float:
+            os.sync()  # both start with no writes of earlier steps pending
             before = children_cpu()
             started = time.perf_counter()
             subprocess.run(["tar", "-czf", str(archive), "-C", str(upper), "."], check=True, timeout=600)
@@ -160,6 +161,7 @@ def commit_run(rt: PycriRuntime, pod: str, image: str, work: Path, run: int, mb:
 
         def commit() -> tuple[float, str]:
             # CPU of the daemon (all its threads) and of the CLI process.
+            os.sync()
             before, cli_before = read_cpu_ticks(rt.pid) or 0, children_cpu()
             seconds, out = _pycri(socket, root, "commit", cid, f"bench/commit:{run}")
             cpu["commit"] = ((read_cpu_ticks(rt.pid) or 0) - before) / tick + children_cpu() - cli_before
