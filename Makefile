@@ -10,7 +10,7 @@ BENCH_PACKAGES := containerd
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: deps apt-deps run test lint proto nri-proto bench clean install uninstall runtime-deps check
+.PHONY: deps apt-deps run test lint proto nri-proto bench bench-images clean install uninstall runtime-deps check
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -56,6 +56,10 @@ bench: deps
 	@for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$p; done
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Issue 15's targets alone: commit of 100 MiB of changes vs tar -czf + sha256sum, unchanged rebuild.
+bench-images: deps
+	$(PY) -m bench.run --only images --skip-containerd $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

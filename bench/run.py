@@ -39,6 +39,11 @@
    ``--concurrency-containers`` running; per-call medians of a pod lifecycle at parallelism
    ``--concurrency-workers`` and 1.
 
+8. Image work (``bench/imagework.py``, issue 15), pycri alone: ``pycri commit`` of a container with
+   ``--commit-mb`` MiB of random changes against ``tar -czf`` + ``sha256sum`` of its upper
+   directory (median of ``--commit-runs``), and an unchanged rebuild of a 5-step Containerfile.
+   ``make bench-images`` runs this section only.
+
 Sections can be left out with ``--skip-<section>`` or picked with ``--only`` (e.g.
 ``--only recovery`` or ``--only pods,streaming``).
 
@@ -67,7 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import concurrency, pods, recovery, streaming
+from bench import concurrency, imagework, pods, recovery, streaming
 from bench.images import BigImages, build_and_push_big, build_and_push_many
 from bench.measure import RegistryLogWindow, RssSampler, blob_gets, median, percentile, read_status_kib
 from bench.runtimes import ContainerdRuntime, PodNetwork, PycriRuntime, Runtime
@@ -99,7 +104,7 @@ def log(msg: str) -> None:
 
 
 # What --only names; each has a --skip-<section>. "pull" is tests 1 and 2.
-SECTIONS = ("pull", "list", "pods", "streaming", "recovery", "concurrency")
+SECTIONS = ("pull", "list", "pods", "streaming", "recovery", "concurrency", "images")
 
 
 def _sections(value: str) -> list[str]:
@@ -165,6 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="kill -9 / restart cycles on the same pods; median reported (default 3)",
     )
     concurrency.add_args(p)
+    imagework.add_args(p)
+    p.add_argument("--skip-images", action="store_true", help="skip test 8 (commit vs tar, rebuild)")
     p.add_argument("--skip-pods", action="store_true", help="skip test 4 (pods and containers)")
     p.add_argument("--skip-streaming", action="store_true", help="skip test 5 (exec, port-forward)")
     p.add_argument("--skip-recovery", action="store_true", help="skip test 6 (kill -9 recovery, idle RSS)")
@@ -210,6 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if min(args.recovery_pods, args.recovery_runs) < 1:
         p.error("--recovery-pods and --recovery-runs must be positive")
     concurrency.check_args(p, args)
+    imagework.check_args(p, args)
     if args.only is not None:
         for section in SECTIONS:
             setattr(args, f"skip_{section}", section not in args.only)
@@ -1050,6 +1058,12 @@ def main(argv: list[str] | None = None) -> int:
                     iptables_rules=_iptables_rules,
                     routes_overlapping=_routes_overlapping,
                 )
+            if not args.skip_images:
+                net = POD_NETWORKS["pycri"]
+                clash = _routes_overlapping(net.subnet, {net.bridge})
+                if clash:
+                    raise RuntimeError(f"pycri's pod subnet {net.subnet} is in use: {clash}")
+                imagework.images_bench(args, base, reg, net, results, errors)
         except KeyboardInterrupt:
             errors.append("interrupted")
             exit_code = 130
@@ -1064,6 +1078,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print()
+    images_table = imagework.render(args, results)
+    if images_table:
+        print(images_table)
+        print()
     print(f"total bench time: {total:.0f} s")
     if errors:
         print("errors:\n  " + "\n  ".join(errors))

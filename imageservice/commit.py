@@ -1,15 +1,15 @@
-"""Layers out: a container's overlay upper directory packed as one OCI layer, and the image
-config of a commit (the parent's, with ``--change`` instructions, a history entry and the new
-diff ID).
+"""Layers out: a container's overlay upper directory packed as one plain layer tar (a checkpoint's
+rootfs diff; a commit's gzip layer and layer directory come from ``imageservice.packer``), the
+image config of a commit (the parent's, with ``--change`` instructions, a history entry and the
+new diff ID), and a build step's image stacked on its parent.
 
-The packer turns overlayfs's own markers back into the OCI forms the unpacker reads:
+The plain packer turns overlayfs's own markers back into the OCI forms the unpacker reads:
 a whiteout (a character device 0/0) becomes an empty ``.wh.<name>`` file, an opaque
 directory (xattr ``trusted.overlay.opaque=y``) gets a ``.wh..wh..opq`` entry. Device nodes,
 fifos, symlinks, hard links (one ``LNKTYPE`` entry per extra name), ownership, modes,
 times and xattrs (``SCHILY.xattr.*`` PAX records) are kept; overlayfs's private
 ``trusted.overlay.*`` xattrs are not written. A sparse file's content is kept (its holes read
-as zeros), not its holes. The tar goes through gzip while both digests (the blob's and the
-uncompressed diff ID) are computed in the same pass.
+as zeros), not its holes.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ import gzip
 import hashlib
 import json
 import os
-import queue
+import re
 import shlex
 import stat
 import tarfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from cri_runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, from_os_error
+from cri_runtime.errors import FailedPrecondition, InvalidArgument, from_os_error
 from imageservice.db import ImageRecord
+from imageservice.packer import PackedLayer
 from imageservice.store import Descriptor, ImageStore
 
 WHITEOUT_PREFIX = ".wh."
@@ -45,14 +45,36 @@ _UNSUPPORTED_XATTRS = ("trusted.overlay.redirect", "trusted.overlay.metacopy")
 _CHUNK = 1 << 20
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
-CHANGE_KEYS = ("CMD", "ENTRYPOINT", "ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "STOPSIGNAL", "VOLUME")
-
-
-@dataclass(frozen=True)
-class PackedLayer:
-    digest: str  # of the gzip blob
-    diff_id: str  # of the uncompressed tar
-    size: int  # blob bytes
+CHANGE_KEYS = (
+    "CMD",
+    "ENTRYPOINT",
+    "ENV",
+    "WORKDIR",
+    "USER",
+    "LABEL",
+    "EXPOSE",
+    "STOPSIGNAL",
+    "VOLUME",
+    "HEALTHCHECK",
+    "ONBUILD",
+)
+# HEALTHCHECK options, as Docker names them, to the image config's Healthcheck keys.
+_HEALTH_DURATIONS = {
+    "--interval": "Interval",
+    "--timeout": "Timeout",
+    "--start-period": "StartPeriod",
+    "--start-interval": "StartInterval",
+}
+_DURATION_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "ms": 1_000_000,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 
 
 class _HashingWriter:
@@ -77,51 +99,6 @@ class _HashingWriter:
         return "sha256:" + self.hasher.hexdigest()
 
 
-class _BackgroundWriter:
-    """Hands what is written to ``target`` in 1 MiB pieces on a thread of its own: compression
-    (zlib releases the GIL) then runs beside the walk, the reads and the diff hashing, as
-    ``tar | gzip`` runs in two processes."""
-
-    _PIECE = 1 << 20
-
-    def __init__(self, target: gzip.GzipFile) -> None:
-        self.target = target
-        self._buffer = bytearray()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(4)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="commit-gzip", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while (piece := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self.target.write(piece)
-                except BaseException as exc:  # reported to the writer by close()
-                    self._error = exc
-
-    def write(self, data: bytes) -> int:
-        if self._error is not None:
-            raise self._error
-        self._buffer += data
-        if len(self._buffer) >= self._PIECE:
-            self._queue.put(bytes(self._buffer))
-            self._buffer.clear()
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self._buffer:
-            self._queue.put(bytes(self._buffer))
-            self._buffer.clear()
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 def _xattrs(path: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     try:
@@ -143,31 +120,6 @@ def _entries(root: str) -> Iterator[tuple[str, str]]:
         if entry.is_dir(follow_symlinks=False):
             for path, name in _entries(entry.path):
                 yield path, f"{entry.name}/{name}"
-
-
-def pack_upper(upper: Path, blob: Path, cancel: threading.Event | None = None) -> PackedLayer:
-    """Write the OCI layer (gzip tar) of overlay upper directory ``upper`` to new file ``blob``."""
-    fd = os.open(blob, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    current = str(upper)
-    with os.fdopen(fd, "wb") as raw:
-        blob_writer = _HashingWriter(raw)
-        with gzip.GzipFile(fileobj=blob_writer, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
-            background = _BackgroundWriter(gz)
-            diff_writer = _HashingWriter(background)  # type: ignore[arg-type]
-            try:
-                with tarfile.open(fileobj=diff_writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                    try:
-                        for current, name in _entries(str(upper)):
-                            if cancel is not None and cancel.is_set():
-                                raise DeadlineExceeded("commit cancelled")
-                            _add(tar, current, name)
-                    except OSError as exc:
-                        raise from_os_error(exc, f"cannot read the container's changes at {current}") from exc
-            finally:
-                background.close()
-        raw.flush()
-        os.fsync(raw.fileno())
-    return PackedLayer(blob_writer.digest, diff_writer.digest, blob_writer.size)
 
 
 def pack_upper_plain(upper: Path, target: Path) -> None:
@@ -253,9 +205,54 @@ def _pairs(value: str, what: str) -> list[tuple[str, str]]:
     return out
 
 
+def _duration_ns(text: str, what: str) -> int:
+    """A Go duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds, as Docker stores it."""
+    pos, total = 0, 0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(float(match.group(1)) * _DURATION_UNITS[match.group(2)])
+        pos = match.end()
+    if not text or pos != len(text):
+        raise InvalidArgument(f"{what}: {text!r} is not a duration such as 30s, 1m30s or 500ms")
+    return total
+
+
+def _healthcheck(value: str, change: str) -> dict:
+    """``HEALTHCHECK [--interval=D --timeout=D --start-period=D --start-interval=D --retries=N] CMD
+    command`` or ``HEALTHCHECK NONE``, as Docker records it in the image config."""
+    rest = value.strip()
+    health: dict[str, object] = {}
+    while rest.startswith("--"):
+        option, _, rest = rest.partition(" ")
+        rest = rest.strip()
+        name, sep, text = option.partition("=")
+        if name in _HEALTH_DURATIONS and sep:
+            health[_HEALTH_DURATIONS[name]] = _duration_ns(text, f"HEALTHCHECK {name}")
+        elif name == "--retries" and sep and text.isdigit():
+            health["Retries"] = int(text)
+        else:
+            raise InvalidArgument(
+                f"--change {change!r}: {option!r} is not one of --interval, --timeout, --start-period, "
+                "--start-interval (=DURATION) or --retries (=N)"
+            )
+    word, _, command = rest.partition(" ")
+    if word.upper() == "NONE" and not command.strip() and not health:
+        return {"Test": ["NONE"]}
+    if word.upper() != "CMD" or not command.strip():
+        raise InvalidArgument(f"--change {change!r}: HEALTHCHECK takes [OPTIONS] CMD command, or NONE")
+    command = command.strip()
+    if command.startswith("["):
+        health["Test"] = ["CMD", *_json_or_shell(command)]
+    else:
+        health["Test"] = ["CMD-SHELL", command]
+    return {"Test": health.pop("Test"), **health}
+
+
 def apply_changes(config: dict, changes: list[str]) -> dict:
     """The runtime config (the ``config`` object of an image config) with Dockerfile-style
-    ``changes`` applied: CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, EXPOSE."""
+    ``changes`` applied: CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, EXPOSE, STOPSIGNAL, VOLUME,
+    HEALTHCHECK (the ``Healthcheck`` object) and ONBUILD (appended to ``OnBuild``)."""
     out = copy.deepcopy(config)
     for change in changes:
         keyword, _, value = change.strip().partition(" ")
@@ -292,6 +289,13 @@ def apply_changes(config: dict, changes: list[str]) -> dict:
             paths = _json_or_shell(value) if value.startswith("[") else value.split()
             volumes.update({path: {} for path in paths})
             out["Volumes"] = volumes
+        elif keyword == "HEALTHCHECK":
+            out["Healthcheck"] = _healthcheck(value, change)
+        elif keyword == "ONBUILD":
+            trigger = value.split(None, 1)[0].upper()
+            if trigger in ("ONBUILD", "FROM", "MAINTAINER"):
+                raise InvalidArgument(f"--change {change!r}: ONBUILD cannot trigger {trigger}")
+            out["OnBuild"] = [*(out.get("OnBuild") or []), value]
         elif keyword == "EXPOSE":
             ports = dict(out.get("ExposedPorts") or {})
             for port in value.split():

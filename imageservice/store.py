@@ -666,12 +666,16 @@ class ImageStore:
         layer_blobs: Sequence[tuple[Descriptor, Path | None]],
         cancel: threading.Event | None = None,
         annotations: Mapping[str, str] | None = None,
+        prepared: Mapping[str, Path] | None = None,
     ) -> ImageRecord:
         """Store an image whose blobs are already on local disk (from an archive, or a commit).
 
         ``names`` are full references; with none the image is known by its ID only. A blob may
         be None for a layer the store already has (a commit's parent layers): such a layer is
-        stacked on, never copied.
+        stacked on, never copied. ``prepared`` maps a diff ID to a layer directory pycri wrote
+        itself in the store's tmp/ (``diff/`` plus ``blobs/<hex>`` of its blob: a commit's,
+        from ``imageservice.packer``): it is moved into place instead of unpacking a blob; one
+        not used stays where it is, for the caller to remove.
         """
         cancel = cancel or threading.Event()
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
@@ -686,9 +690,12 @@ class ImageStore:
                 with self._state_lock:
                     present = chain_id in self._layers
                 if not present:
-                    if blob is None:
+                    if prepared and diff_id in prepared:
+                        self._publish_prepared(prepared[diff_id], desc, diff_id, chain_id)
+                    elif blob is None:
                         raise FailedPrecondition(f"layer {chain_id} is no longer in the store")
-                    self._unpack_local(blob, desc, diff_id, chain_id, cancel)
+                    else:
+                        self._unpack_local(blob, desc, diff_id, chain_id, cancel)
             size = len(config_bytes) + sum(desc.size for desc, _ in layer_blobs)
             descs = [d for d, _ in layer_blobs]
             records = [
@@ -733,6 +740,16 @@ class ImageStore:
                 self._publish_layer(work / "layer", layer)
         finally:
             _remove_tree(work)
+
+    def _publish_prepared(self, layer_dir: Path, desc: Descriptor, diff_id: str, chain_id: str) -> None:
+        if layer_dir.parent.parent != self.tmp_dir or not layer_dir.is_dir() or layer_dir.is_symlink():
+            raise InvalidArgument(f"prepared layer {layer_dir} is not a directory under {self.tmp_dir}")
+        if not (layer_dir / "blobs" / desc.digest.removeprefix("sha256:")).is_file():
+            raise InvalidArgument(f"prepared layer {layer_dir} lacks its blob {desc.digest}")
+        _syncfs(layer_dir)
+        layer = LayerRecord(chain_id, diff_id, *disk_usage(layer_dir))
+        with self._writer_lock:
+            self._publish_layer(layer_dir, layer)
 
     def _publish_layer(self, unpacked: Path, layer: LayerRecord) -> LayerRecord:
         """Move an unpacked, synced layer into place and record it; the layer already

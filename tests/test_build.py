@@ -210,3 +210,128 @@ def test_add_of_a_hostile_archive_is_refused_and_writes_nothing(env: Env, tmp_pa
     assert {i.id for i in env.cri.list_images()} == images_before
     assert list((env.daemon.root / "tmp").iterdir()) == []
     assert not Path("/tmp/evil").exists() and not (tmp_path / "evil").exists()
+
+
+def test_healthcheck_and_onbuild_are_recorded_in_the_image_config(env: Env, tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Containerfile").write_text(
+        f"FROM {env.image}\nARG PORT=8080\n"
+        "HEALTHCHECK --interval=5s --retries=2 CMD wget -q -O- localhost:$PORT || exit 1\n"
+        "ONBUILD RUN echo triggered $PORT\n"
+    )
+    built = pycri(env, "build", "-t", "health:1", str(context))
+    assert built.returncode == 0, built.stderr + built.stdout
+    info = json.loads(env.cri.image_status("health:1", verbose=True).info["info"])
+    config = info["imageSpec"]["config"]
+    # Recorded as written: no build variable substituted, as in Docker.
+    assert config["Healthcheck"] == {
+        "Test": ["CMD-SHELL", "wget -q -O- localhost:$PORT || exit 1"],
+        "Interval": 5 * 10**9,
+        "Retries": 2,
+    }
+    assert config["OnBuild"] == ["RUN echo triggered $PORT"]
+    bad = context / "Bad"
+    bad.write_text(f"FROM {env.image}\nHEALTHCHECK --interval=soon CMD true\n")
+    refused = pycri(env, "build", "-f", str(bad), str(context))
+    assert refused.returncode != 0 and "not a duration" in refused.stderr, refused.stderr
+
+
+def test_copy_chown_by_name_from_the_image_and_chmod(env: Env, tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    (context / "tree" / "sub").mkdir(parents=True)
+    (context / "tree" / "sub" / "f").write_text("in tree\n")
+    (context / "one").write_text("one\n")
+    (context / "Containerfile").write_text(
+        f"FROM {env.image}\n"
+        "COPY --chown=app:grp --chmod=640 one /data/one\n"
+        "COPY --chown=www-data tree /tree\n"
+        "COPY --chown=1002:nogroup --chmod=0750 tree /tree2\n"
+    )
+    built = pycri(env, "build", "-t", "owned:1", str(context))
+    assert built.returncode == 0, built.stderr + built.stdout
+    pod = env.pod("build")
+    cid = env.cri.create_container(
+        pod,
+        "owned",
+        "owned:1",
+        command=[
+            "stat",
+            "-c",
+            "%n %u %g %a",
+            "/data/one",
+            "/tree/sub/f",
+            "/tree/sub",
+            "/tree2/sub/f",
+            "/tree2/sub",
+        ],
+        log_path="owned.log",
+    )
+    env.cri.start_container(cid)
+    assert wait_exited(env.cri, cid).exit_code == 0
+    lines = (env.logs / "build" / "owned.log").read_text().splitlines()
+    stats = [line.split(" ", 3)[-1] for line in lines]  # CRI log prefix: time stream tag
+    assert stats == [
+        "/data/one 1002 1003 640",  # app:grp from the image's /etc/passwd and /etc/group
+        "/tree/sub/f 33 33 644",  # a user alone: the GID is the same number
+        "/tree/sub 33 33 755",
+        "/tree2/sub/f 1002 65534 750",
+        "/tree2/sub 1002 65534 750",
+    ], lines
+    for flags, says in (
+        ("--chown=nosuchuser", "no 'nosuchuser' in the image's /etc/passwd"),
+        ("--chown=app:nosuchgroup", "no 'nosuchgroup' in the image's /etc/group"),
+        ("--chmod=rwx", "--chmod takes an octal mode"),
+    ):
+        (context / "Bad").write_text(f"FROM {env.image}\nCOPY {flags} one /x\n")
+        refused = pycri(env, "build", "-f", str(context / "Bad"), str(context))
+        assert refused.returncode != 0 and says in refused.stderr, refused.stderr
+    assert [p for p in env.cri.list_pods() if p.metadata.namespace == "pycri-build"] == []
+
+
+def test_a_killed_build_client_leaves_no_build_pod(env: Env, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Containerfile").write_text(f"FROM {env.image}\nRUN sleep 120\n")
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cri_runtime.daemon.cli",
+            "build",
+            str(context),
+            "--socket",
+            str(env.daemon.socket),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def build_pods() -> list[str]:
+            return [p.id for p in env.cri.list_pods() if p.metadata.namespace == "pycri-build"]
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            pods = build_pods()
+            running = [c for c in env.cri.list_containers() if c.pod_sandbox_id in pods and c.state == 1]
+            if running:
+                break
+            time.sleep(0.2)
+        assert running, "the build's RUN step never started"
+        client.send_signal(signal.SIGKILL)  # no chance to clean up: the daemon must
+        client.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while build_pods() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert build_pods() == []
+        assert [c for c in env.cri.list_containers() if c.pod_sandbox_id in pods] == []
+        assert "build pod of a vanished client removed" in env.daemon.log_path.read_text()
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()

@@ -21,7 +21,8 @@ import pytest
 
 from cri_runtime.errors import InvalidArgument
 from cri_runtime.host import mounts
-from imageservice.commit import apply_changes, commit_config, pack_upper
+from imageservice.commit import apply_changes, commit_config
+from imageservice.packer import pack_upper
 from imageservice.unpack import unpack_layer
 from tests.support.pods import Env, container_pid, exec_out, wait_exited
 
@@ -368,3 +369,121 @@ def test_commit_racing_a_removal_either_commits_or_is_not_found(env: Env) -> Non
                 assert wait_exited(env.cri, check).exit_code == 0
     assert list((env.daemon.root / "tmp").iterdir()) == []
     print(f"\ncommit vs removal: {outcomes}")
+
+
+def test_the_cli_names_the_images_service_as_the_daemon_serves_it() -> None:
+    from cri_runtime.daemon import cli, images_api
+
+    assert cli.IMAGES_SERVICE == images_api.IMAGES_SERVICE
+
+
+def _tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every entry below ``root``: type and mode, owner, size, mtime, device, link count, xattrs,
+    content digest or link target (atimes left out: reading a file for its digest moves them)."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            xattrs = {
+                k: os.getxattr(path, k, follow_symlinks=False)
+                for k in os.listxattr(path, follow_symlinks=False)
+            }
+            body: str | None = None
+            if stat.S_ISREG(st.st_mode):
+                body = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                body = os.readlink(path)
+            mtime = None if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else st.st_mtime_ns  # whiteouts: now
+            out[os.path.relpath(path, root)] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                mtime,
+                st.st_rdev,
+                st.st_nlink,
+                xattrs,
+                body,
+            )
+    return out
+
+
+def test_the_layer_written_beside_the_blob_is_what_the_unpacker_makes_of_it(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    (upper / "dir" / "sub").mkdir(parents=True)
+    (upper / "opaque").mkdir()
+    os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
+    os.setxattr(upper / "dir", "trusted.overlay.origin", b"\x00\x01")  # overlay's own: dropped
+    os.setxattr(upper / "dir", "user.dir", b"d")
+    (upper / "opaque" / "kept").write_text("kept")
+    os.mknod(upper / "gone", stat.S_IFCHR, os.makedev(0, 0))  # whiteout
+    os.mknod(upper / "opaque" / "gone2", stat.S_IFCHR, os.makedev(0, 0))
+    (upper / "dir" / "sub" / "file").write_text("content")
+    os.setxattr(upper / "dir" / "sub" / "file", "user.k", b"\xff\x00v")
+    os.link(upper / "dir" / "sub" / "file", upper / "dir" / "hard")
+    os.link(upper / "dir" / "sub" / "file", upper / "zz-hard")
+    os.symlink("../etc/passwd", upper / "dir" / "rel")
+    os.symlink("/etc", upper / "escape")  # a symlink to a directory is kept as a link, never walked
+    os.mkfifo(upper / "fifo")
+    os.mknod(upper / "null", stat.S_IFCHR | 0o640, os.makedev(1, 3))
+    os.mknod(upper / "loop", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    with open(upper / "sparse", "wb") as fh:
+        fh.truncate(3 << 20)
+        fh.write(b"end")
+    (upper / "suid").write_text("s")
+    os.chown(upper / "suid", 1234, 5678)
+    os.chmod(upper / "suid", 0o4755)
+    (upper / "big").write_bytes(os.urandom(3 << 20) + b"text" * 300_000)
+    (upper / "ro").mkdir(mode=0o555)
+    os.utime(upper / "dir" / "sub", ns=(1_000_000_000_500_000_000, 1_000_000_000_500_000_000))
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    packed = pack_upper(upper, tmp_path / "layer.tar.gz", layer_dir=mirror)
+    blob = (tmp_path / "layer.tar.gz").read_bytes()
+    assert packed.digest == "sha256:" + hashlib.sha256(blob).hexdigest() and packed.size == len(blob)
+    raw = gzip.decompress(blob)  # one ordinary gzip member, though deflated in parallel blocks
+    assert packed.diff_id == "sha256:" + hashlib.sha256(raw).hexdigest()
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    assert (
+        unpack_layer(tmp_path / "layer.tar.gz", unpacked, blob_digest=packed.digest).diff_id == packed.diff_id
+    )
+    assert _tree(mirror) == _tree(unpacked)
+    assert os.readlink(mirror / "escape") == "/etc" and not (mirror / "escape" / "passwd").is_symlink()
+    assert os.getxattr(mirror / "opaque", "trusted.overlay.opaque") == b"y"
+    assert "trusted.overlay.origin" not in os.listxattr(mirror / "dir")
+    assert os.stat(mirror / "zz-hard").st_ino == os.stat(mirror / "dir" / "sub" / "file").st_ino
+
+
+def test_healthcheck_and_onbuild_changes_are_recorded_as_docker_does() -> None:
+    config = apply_changes(
+        {"OnBuild": ["RUN echo first"]},
+        [
+            "HEALTHCHECK --interval=1m30s --timeout=500ms --start-period=2s --retries=4 "
+            "CMD wget -q -O- localhost",
+            "ONBUILD COPY . /src",
+        ],
+    )
+    assert config["Healthcheck"] == {
+        "Test": ["CMD-SHELL", "wget -q -O- localhost"],
+        "Interval": 90 * 10**9,
+        "Timeout": 500 * 10**6,
+        "StartPeriod": 2 * 10**9,
+        "Retries": 4,
+    }
+    assert config["OnBuild"] == ["RUN echo first", "COPY . /src"]
+    assert apply_changes({}, ['HEALTHCHECK CMD ["test", "-e", "/ok"]'])["Healthcheck"] == {
+        "Test": ["CMD", "test", "-e", "/ok"]
+    }
+    assert apply_changes({}, ["HEALTHCHECK NONE"])["Healthcheck"] == {"Test": ["NONE"]}
+    for bad, says in (
+        ("HEALTHCHECK --interval=soon CMD true", "not a duration"),
+        ("HEALTHCHECK --every=1s CMD true", "is not one of --interval"),
+        ("HEALTHCHECK true", "CMD command, or NONE"),
+        ("ONBUILD FROM busybox", "cannot trigger FROM"),
+        ("ONBUILD ONBUILD RUN x", "cannot trigger ONBUILD"),
+    ):
+        with pytest.raises(InvalidArgument, match=says):
+            apply_changes({}, [bad])

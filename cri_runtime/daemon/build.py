@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import shlex
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PycriError
@@ -37,7 +38,22 @@ from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Py
 ImagesCall = Callable[[str, dict], dict]
 
 _VAR = re.compile(r"\$(?:\{(\w+)(?::-([^}]*))?\}|(\w+))")
-_CONFIG_ONLY = ("ENV", "WORKDIR", "USER", "LABEL", "EXPOSE", "CMD", "ENTRYPOINT", "STOPSIGNAL", "VOLUME")
+_CONFIG_ONLY = (
+    "ENV",
+    "WORKDIR",
+    "USER",
+    "LABEL",
+    "EXPOSE",
+    "CMD",
+    "ENTRYPOINT",
+    "STOPSIGNAL",
+    "VOLUME",
+    "HEALTHCHECK",
+    "ONBUILD",
+)
+# Recorded as written: Docker substitutes no build variables in these (ONBUILD's are for the
+# build that triggers it).
+_VERBATIM = ("HEALTHCHECK", "ONBUILD")
 
 
 @dataclass(frozen=True)
@@ -146,7 +162,7 @@ class _LayerTar:
                 self.tar.addfile(info)
                 self.dirs.add(parent)
 
-    def add(self, source: Path, name: str, chown: tuple[int, int] | None) -> None:
+    def add(self, source: Path, name: str, chown: tuple[int, int] | None, chmod: int | None = None) -> None:
         st = source.lstat()
         info = self.tar.gettarinfo(str(source), arcname=name)
         info.uname = info.gname = ""
@@ -154,6 +170,8 @@ class _LayerTar:
             info.uid, info.gid = chown
         else:
             info.uid = info.gid = 0
+        if chmod is not None and not info.issym():
+            info.mode = chmod
         self._parents(name, info.uid, info.gid)
         self.key.update(
             f"{name}\0{info.mode}\0{info.uid}\0{info.gid}\0{info.type!r}\0{info.linkname}\0".encode()
@@ -229,6 +247,9 @@ class Build:
             with contextlib.suppress(ValueError):
                 self.cache = json.loads(options.cache_file.read_text())
         self.pod: str | None = None
+        # Held open while the build runs; a build killed midway leaves its pod to the daemon.
+        self._session: queue.Queue[dict | None] = queue.Queue()
+        self._session_call: Any = None
         self.work = Path(tempfile.mkdtemp(prefix="pycri-build-"))
         self.runs = 0  # containers made (RUN steps not cached, COPY --from sources)
         self.stages: dict[str, str] = {}  # stage name and index -> its image
@@ -352,6 +373,8 @@ class Build:
         if step.keyword in ("CMD", "ENTRYPOINT"):
             form = _exec_form(step.args) or [*shell, step.args]
             return f"{step.keyword} {json.dumps(form)}"
+        if step.keyword in _VERBATIM:
+            return f"{step.keyword} {step.args}"
         return f"{step.keyword} {substitute(step.args, variables)}"
 
     def _stack(self, image: str, changes: list[str], layer: Path | None, created_by: str) -> str:
@@ -374,6 +397,7 @@ class Build:
                 # with only lo (see the pycri.io/network annotation in runtime/sandboxes.py).
                 annotations={} if self.options.host_network else {"pycri.io/network": "none"},
             )
+            self._open_session(self.pod)
         return self.pod
 
     def _run(self, image: str, step: Instruction, shell: list[str], args: dict[str, str]) -> str:
@@ -426,14 +450,19 @@ class Build:
     def _copy(self, image: str, step: Instruction, variables: dict[str, str], config: dict) -> str:
         words = shlex.split(substitute(step.args, variables))
         chown: tuple[int, int] | None = None
+        chmod: int | None = None
         source_image = ""
         while words and words[0].startswith("--"):
             flag = words.pop(0)
             if flag.startswith("--chown="):
-                user, _, group = flag.removeprefix("--chown=").partition(":")
-                if not user.isdigit() or (group and not group.isdigit()):
-                    raise InvalidArgument(f"line {step.line}: --chown takes numeric UID[:GID]")
-                chown = (int(user), int(group or user))
+                chown = self._owner(image, flag.removeprefix("--chown="), step)
+            elif flag.startswith("--chmod="):
+                mode = flag.removeprefix("--chmod=")
+                if not mode or any(c not in "01234567" for c in mode) or int(mode, 8) > 0o7777:
+                    raise InvalidArgument(
+                        f"line {step.line}: --chmod takes an octal mode such as 755 or 0644"
+                    )
+                chmod = int(mode, 8)
             elif flag.startswith("--from=") and step.keyword == "COPY":
                 name = flag.removeprefix("--from=")
                 source_image = self.stages.get(name) or self._from(name)
@@ -443,8 +472,22 @@ class Build:
             raise InvalidArgument(f"line {step.line}: {step.keyword} SRC... DEST")
         if source_image:
             with self._image_root(source_image) as root:
-                return self._copy_from(image, step, words, chown, config, root, source_image)
-        return self._copy_from(image, step, words, chown, config, self.context, "")
+                return self._copy_from(image, step, words, chown, config, root, source_image, chmod)
+        return self._copy_from(image, step, words, chown, config, self.context, "", chmod)
+
+    def _owner(self, image: str, text: str, step: Instruction) -> tuple[int, int]:
+        """``--chown=USER[:GROUP]``, numbers or names; names are looked up in the image's own
+        /etc/passwd and /etc/group. Without a group the GID is the UID's number, as in Docker."""
+        user, _, group = text.partition(":")
+        if not user:
+            raise InvalidArgument(f"line {step.line}: --chown takes USER[:GROUP]")
+        if user.isdigit() and (not group or group.isdigit()):
+            return int(user), int(group or user)
+        with self._image_root(image) as root:
+            uid = int(user) if user.isdigit() else _lookup(root, "passwd", user, step)
+            if not group:
+                return uid, uid
+            return uid, int(group) if group.isdigit() else _lookup(root, "group", group, step)
 
     @contextlib.contextmanager
     def _image_root(self, image: str) -> Iterator[Path]:
@@ -469,6 +512,7 @@ class Build:
         config: dict,
         root: Path,
         source_image: str,
+        chmod: int | None = None,
     ) -> str:
         *sources, dest = words
         where = f"image {source_image[7:19]}" if source_image else "the build context"
@@ -486,10 +530,10 @@ class Build:
                 if step.keyword == "ADD" and _is_archive(real):
                     layer.add_archive(real, dest_path)
                 elif real.is_dir():
-                    self._add_tree(layer, real, dest_path, chown, step, root, ignore, not source_image)
+                    self._add_tree(layer, real, dest_path, chown, step, root, ignore, not source_image, chmod)
                 else:
                     name = f"{dest_path}/{source.name}" if into_dir else dest_path
-                    layer.add(real, name.lstrip("/"), chown)
+                    layer.add(real, name.lstrip("/"), chown, chmod)
         key = self._key(image, step.keyword, dest_path, layer.key.hexdigest())
         cached = self._cached(key)
         if cached:
@@ -511,6 +555,7 @@ class Build:
         root: Path,
         ignore: list[tuple[bool, str]],
         check_links: bool,
+        chmod: int | None = None,
     ) -> None:
         for directory, dirnames, filenames in os.walk(top):
             dirnames.sort()
@@ -524,15 +569,52 @@ class Build:
                     # Kept as a link; one pointing out of the context is refused, not followed.
                     _inside(root, path, f"line {step.line}", "the build context")
                 inner = str(path.relative_to(top))
-                layer.add(path, f"{dest}/{inner}".lstrip("/"), chown)
+                layer.add(path, f"{dest}/{inner}".lstrip("/"), chown, chmod)
+
+    def _open_session(self, pod_id: str) -> None:
+        from cri_runtime.daemon.cli import IMAGES_SERVICE
+
+        call = self.cri.channel.stream_stream(
+            f"/{IMAGES_SERVICE}/BuildSession",
+            request_serializer=lambda d: json.dumps(d).encode(),
+            response_deserializer=json.loads,
+        )
+        self._session.put({"pod_id": pod_id})
+        self._session_call = call(iter(self._session.get, None))
+
+    def _close_session(self) -> None:
+        if self._session_call is None:
+            return
+        self._session.put({"done": True})
+        self._session.put(None)
+        with contextlib.suppress(Exception):
+            for _ in self._session_call:
+                pass
+        self._session_call = None
 
     def _cleanup(self) -> None:
+        self._close_session()
         if self.pod is not None:
             with contextlib.suppress(Exception):
                 self.cri.stop_pod(self.pod)
             with contextlib.suppress(Exception):
                 self.cri.remove_pod(self.pod)
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _lookup(root: Path, database: str, name: str, step: Instruction) -> int:
+    """The ID of ``name`` in the image's /etc/passwd or /etc/group (a link out of the image's
+    root is refused, not followed)."""
+    path = root / "etc" / database
+    where = f"the image's /etc/{database}"
+    if not path.exists():
+        raise InvalidArgument(f"line {step.line}: --chown {name}: the image has no /etc/{database}")
+    real = _inside(root, path, f"line {step.line}", "the image")
+    for line in real.read_text(errors="replace").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
+            return int(fields[2])
+    raise InvalidArgument(f"line {step.line}: --chown: no {name!r} in {where}")
 
 
 def _env_map(config: dict) -> dict[str, str]:

@@ -39,6 +39,11 @@ def render_toml(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+# images_api.IMAGES_SERVICE (tests check they agree): importing that module would load the
+# whole runtime, a cost every commit, push and build would pay at start-up.
+IMAGES_SERVICE = "pycri.v1.Images"
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="configuration file (default /etc/pycri/pycri.toml)")
     parser.add_argument("--socket", help="unix socket to serve on (default /run/pycri/pycri.sock)")
@@ -153,8 +158,6 @@ def _images_call(args: argparse.Namespace, method: str, request: dict) -> dict |
     """Call ``pycri.v1.Images/<method>`` on the daemon; None (and the reason printed) on error."""
     import grpc
 
-    from cri_runtime.daemon.images_api import IMAGES_SERVICE
-
     config = _config(args)
     if not config.socket_path.exists():
         print(
@@ -235,7 +238,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from cri_runtime import errors
     from cri_runtime.daemon.build import BuildOptions, build
     from cri_runtime.daemon.client import CRIClient
-    from cri_runtime.daemon.images_api import IMAGES_SERVICE
 
     config = _config(args)
     by_code = {

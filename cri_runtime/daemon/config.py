@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cri_runtime.daemon.metrics import parse_address
 from cri_runtime.errors import InvalidArgument
 from cri_runtime.nri.settings import NriConfig
 from imageservice.config import ImageConfig, RegistryHost
@@ -201,6 +200,10 @@ def validate(config: Config) -> None:
     if config.default_runtime not in ("crun", "runc"):
         raise InvalidArgument(f"default_runtime must be crun or runc, got {config.default_runtime!r}")
     if config.metrics_address:
+        # Here, not at the top: the metrics module pulls in the runtime, which every pycri
+        # command (commit, build, push) would otherwise pay for at start-up.
+        from cri_runtime.daemon.metrics import parse_address
+
         parse_address(config.metrics_address, "metrics_address")
     try:
         subnet = ipaddress.ip_network(config.network.pod_subnet)

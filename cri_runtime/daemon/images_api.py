@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from cri_runtime.cri.status import status_code
 from cri_runtime.errors import InvalidArgument, PycriError
 from cri_runtime.runtime.commit import CommitRequest, commit_container
 from cri_runtime.runtime.containers import ContainerManager
+from cri_runtime.runtime.pods import Pods
 from imageservice.checkpoint_image import make_checkpoint_image
 from imageservice.commit import stack_image
 from imageservice.db import ImageRecord
@@ -35,6 +36,8 @@ from imageservice.store import ImageStore
 log = structlog.get_logger("pycri.images_api")
 
 IMAGES_SERVICE = "pycri.v1.Images"
+# The namespace of the pods `pycri build` runs its steps in; a build session removes only these.
+BUILD_NAMESPACE = "pycri-build"
 
 Handler = Callable[[dict, grpc.aio.ServicerContext], Awaitable[dict]]
 
@@ -51,9 +54,10 @@ def _image(record: ImageRecord) -> dict[str, Any]:
 
 
 class ImagesAPI:
-    def __init__(self, store: ImageStore, containers: ContainerManager) -> None:
+    def __init__(self, store: ImageStore, containers: ContainerManager, pods: Pods | None = None) -> None:
         self.store = store
         self.containers = containers
+        self.pods = pods
 
     def commit(self, request: dict) -> dict:
         changes = request.get("changes") or []
@@ -132,6 +136,45 @@ class ImagesAPI:
         record = make_checkpoint_image(self.store, Path(_text(request, "archive")), _text(request, "name"))
         return {"image": _image(record)}
 
+    def _remove_build_pods(self, pod_ids: list[str]) -> None:
+        """What a build client left behind: its pods (only ``pycri-build`` ones), stopped and removed."""
+        if self.pods is None:
+            return
+        for pod_id in pod_ids:
+            sandbox = self.pods.sandboxes.find(pod_id)
+            if sandbox is None or sandbox.namespace != BUILD_NAMESPACE:
+                continue
+            try:
+                self.pods.stop_pod(pod_id)
+                self.pods.remove_pod(pod_id)
+                log.info("build pod of a vanished client removed", pod=pod_id)
+            except PycriError as exc:
+                log.error("cannot remove a vanished build client's pod", pod=pod_id, error=str(exc))
+
+    async def build_session(
+        self, requests: AsyncIterator[dict], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dict]:
+        """Held open by ``pycri build`` for as long as it runs: it names each pod it makes, then
+        says ``done``. A stream that ends any other way (the client killed, its connection lost)
+        leaves pods nobody will remove; the daemon removes them."""
+        pods: list[str] = []
+        done = False
+        try:
+            async for request in requests:
+                if not isinstance(request, dict):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request must be a JSON object")
+                pod_id = request.get("pod_id")
+                if isinstance(pod_id, str) and pod_id:
+                    pods.append(pod_id)
+                if request.get("done") is True:
+                    done = True
+                    break
+        finally:
+            if not done and pods:
+                # Not awaited: the handler may be being cancelled; the worker pool finishes it.
+                asyncio.get_running_loop().run_in_executor(None, self._remove_build_pods, pods)
+        yield {"pods": len(pods)}
+
     def _unary(self, method: Callable[[dict], dict]) -> Handler:
         async def call(request: dict, context: grpc.aio.ServicerContext) -> dict:
             if not isinstance(request, dict):
@@ -154,14 +197,17 @@ class ImagesAPI:
             "Stack": self.stack,
             "CheckpointImage": self.checkpoint_image,
         }
-        return grpc.method_handlers_generic_handler(
-            IMAGES_SERVICE,
-            {
-                name: grpc.unary_unary_rpc_method_handler(
-                    self._unary(method),
-                    request_deserializer=json.loads,
-                    response_serializer=lambda d: json.dumps(d).encode(),
-                )
-                for name, method in methods.items()
-            },
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                self._unary(method),
+                request_deserializer=json.loads,
+                response_serializer=lambda d: json.dumps(d).encode(),
+            )
+            for name, method in methods.items()
+        }
+        handlers["BuildSession"] = grpc.stream_stream_rpc_method_handler(
+            self.build_session,
+            request_deserializer=json.loads,
+            response_serializer=lambda d: json.dumps(d).encode(),
         )
+        return grpc.method_handlers_generic_handler(IMAGES_SERVICE, handlers)

@@ -154,7 +154,9 @@ async def serve(
     metrics_server = await metrics.start_server(config.metrics_address)
     runtime_service.streaming = streaming
     add_servicers(server, runtime_service, image_service, metrics.METRICS.observe_rpc)
-    server.add_generic_rpc_handlers((_admin_handler(store), ImagesAPI(store, runtime.containers).handler()))
+    server.add_generic_rpc_handlers(
+        (_admin_handler(store), ImagesAPI(store, runtime.containers, runtime.pods).handler())
+    )
     # The socket is born 0660 (umask) so there is no moment when others may connect.
     old_umask = os.umask(0o117)
     try:

@@ -3,14 +3,16 @@ layers in the same store (Docker's ``docker commit``, in place, with no second i
 
 Steps: find the container (NotFound for an unknown or removed one, FailedPrecondition for one
 being created or removed); under the container's lock (a stop or removal waits for the commit)
-pack the upper directory, optionally with the container's cgroup frozen; then the image store
-unpacks the new layer through its hostile-content path and records the image in one commit.
-The packed blob lives in the store's tmp/ until then and is removed on every outcome.
+pack the upper directory in one pass, optionally with the container's cgroup frozen: the gzip
+blob, its digests and the new layer directory are written together (``imageservice.packer``);
+then the image store moves that layer into place and records the image in one commit.
+Everything lives in the store's tmp/ until then and is removed on every outcome.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 import time
 import uuid
@@ -22,8 +24,9 @@ import structlog
 from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from cri_runtime.host import freezer
 from cri_runtime.runtime.containers import ContainerManager
-from imageservice.commit import GZIP_LAYER, apply_changes, commit_config, pack_upper
+from imageservice.commit import GZIP_LAYER, apply_changes, commit_config
 from imageservice.db import ImageRecord
+from imageservice.packer import pack_upper
 from imageservice.reference import parse_reference
 from imageservice.store import Descriptor, ImageStore
 
@@ -71,7 +74,14 @@ def commit_container(
             with freezer.frozen(container.pid) if pause else contextlib.nullcontext() as frozen_cgroup:
                 if frozen_cgroup is not None:
                     log.info("container frozen for commit", container=container.id, cgroup=str(frozen_cgroup))
-                packed = pack_upper(upper, work / "layer.tar.gz", cancel)
+                layer_dir = work / "layer"
+                (layer_dir / "diff").mkdir(parents=True, mode=0o755)
+                (layer_dir / "blobs").mkdir(mode=0o700)
+                packing = time.monotonic()
+                packed = pack_upper(upper, work / "layer.tar.gz", cancel, layer_dir=layer_dir / "diff")
+                pack_seconds = time.monotonic() - packing
+        # The blob goes with its layer: pushes and exports send these very bytes.
+        (work / "layer.tar.gz").rename(layer_dir / "blobs" / packed.digest.removeprefix("sha256:"))
         config_bytes = commit_config(
             parent.config,
             packed.diff_id,
@@ -83,13 +93,15 @@ def commit_container(
         blobs: list[tuple[Descriptor, Path | None]] = [
             (Descriptor("", layer.blob_digest, layer.blob_size), None) for layer in parent.layers
         ]
-        blobs.append((Descriptor(GZIP_LAYER, packed.digest, packed.size), work / "layer.tar.gz"))
-        record = store.import_image(names, None, config_bytes, blobs, cancel)
+        blobs.append((Descriptor(GZIP_LAYER, packed.digest, packed.size), None))
+        record = store.import_image(
+            names, None, config_bytes, blobs, cancel, prepared={packed.diff_id: layer_dir}
+        )
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            for entry in work.iterdir():
-                entry.unlink()
-            work.rmdir()
+        # Whiteout devices and read-only directories included; root removes them all.
+        shutil.rmtree(work, ignore_errors=True)
+        if work.exists():
+            log.error("cannot remove the commit's work directory", path=str(work))
     log.info(
         "container committed",
         container=container.id,
@@ -98,5 +110,6 @@ def commit_container(
         layer=packed.digest,
         layer_bytes=packed.size,
         seconds=round(time.monotonic() - started, 3),
+        pack_seconds=round(pack_seconds, 3),
     )
     return record
