@@ -208,3 +208,26 @@ def test_pids_limit_is_a_count_of_zero_or_more() -> None:
         config_from_dict({"pids_limit": -1})
     with pytest.raises(InvalidArgument, match="pids_limit"):
         config_from_dict({"pids_limit": "1024"})
+
+
+def test_a_v2_memory_limit_below_what_a_cgroup_cannot_give_back_is_refused(tmp_path: Path) -> None:
+    """cgroup v2 takes such a memory.max and OOM-kills the cgroup's processes to meet it (v1
+    refuses it with EBUSY): pycri asks first. File cache counts as reclaimable, tmpfs does not."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    pod = tmp_path / "pycri" / "pod"
+    pod.mkdir(parents=True)
+    mib = 1024 * 1024
+    (pod / "memory.current").write_text(f"{90 * mib}\n")
+    # 70 MiB of file pages, of which 40 MiB tmpfs/shm: 60 MiB held that reclaim cannot free.
+    (pod / "memory.stat").write_text(f"anon {20 * mib}\nfile {70 * mib}\nshmem {40 * mib}\n")
+    assert cgroups.memory_held("/pycri/pod", tmp_path) == 60 * mib
+    cgroups.check_memory_fits("/pycri/pod", 64 * mib, "pod cgroup /pycri/pod", tmp_path)
+    with pytest.raises(
+        FailedPrecondition, match=r"memory.max = 33554432 on pod cgroup /pycri/pod.*62914560 bytes"
+    ):
+        cgroups.check_memory_fits("/pycri/pod", 32 * mib, "pod cgroup /pycri/pod", tmp_path)
+    # Not known (a cgroup that is gone; a v1 host, where the kernel refuses it itself): no refusal.
+    assert cgroups.memory_held("/pycri/gone", tmp_path) is None
+    cgroups.check_memory_fits("/pycri/gone", mib, "x", tmp_path)
+    (tmp_path / "cgroup.controllers").unlink()
+    assert cgroups.memory_held("/pycri/pod", tmp_path) is None

@@ -15,7 +15,7 @@ import pytest
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
-from tests.support.daemon import Daemon
+from tests.support.daemon import TEST_CGROUP_DRIVER, Daemon
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.root
@@ -55,9 +55,11 @@ def test_status_reports_runtime_and_network_conditions(cri: CRIClient) -> None:
 
 def test_runtime_config_reports_cgroupfs_explicitly(cri: CRIClient) -> None:
     # CGROUPFS must be on the wire: an empty answer means SYSTEMD (enum value 0) to kubelet.
+    # (Under PYCRI_TEST_CGROUP_DRIVER=systemd, the VM guest's, the daemon runs that driver.)
     config = cri.runtime_config()
     assert config.HasField("linux")
-    assert config.linux.cgroup_driver == pb.CgroupDriver.CGROUPFS
+    expected = pb.CgroupDriver.SYSTEMD if TEST_CGROUP_DRIVER == "systemd" else pb.CgroupDriver.CGROUPFS
+    assert config.linux.cgroup_driver == expected
 
 
 def test_unimplemented_rpc_answers_unimplemented_with_its_name(cri: CRIClient) -> None:

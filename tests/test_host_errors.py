@@ -19,12 +19,13 @@ import pytest
 from cri_runtime import errors
 from cri_runtime.cri.status import status_code
 from cri_runtime.host import cgroups
+from cri_runtime.host.systemd import slice_path
 from cri_runtime.network import netns as pod_netns
 from cri_runtime.network.cni import CNI
 from cri_runtime.oci import podinit
 from cri_runtime.oci import runtimes as oci_runtimes
 from cri_runtime.oci.conmon import Executor
-from tests.support.daemon import Daemon
+from tests.support.daemon import TEST_CGROUP_DRIVER, Daemon
 from tests.support.rootfs import busybox_rootfs, minimal_spec
 
 pytestmark = pytest.mark.root
@@ -249,13 +250,19 @@ def test_run_pod_with_a_missing_cni_plugin_is_failed_precondition_and_leaves_not
     if not (PLUGIN_DIR / "loopback").exists():
         pytest.skip("containernetworking-plugins is not installed")
     daemon = cni_daemon([plugin], [bin_dir])
-    cgroup_parent = f"/pycri-hosterr-{secrets.token_hex(4)}"
+    if TEST_CGROUP_DRIVER == "systemd":
+        # The pod's own slice (a name, as kubelet passes under that driver), directly below -.slice.
+        pod_parent = f"pycrihosterr{secrets.token_hex(4)}.slice"
+        cgroup_parent = slice_path(pod_parent)
+    else:
+        cgroup_parent = f"/pycri-hosterr-{secrets.token_hex(4)}"
+        pod_parent = f"{cgroup_parent}/pod"
     try:
         with daemon.client() as cri:
             network = next(c for c in cri.status().status.conditions if c.type == "NetworkReady")
             assert not network.status and plugin in network.message and hint in network.message
             with pytest.raises(grpc.RpcError) as caught:
-                cri.run_pod("no-net", log_directory=str(tmp_path), cgroup_parent=f"{cgroup_parent}/pod")
+                cri.run_pod("no-net", log_directory=str(tmp_path), cgroup_parent=pod_parent)
             assert caught.value.code() == FP, caught.value
             details = caught.value.details() or ""
             assert plugin in details and hint in details, details

@@ -31,11 +31,11 @@ import grpc
 import pytest
 
 from cri_runtime.daemon.client import CRIClient
-from cri_runtime.host import cgroups
 from cri_runtime.host.mounts import mounts_under
 from tests.support.daemon import Daemon, bridge_ports, force_cleanup
 from tests.support.host import processes_of
 from tests.support.images import Image, busybox_layer, push_image
+from tests.support.pods import pod_cgroups_on_host
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.root
@@ -224,12 +224,7 @@ def host_leftovers(env: LoadEnv, pods: set[str]) -> dict[str, list[str]]:
         "namespace pins and pod dirs": [str(p) for p in (state / "sandboxes").iterdir()],
         "container dirs": [str(p) for p in (state / "containers").iterdir()]
         + [str(p) for p in (env.daemon.root / "containers").iterdir()],
-        "pod cgroups": [
-            str(h / "pycri" / pod)
-            for h in cgroups.hierarchies()
-            for pod in pods
-            if (h / "pycri" / pod).exists()
-        ],
+        "pod cgroups": [str(path) for pod in pods for path in pod_cgroups_on_host(pod)],
         "bridge ports": links,
         "ip allocations": allocations,
     }

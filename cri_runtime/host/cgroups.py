@@ -293,6 +293,50 @@ def usage(path: str, root: Path = CGROUP_ROOT) -> Usage:
     )
 
 
+def memory_held(path: str, root: Path = CGROUP_ROOT) -> int | None:
+    """cgroup v2: what the cgroup holds that reclaim cannot give back (``memory.current`` less
+    its file cache; tmpfs and shared memory stay), or None when this is not known (cgroup v1,
+    no such cgroup)."""
+    if not is_cgroup2_only(root):
+        return None
+    directory = root / normalize(path).lstrip("/")
+    current = _read_int(directory / "memory.current")
+    if current is None:
+        return None
+    stat = _read_keyed(directory / "memory.stat")
+    return max(current - stat.get("file", 0) + stat.get("shmem", 0), 0)
+
+
+def v2_cgroup_of(pid: int, root: Path = CGROUP_ROOT) -> str | None:
+    """The cgroup of process ``pid`` on a cgroup2-only host (``/proc/<pid>/cgroup``'s ``0::``
+    line), or None on v1 and hybrid hosts or when the process is gone."""
+    if not is_cgroup2_only(root):
+        return None
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:] or "/"
+    return None
+
+
+def check_memory_fits(path: str, limit: int, what: str, root: Path = CGROUP_ROOT) -> None:
+    """Refuse a memory limit below what ``path`` holds and cannot give back.
+
+    cgroup v1 refuses such a ``memory.limit_in_bytes`` itself (EBUSY); cgroup v2 takes the
+    ``memory.max`` and OOM-kills the cgroup's processes to meet it, which for a pod is its
+    infrastructure and every container. So on v2 pycri asks first, as the v1 kernel would.
+    """
+    held = memory_held(path, root)
+    if limit > 0 and held is not None and held > limit:
+        raise FailedPrecondition(
+            f"cannot set memory.max = {limit} on {what}: it holds {held} bytes that cannot be "
+            "reclaimed (memory.current less file cache); lowering the limit below that would OOM-kill it"
+        )
+
+
 def apply_limits(
     path: str, *, cpu_shares: int = 0, cpu_quota: int = 0, cpu_period: int = 0, memory: int = 0
 ) -> None:
@@ -311,6 +355,7 @@ def apply_limits(
                 (directory / "cpu.max", f"{cpu_quota if cpu_quota > 0 else 'max'} {cpu_period or 100000}")
             )
         if memory:
+            check_memory_fits(path, memory, f"pod cgroup {path}")
             writes.append((directory / "memory.max", str(memory)))
     else:
         by_controller = {name: h for h in hierarchies() for name in h.name.split(",")}

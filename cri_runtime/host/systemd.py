@@ -498,6 +498,7 @@ class SystemdDriver(cgroups.CgroupDriver):
             properties.append(_prop("CPUQuotaPerSecUSec", "t", per_second))
             properties.append(_prop("CPUQuotaPeriodUSec", "t", period))
         if memory:
+            cgroups.check_memory_fits(pod_path, memory, f"pod slice {self._slice(pod_path)}")
             properties.append(_prop("MemoryMax", "t", memory))
         if properties:
             self.bus.set_properties(self._slice(pod_path), properties)

@@ -1002,6 +1002,11 @@ class ContainerManager:
             current = oci_spec.get("linux", {}).get("resources", {})
             previous = _restorable(current, resources)
             executor = self.executor(container)
+            limit = resources.get("memory", {}).get("limit", 0)
+            cgroup = cgroups.v2_cgroup_of(container.pid) if limit and container.pid else None
+            if cgroup is not None:
+                # cgroup v2 would OOM-kill the container to meet the limit; v1 refuses it (EBUSY).
+                cgroups.check_memory_fits(cgroup, limit, f"container {container.id}")
             try:
                 if container.state == "running" or container.pid:
                     executor.update_resources(container.id, resources)

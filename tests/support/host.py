@@ -4,6 +4,7 @@ check what pycri did without asking pycri."""
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from cri_runtime.host import cgroups
@@ -85,3 +86,75 @@ def memory_usage_bytes(cgroup_path: str) -> int:
         if (directory / name).exists():
             return int((directory / name).read_text())
     raise AssertionError(f"no memory usage file in {directory}")
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    """A cgroup's limits by logical name, read from whichever files the host has: cgroup v1
+    (``memory.limit_in_bytes``, ``cpu.shares``, ``cpu.cfs_*``, each controller's hierarchy) or v2
+    (``memory.max``, ``cpu.weight``, ``cpu.max``, ``pids.max`` on the unified root). None: no limit
+    (or no such controller here). ``cpu`` is ``cpu.shares`` on v1 and ``cpu.weight`` on v2: compare
+    it with ``cpu_value(shares)``."""
+
+    memory: int | None
+    cpu: int | None
+    cpu_quota: int | None
+    cpu_period: int | None
+    pids: int | None
+
+
+def _limit(path: Path) -> int | None:
+    """A limit file's number; None for "max", v1's "unlimited" (2^63 rounded to pages, or -1)
+    and a file this host lacks."""
+    try:
+        text = path.read_text().split()[0]
+    except FileNotFoundError:
+        return None
+    if text == "max" or int(text) < 0 or int(text) >= 1 << 62:
+        return None
+    return int(text)
+
+
+def cgroup_limits(cgroup_path: str) -> CgroupLimits:
+    """The limits the kernel enforces on ``cgroup_path`` (a pod's ``cgroupPath``, or
+    ``container_cgroup``'s path: a directory under the cgroupfs driver, a slice or scope under
+    the systemd driver)."""
+    hierarchies = cgroups.controllers()
+    relative = cgroup_path.lstrip("/")
+    memory = hierarchies["memory"] / relative
+    cpu = hierarchies["cpu"] / relative
+    pids = hierarchies["pids"] / relative if "pids" in hierarchies else None
+    if (cpu / "cpu.max").exists():
+        quota, period = (cpu / "cpu.max").read_text().split()
+        return CgroupLimits(
+            memory=_limit(memory / "memory.max"),
+            cpu=_limit(cpu / "cpu.weight"),
+            cpu_quota=None if quota == "max" else int(quota),
+            cpu_period=int(period),
+            pids=_limit(pids / "pids.max") if pids is not None else None,
+        )
+    return CgroupLimits(
+        memory=_limit(memory / "memory.limit_in_bytes"),
+        cpu=_limit(cpu / "cpu.shares"),
+        cpu_quota=_limit(cpu / "cpu.cfs_quota_us"),
+        cpu_period=_limit(cpu / "cpu.cfs_period_us"),
+        pids=_limit(pids / "pids.max") if pids is not None else None,
+    )
+
+
+def cpu_value(cpu_shares: int) -> int:
+    """What ``CgroupLimits.cpu`` reads after ``cpu_shares`` was asked: the shares on cgroup v1,
+    the weight runc, crun, systemd and pycri convert them to on v2."""
+    if (cgroups.controllers()["cpu"] / "cpu.shares").exists():
+        return cpu_shares
+    return cgroups.shares_to_weight(cpu_shares)
+
+
+def oom_kills(cgroup_path: str) -> int | None:
+    """The kernel's count of OOM kills in the cgroup and below (v2's ``memory.events``), or
+    None on cgroup v1 (whose ``memory.oom_control`` counts only its own)."""
+    events = cgroups.controllers()["memory"] / cgroup_path.lstrip("/") / "memory.events"
+    if not events.exists():
+        return None
+    counts = dict(line.split() for line in events.read_text().splitlines())
+    return int(counts["oom_kill"])

@@ -1,5 +1,5 @@
 """A pycri daemon with CNI and pulled test image, as the pod tests drive it, and the small helpers
-those tests share (waiting for an exit, exec with output, where a pod's cgroup is)."""
+those tests share (waiting for an exit, exec with output, where a pod's or a container's cgroup is)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
+from cri_runtime.host import cgroups
 from cri_runtime.host.mounts import mounts_under
 from tests.support.daemon import Daemon, bridge_ports
 from tests.support.host import processes_of
@@ -85,5 +86,13 @@ def container_pid(cri: CRIClient, cid: str) -> int:
 
 
 def pod_cgroup(cri: CRIClient, pod: str) -> str:
-    """The pod's cgroup path, relative to each hierarchy; a container's is ``<pod's>/<container id>``."""
+    """The pod's cgroup path as pycri records it (for a systemd slice, its place in the tree),
+    relative to each hierarchy."""
     return str(json.loads(cri.pod_status(pod, verbose=True).info["info"])["cgroupPath"])
+
+
+def container_cgroup(cri: CRIClient, pod: str, cid: str) -> str:
+    """The container's cgroup path, relative to each hierarchy, from its pod's as pycri records it:
+    ``<pod's>/<container id>`` under the cgroupfs driver, ``<pod slice>/pycri-<id>.scope`` under
+    the systemd driver (``cgroups.container_path``, what pycri's statistics read)."""
+    return cgroups.container_path(pod_cgroup(cri, pod), cid)
