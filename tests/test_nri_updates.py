@@ -6,9 +6,7 @@ The plugin is tests/support/nri_plugin.py; the daemon and its NRI socket are tes
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,8 +19,9 @@ from cri_runtime.nri.api import api_pb2 as nri
 from cri_runtime.nri.resources import from_nri, to_nri, unsupported
 from cri_runtime.nri.ttrpc import TtrpcError
 from tests import test_nri
+from tests.support.host import cgroup_limits, cpu_value
 from tests.support.nri_plugin import ALL_EVENTS, NriTestPlugin
-from tests.support.pods import Env, wait_exited
+from tests.support.pods import Env, container_cgroup, pod_cgroup, wait_exited
 from tests.support.wait import wait_for
 
 MiB = 1024 * 1024
@@ -30,17 +29,17 @@ nri_env = test_nri.nri_env  # the fixture: a daemon with NRI on its own socket
 _socket = test_nri._socket
 
 
-def _memory_limit(env: Env, pod: str, cid: str = "") -> int:
-    cgroup = json.loads(env.cri.pod_status(pod, verbose=True).info["info"])["cgroupPath"].lstrip("/")
-    path = Path("/sys/fs/cgroup/memory") / cgroup
-    if cid:
-        path /= cid
-    return int((path / "memory.limit_in_bytes").read_text())
+def _memory_limit(env: Env, pod: str, cid: str = "") -> int | None:
+    """The memory limit the kernel enforces on the pod, or on its container ``cid`` (v1 or v2 files,
+    either cgroup driver)."""
+    path = container_cgroup(env.cri, pod, cid) if cid else pod_cgroup(env.cri, pod)
+    return cgroup_limits(path).memory
 
 
-def _cpu_shares(env: Env, pod: str, cid: str) -> int:
-    cgroup = json.loads(env.cri.pod_status(pod, verbose=True).info["info"])["cgroupPath"].lstrip("/")
-    return int((Path("/sys/fs/cgroup/cpu") / cgroup / cid / "cpu.shares").read_text())
+def _cpu_shares(env: Env, pod: str, cid: str) -> int | None:
+    """The container's CPU shares as the kernel holds them: v1's ``cpu.shares``, or on v2 the
+    ``cpu.weight`` they became (compare with ``cpu_value(shares)``)."""
+    return cgroup_limits(container_cgroup(env.cri, pod, cid)).cpu
 
 
 def _memory_update(cid: str, limit: int, ignore_failure: bool = False) -> nri.ContainerUpdate:
@@ -72,7 +71,8 @@ def test_update_container_plugin_changes_the_update_and_updates_another(nri_env:
     try:
         _update_resources(nri_env, target, memory_limit_in_bytes=64 * MiB, cpu_shares=512)
         assert _memory_limit(nri_env, pod, target) == 96 * MiB
-        assert _cpu_shares(nri_env, pod, target) == 512  # what the plugin left alone is applied as asked
+        # What the plugin left alone is applied as asked.
+        assert _cpu_shares(nri_env, pod, target) == cpu_value(512)
         status = nri_env.cri.container_status(target).status
         assert status.resources.linux.memory_limit_in_bytes == 96 * MiB
         assert wait_for(lambda: _memory_limit(nri_env, pod, other) == 80 * MiB, timeout=10)
@@ -106,7 +106,8 @@ def test_update_container_conflicts_errors_and_impossible_values_apply_nothing(n
             _update_resources(nri_env, cid, memory_limit_in_bytes=100 * MiB, cpu_shares=256)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "10-first and 20-second both adjust memory 'limit'" in err.value.details()
-        assert (_memory_limit(nri_env, pod, cid), _cpu_shares(nri_env, pod, cid)) == (64 * MiB, 512)
+        assert _memory_limit(nri_env, pod, cid) == 64 * MiB
+        assert _cpu_shares(nri_env, pod, cid) == cpu_value(512)
     finally:
         second.stop()
     try:
@@ -116,7 +117,8 @@ def test_update_container_conflicts_errors_and_impossible_values_apply_nothing(n
             _update_resources(nri_env, cid, memory_limit_in_bytes=100 * MiB, cpu_shares=256)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "memory_limit_in_bytes 4096" in err.value.details()
-        assert (_memory_limit(nri_env, pod, cid), _cpu_shares(nri_env, pod, cid)) == (64 * MiB, 512)
+        assert _memory_limit(nri_env, pod, cid) == 64 * MiB
+        assert _cpu_shares(nri_env, pod, cid) == cpu_value(512)
         assert ("PostUpdateContainer", "c") not in first.events
 
         def refuse(request: nri.UpdateContainerRequest) -> nri.UpdateContainerResponse:
