@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import pytest
 
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.oci import runtimes as oci_runtimes
-from tests.support.daemon import Daemon, force_cleanup
+from tests.support.daemon import Daemon
 from tests.support.images import Image, busybox_layer, layer_from_files, push_image
-from tests.support.pods import RUNTIMES, Env, host_leftovers
+from tests.support.pods import RUNTIMES, Env, daemon_env
 from tests.support.registry import Registry, start_registry
 
 
@@ -89,21 +88,4 @@ def env(request: pytest.FixtureRequest, daemon_factory, pod_image: str, tmp_path
         f'pod_subnet = "198.18.{third}.0/24"\nbridge = "{bridge}"\n',
         name=f"pods-{runtime}",
     )
-    pods: list[str] = []
-    try:
-        environment = Env(daemon, daemon.client(), pod_image, tmp_path / "logs", f"198.18.{third}.", pods)
-        environment.cri.pull(pod_image)
-        yield environment
-        # A test may have restarted the daemon and replaced the client.
-        for pod in environment.cri.list_pods():
-            environment.cri.stop_pod(pod.id)
-            environment.cri.remove_pod(pod.id)
-        environment.cri.close()
-        daemon.stop()
-    finally:
-        daemon.kill()
-        leftovers = host_leftovers(daemon, bridge, pods)
-        # Judge first, then clean whatever was left, so one failure does not spoil the next test.
-        force_cleanup(daemon)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-    assert leftovers == {"processes": [], "mounts": [], "bridge ports": [], "cgroups": []}
+    yield from daemon_env(daemon, pod_image, tmp_path / "logs", f"198.18.{third}.", bridge)

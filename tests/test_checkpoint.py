@@ -12,7 +12,6 @@ import io
 import json
 import os
 import secrets
-import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +23,7 @@ from cri_runtime.api import api_pb2 as pb
 from cri_runtime.runtime import checkpoint
 from imageservice.commit import pack_upper_plain
 from imageservice.platform import host_platform
-from tests.support.daemon import force_cleanup
-from tests.support.pods import Env, exec_out, host_leftovers
+from tests.support.pods import Env, daemon_env, exec_out
 
 pytestmark = pytest.mark.root
 
@@ -49,22 +47,7 @@ def runc_checkpoint_env(daemon_factory, pod_image: str, tmp_path: Path) -> Itera
         f'[network]\nconf_dir = "{net_dir}"\npod_subnet = "198.18.110.0/24"\nbridge = "{bridge}"\n',
         name="checkpoint",
     )
-    pods: list[str] = []
-    try:
-        environment = Env(daemon, daemon.client(), pod_image, tmp_path / "logs", "198.18.110.", pods)
-        environment.cri.pull(pod_image)
-        yield environment
-        for pod in environment.cri.list_pods():
-            environment.cri.stop_pod(pod.id)
-            environment.cri.remove_pod(pod.id)
-        environment.cri.close()
-        daemon.stop()
-    finally:
-        daemon.kill()
-        leftovers = host_leftovers(daemon, bridge, pods)
-        force_cleanup(daemon)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-    assert leftovers == {"processes": [], "mounts": [], "bridge ports": [], "cgroups": []}
+    yield from daemon_env(daemon, pod_image, tmp_path / "logs", "198.18.110.", bridge)
 
 
 def _checkpoint(env: Env, cid: str, location: str, timeout: int = 60) -> None:

@@ -25,7 +25,7 @@ from cri_runtime.errors import InvalidArgument
 from cri_runtime.nri.api import api_pb2 as nri
 from tests.support.daemon import force_cleanup
 from tests.support.nri_plugin import NriTestPlugin
-from tests.support.pods import Env, exec_out, host_leftovers
+from tests.support.pods import Env, daemon_env, exec_out
 from tests.support.wait import wait_for
 
 
@@ -63,22 +63,7 @@ def nri_env(daemon_factory, pod_image: str, tmp_path: Path) -> Iterator[Env]:  #
         'plugin_request_timeout = "1s"\n',
         name="nri",
     )
-    pods: list[str] = []
-    try:
-        environment = Env(daemon, daemon.client(), pod_image, tmp_path / "logs", "198.18.120.", pods)
-        environment.cri.pull(pod_image)
-        yield environment
-        for pod in environment.cri.list_pods():
-            environment.cri.stop_pod(pod.id)
-            environment.cri.remove_pod(pod.id)
-        environment.cri.close()
-        daemon.stop()
-    finally:
-        daemon.kill()
-        leftovers = host_leftovers(daemon, bridge, pods)
-        force_cleanup(daemon)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-    assert leftovers == {"processes": [], "mounts": [], "bridge ports": [], "cgroups": []}
+    yield from daemon_env(daemon, pod_image, tmp_path / "logs", "198.18.120.", bridge)
 
 
 def _socket(env: Env) -> Path:

@@ -4,6 +4,8 @@ those tests share (waiting for an exit, exec with output, where a pod's or a con
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.client import CRIClient
 from cri_runtime.host import cgroups
 from cri_runtime.host.mounts import mounts_under
-from tests.support.daemon import Daemon, bridge_ports
+from tests.support.daemon import Daemon, bridge_ports, force_cleanup
 from tests.support.host import processes_of
 from tests.support.wait import wait_for
 
@@ -96,3 +98,27 @@ def container_cgroup(cri: CRIClient, pod: str, cid: str) -> str:
     ``<pod's>/<container id>`` under the cgroupfs driver, ``<pod slice>/pycri-<id>.scope`` under
     the systemd driver (``cgroups.container_path``, what pycri's statistics read)."""
     return cgroups.container_path(pod_cgroup(cri, pod), cid)
+
+
+def daemon_env(daemon: Daemon, pod_image: str, logs: Path, subnet_prefix: str, bridge: str) -> Iterator[Env]:
+    """An ``Env`` over a started ``daemon`` on its own ``bridge``, the test image pulled; afterwards
+    its pods removed, the daemon stopped, and the host must hold nothing of it: no process, mount,
+    bridge port or cgroup. For a fixture: ``yield from daemon_env(...)``."""
+    pods: list[str] = []
+    try:
+        environment = Env(daemon, daemon.client(), pod_image, logs, subnet_prefix, pods)
+        environment.cri.pull(pod_image)
+        yield environment
+        # A test may have restarted the daemon and replaced the client.
+        for pod in environment.cri.list_pods():
+            environment.cri.stop_pod(pod.id)
+            environment.cri.remove_pod(pod.id)
+        environment.cri.close()
+        daemon.stop()
+    finally:
+        daemon.kill()
+        leftovers = host_leftovers(daemon, bridge, pods)
+        # Judge first, then clean whatever was left, so one failure does not spoil the next test.
+        force_cleanup(daemon)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    assert leftovers == {"processes": [], "mounts": [], "bridge ports": [], "cgroups": []}
