@@ -76,6 +76,8 @@ UNITDIR ?= /etc/systemd/system
 CRICTL_CONFIG ?= /etc/crictl.yaml
 DATADIR ?= /var/lib/pycri
 MODULESLOADDIR ?= /etc/modules-load.d
+# systemd-udevd's link files: ours keeps udev from changing pod veths' MAC addresses (see the file).
+NETWORKDIR ?= /etc/systemd/network
 SKIP_MODULES ?=
 SKIP_APT ?=
 PURGE ?=
@@ -110,6 +112,8 @@ install: runtime-deps
 	if [ -e $(CRICTL_CONFIG) ]; then echo "keeping $(CRICTL_CONFIG)"; \
 	else install -D -m 0644 manifests/crictl.yaml $(CRICTL_CONFIG); fi; \
 	install -D -m 0644 manifests/pycri.service $(UNITDIR)/pycri.service; \
+	install -D -m 0644 manifests/90-pycri-veth.link $(NETWORKDIR)/90-pycri-veth.link; \
+	if [ -d /run/udev ] && command -v udevadm >/dev/null; then udevadm control --reload || true; fi; \
 	if [ -z "$(SKIP_MODULES)" ]; then \
 		install -d -m 0755 $(MODULESLOADDIR); echo overlay > $(MODULESLOADDIR)/pycri.conf; \
 		grep -qw overlay /proc/filesystems || modprobe overlay || echo "could not load overlay: pycri check will say why"; \
@@ -126,7 +130,8 @@ uninstall:
 	@set -e; \
 	if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ] && [ -e $(UNITDIR)/pycri.service ]; then \
 		systemctl disable --now pycri.service || true; fi; \
-	rm -f $(UNITDIR)/pycri.service $(MODULESLOADDIR)/pycri.conf; \
+	rm -f $(UNITDIR)/pycri.service $(MODULESLOADDIR)/pycri.conf $(NETWORKDIR)/90-pycri-veth.link; \
+	if [ -d /run/udev ] && command -v udevadm >/dev/null; then udevadm control --reload || true; fi; \
 	if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then systemctl daemon-reload; fi; \
 	if [ -L $(BINDIR)/pycri ] && [ "$$(readlink $(BINDIR)/pycri)" = "$(PYCRI_HOME)/bin/pycri" ]; then \
 		rm -f $(BINDIR)/pycri; fi; \

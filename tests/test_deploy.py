@@ -411,7 +411,14 @@ def _missing_runtime_packages() -> list[str]:
 )
 def test_make_install_check_uninstall_leaves_the_machine_as_it_was(tmp_path: Path) -> None:
     target = tmp_path / "node"
-    for d in ("opt", "usr/local/bin", "etc/systemd/system", "etc/modules-load.d", "var/lib"):
+    for d in (
+        "opt",
+        "usr/local/bin",
+        "etc/systemd/system",
+        "etc/systemd/network",
+        "etc/modules-load.d",
+        "var/lib",
+    ):
         (target / d).mkdir(parents=True)
     paths = {
         "PYCRI_HOME": target / "opt/pycri",
@@ -421,6 +428,7 @@ def test_make_install_check_uninstall_leaves_the_machine_as_it_was(tmp_path: Pat
         "CRICTL_CONFIG": target / "etc/crictl.yaml",
         "DATADIR": target / "var/lib/pycri",
         "MODULESLOADDIR": target / "etc/modules-load.d",
+        "NETWORKDIR": target / "etc/systemd/network",
     }
     variables = [f"{k}={v}" for k, v in paths.items()]
     # With the runtime packages there the apt step is a no-op; CI lets it install them as on a node.
@@ -451,6 +459,9 @@ def test_make_install_check_uninstall_leaves_the_machine_as_it_was(tmp_path: Pat
     # overlayfs is loaded now and at every boot (a fresh cloud kernel boots without it).
     assert (paths["MODULESLOADDIR"] / "pycri.conf").read_text() == "overlay\n"
     assert "overlay" in Path("/proc/filesystems").read_text()
+    # udev leaves pod veths' MAC addresses alone (the bridge plugin's CHECK compares them).
+    link = (paths["NETWORKDIR"] / "90-pycri-veth.link").read_text()
+    assert "Driver=veth bridge" in link and "MACAddressPolicy=none" in link
     result = subprocess.run(
         [
             str(pycri),

@@ -3,11 +3,16 @@ check what pycri did without asking pycri."""
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from cri_runtime.host import cgroups
+
+# How much slower than this host the machine running the tests is, for the few tests that bound
+# a duration: vm/guest-test sets it for a guest under qemu's TCG (emulated CPU).
+TIME_SCALE = float(os.environ.get("PYCRI_TEST_TIME_SCALE", "1"))
 
 
 def processes_of(workdir: Path) -> list[str]:
