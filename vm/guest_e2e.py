@@ -87,6 +87,21 @@ def sh(*cmd: str) -> str:
     return out.stdout
 
 
+def kill9_pycri(timeout: float) -> None:
+    """SIGKILL pycri's main process and wait for systemd to start a new one (Restart=on-failure,
+    RestartSec=5 in pycri.service)."""
+    main_pid = sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
+    os.kill(int(main_pid), 9)
+    wait_for(
+        lambda: (
+            subprocess.run(["systemctl", "is-active", "-q", "pycri"]).returncode == 0
+            and sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip() not in ("0", main_pid)
+        ),
+        timeout,
+        "pycri restarted by systemd",
+    )
+
+
 def systemd_on_bus() -> bool:
     """systemd answers on the system bus (busctl goes through dbus-daemon, systemctl does not)."""
     out = subprocess.run(
@@ -376,18 +391,7 @@ def main() -> int:
                         assert unit_show(scope, "ActiveState")["ActiveState"] == "active"
                     sh("systemctl", "start", "pycri")
                 else:
-                    main_pid = sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
-                    os.kill(int(main_pid), 9)
-                    # Restart=on-failure, RestartSec=5: systemd starts it again.
-                    wait_for(
-                        lambda: (
-                            subprocess.run(["systemctl", "is-active", "-q", "pycri"]).returncode == 0
-                            and sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
-                            not in ("0", main_pid)
-                        ),
-                        90,
-                        "pycri restarted by systemd",
-                    )
+                    kill9_pycri(90)
                 assert os.path.exists(f"/proc/{pid}"), "the container's process died with pycri"
                 after = wait_for(lambda: _status(cri, cid), 60, "ContainerStatus after the restart")
                 assert after.state == pb.ContainerState.CONTAINER_RUNNING, after

@@ -17,13 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from guest_e2e import SOCKET, Checks, _status, container_pid, exec_out, finish, sh, state_of, wait_for
+from guest_e2e import (
+    SOCKET,
+    Checks,
+    _status,
+    container_pid,
+    exec_out,
+    finish,
+    kill9_pycri,
+    sh,
+    state_of,
+    wait_for,
+)
 
 import tests.support.images as images
 from cri_runtime.api import api_pb2 as pb
@@ -183,18 +193,7 @@ def survives(cri: CRIClient, cid: str, how: str) -> Callable[[], None]:
         if how == "restart":
             sh("systemctl", "restart", "pycri")
         else:
-            main_pid = sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
-            os.kill(int(main_pid), 9)
-            # Restart=on-failure, RestartSec=5: systemd starts it again.
-            wait_for(
-                lambda: (
-                    subprocess.run(["systemctl", "is-active", "-q", "pycri"]).returncode == 0
-                    and sh("systemctl", "show", "-p", "MainPID", "--value", "pycri").strip()
-                    not in ("0", main_pid)
-                ),
-                300,
-                "pycri restarted by systemd",
-            )
+            kill9_pycri(300)
         assert os.path.exists(f"/proc/{pid}"), "the container's process died with pycri"
         after = wait_for(lambda: _status(cri, cid), 180, "ContainerStatus after the restart")
         assert after.state == pb.ContainerState.CONTAINER_RUNNING, after
