@@ -21,7 +21,7 @@ import pytest
 
 from cri_runtime.api import api_pb2 as pb
 from cri_runtime.daemon.server import WORKER_THREADS
-from tests.support.host import ignores
+from tests.support.host import TIME_SCALE, ignores
 from tests.support.pods import RUNTIMES, Env, container_pid, wait_exited
 from tests.support.wait import wait_for
 
@@ -31,7 +31,9 @@ STUBBORN = ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"]
 GRACE = 12  # seconds each stubborn container is given: far longer than anything else here
 # More waits than the daemon has worker threads: if each wait held one, they would end in rounds.
 WAITERS = WORKER_THREADS + 8
-EXEC_SECONDS = 10
+# Long enough that all the execs start, and another call is served, before the first ends: a few
+# seconds here, much longer under a VM's TCG, where they are 30 s.
+EXEC_SECONDS = round(10 * min(TIME_SCALE, 3))
 
 
 def stubborn_containers(env: Env, pod: str, count: int) -> list[str]:
@@ -84,12 +86,15 @@ def count_in(env: Env, cid: str, command: str) -> int:
 def test_long_exec_syncs_hold_no_thread_and_starve_no_call(env: Env) -> None:
     pod = env.pod("execs")
     cid = env.run(pod, "host", ["sleep", "600"])
+    other = env.run(env.pod("meanwhile"), "quick", ["sleep", "300"])
     started = time.monotonic()
     done: list[float] = []
     lock = threading.Lock()
 
     def long_exec() -> None:
-        answer = env.cri.exec_sync(cid, ["sh", "-c", f"sleep {EXEC_SECONDS}; echo slept"], timeout=60)
+        answer = env.cri.exec_sync(
+            cid, ["sh", "-c", f"sleep {EXEC_SECONDS}; echo slept"], timeout=EXEC_SECONDS + 60
+        )
         assert answer.stdout == b"slept\n" and answer.exit_code == 0
         with lock:
             done.append(time.monotonic())
@@ -99,15 +104,16 @@ def test_long_exec_syncs_hold_no_thread_and_starve_no_call(env: Env) -> None:
         # All of them running at once: none waits for a thread that another exec's run holds.
         assert wait_for(lambda: count_in(env, cid, f"sleep {EXEC_SECONDS}") == WAITERS, timeout=30)
         all_running = time.monotonic()
-        other = env.run(env.pod("meanwhile"), "quick", ["sleep", "300"])
+        # Another container's exec is served meanwhile, while all of them still wait.
         assert env.cri.exec_sync(other, ["echo", "served"]).stdout == b"served\n"
+        assert env.cri.container_status(other).status.state == pb.ContainerState.CONTAINER_RUNNING
         served_at = time.monotonic()
         for future in execs:
             future.result()
     assert served_at < min(done)
     # And each answered when its own run ended: a whole EXEC_SECONDS after they all ran, at most
     # (the one started last), plus the time it takes to answer (seconds under a VM's TCG).
-    assert max(done) - all_running < EXEC_SECONDS + 5
+    assert max(done) - all_running < EXEC_SECONDS + 5 * TIME_SCALE
     assert min(done) - started >= EXEC_SECONDS
 
 
