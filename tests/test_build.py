@@ -124,6 +124,11 @@ def test_a_failing_run_stops_the_build_with_its_output_and_leaves_nothing(env: E
     rerun = pycri(env, "build", "-t", "broken:1", str(context))
     assert "Using cache" in rerun.stdout.split("STEP 3/4")[0]
     assert len({i.id for i in env.cri.list_images()} - images_before) == 1  # only the cached step
+    # A step the daemon refuses (no such user in the image) names the step too.
+    (context / "Containerfile").write_text(f"FROM {env.image}\nUSER nosuchuser\nRUN true\n")
+    refused = pycri(env, "build", str(context))
+    assert refused.returncode == 1 and "STEP 3/3 (line 3): RUN true: " in refused.stderr, refused.stderr
+    assert "nosuchuser" in refused.stderr, refused.stderr
     # A usage error is argparse's: exit 2.
     assert pycri(env, "build", "--no-such-flag", str(context)).returncode == 2
 
@@ -391,6 +396,7 @@ def test_run_heredocs_by_the_shell_as_a_script_and_several_on_a_line(env: Env, t
     built = pycri(env, "build", "-t", "heredoc:1", str(context))
     assert built.returncode == 0, built.stderr + built.stdout
     assert "\nran-heredoc-v1\n" in built.stdout
+    assert 'STEP 3/7: RUN <<EOF (echo "one $WHO" > /one...)' in built.stdout  # BuildKit's summary
     assert _in_image(env, "heredoc:1", "check", "cat /one /two /three /four; ls /dev/pipes 2>&1 || true") == [
         "one builder",  # the shell expands the build argument (an environment variable of the step)
         "tabs-stripped",  # <<- strips the leading tabs, of the delimiter line too
@@ -408,6 +414,15 @@ def test_run_heredocs_by_the_shell_as_a_script_and_several_on_a_line(env: Env, t
     assert changed.returncode == 0, changed.stderr
     assert "\nran-heredoc-v2\n" in changed.stdout and "\nlast-step\n" in changed.stdout
     assert "Using cache" not in changed.stdout
+    # A document's script that fails fails its step, with its output and exit code.
+    (context / "Containerfile").write_text(
+        f"FROM {env.image}\nRUN <<EOF\n#!/bin/sh\necho script-says-no\nexit 7\nEOF\n"
+    )
+    failed = pycri(env, "build", str(context))
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.startswith("pycri: build failed: STEP 2/2 (line 2): RUN <<EOF (#!/bin/sh...)\n")
+    assert "script-says-no" in failed.stderr
+    assert 'process "/dev/pipes/EOF" did not complete successfully: exit code: 7' in failed.stderr
     # An unterminated document is refused before anything runs.
     (context / "Containerfile").write_text(f"FROM {env.image}\nRUN <<EOF\necho never\n")
     refused = pycri(env, "build", str(context))
@@ -480,6 +495,7 @@ class _Files(http.server.BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Last-Modified", "Tue, 15 Nov 1994 08:12:31 GMT")
         self.end_headers()
         self.wfile.write(body)
 
@@ -530,11 +546,13 @@ def test_add_of_a_url_downloads_follows_redirects_keeps_archives_and_reruns_on_c
         env,
         "fetched:1",
         "check",
-        "stat -c '%n %u %g %a %s' /downloads/bundle.tar.gz /etc/note.txt; cat /etc/note.txt; ls /downloads",
+        "stat -c '%n %u %g %a %s %Y' /downloads/bundle.tar.gz /etc/note.txt; cat /etc/note.txt;"
+        " ls /downloads",
     )
     assert lines == [
-        f"/downloads/bundle.tar.gz 0 0 600 {len(archive)}",  # 0600, the archive as it was
-        "/etc/note.txt 1002 1003 640 8",  # through the redirect; --chmod/--chown applied
+        # 0600, the archive as it was, the time the server's Last-Modified (784887151)
+        f"/downloads/bundle.tar.gz 0 0 600 {len(archive)} 784887151",
+        "/etc/note.txt 1002 1003 640 8 784887151",  # through the redirect; --chmod/--chown applied
         "note v1",
         "bundle.tar.gz",  # not unpacked: no inside.txt
     ], lines

@@ -18,6 +18,7 @@ Here-documents (``RUN <<EOF``, ``COPY <<EOF /path``) follow BuildKit's Dockerfil
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fnmatch
 import hashlib
 import json
@@ -102,6 +103,14 @@ class Instruction:
 
     def __str__(self) -> str:
         return f"{self.keyword} {self.args}"
+
+    def summary(self) -> str:
+        """The instruction as a progress line shows it: a here-document's first line after it."""
+        if not self.heredocs:
+            return str(self)
+        lines = [line.strip() for line in self.heredocs[0].body.splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+        return f"{self} ({first[:60]}{'...' if len(lines) > 1 or len(first) > 60 else ''})"
 
 
 def parse(text: str) -> list[Instruction]:
@@ -327,6 +336,7 @@ def download(url: str, target: Path, timeout: float, checksum: str = "") -> str:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     fh.write(chunk)
+            modified = _http_time(response.headers.get("Last-Modified", ""))
     except urllib.error.HTTPError as exc:
         exc.close()
         kind = NotFound if exc.code in (404, 410) else Unavailable
@@ -343,7 +353,19 @@ def download(url: str, target: Path, timeout: float, checksum: str = "") -> str:
     if checksum and got != checksum:
         target.unlink()
         raise DataLoss(f"fetching {url}: checksum mismatch: expected {checksum}, got {got}")
+    if modified is not None:
+        # Docker's rule: the file's time is the server's Last-Modified.
+        os.utime(target, (modified, modified))
     return got
+
+
+def _http_time(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -422,13 +444,19 @@ class Build:
         stage = ""
         try:
             for number, step in enumerate(steps, 1):
-                self.say(f"STEP {number}/{len(steps)}: {step}")
+                where = f"STEP {number}/{len(steps)} (line {step.line}): {step.summary()}"
+                self.say(f"STEP {number}/{len(steps)}: {step.summary()}")
                 try:
                     image, config, variables, shell, stage = self._step(
                         step, image, config, variables, shell, declared_args, stage
                     )
                 except PycriError as exc:
-                    raise _located(exc, f"STEP {number}/{len(steps)} (line {step.line}): {step}") from exc
+                    raise _located(exc, where) from exc
+                except Exception as exc:
+                    if not callable(getattr(exc, "details", None)):
+                        raise
+                    # A daemon call that failed (a gRPC error): said with its step too.
+                    raise PycriError(f"{where}: {exc.code().name}: {exc.details()}") from exc  # type: ignore[attr-defined]
             if self.options.tag:
                 self.images("Tag", {"source": image, "name": self.options.tag})
             return image
