@@ -380,6 +380,10 @@ RUN <<EOF
 #!/bin/sh -e
 echo "script run as $0" > /three
 EOF
+RUN <<EOF
+#!/bin/awk -f
+BEGIN {{ print "awk ran the script" > "/five" }}
+EOF
 RUN cat <<A > /four; cat <<'B' >> /four
 first $WHO
 A
@@ -396,11 +400,13 @@ def test_run_heredocs_by_the_shell_as_a_script_and_several_on_a_line(env: Env, t
     built = pycri(env, "build", "-t", "heredoc:1", str(context))
     assert built.returncode == 0, built.stderr + built.stdout
     assert "\nran-heredoc-v1\n" in built.stdout
-    assert 'STEP 3/7: RUN <<EOF (echo "one $WHO" > /one...)' in built.stdout  # BuildKit's summary
-    assert _in_image(env, "heredoc:1", "check", "cat /one /two /three /four; ls /dev/pipes 2>&1 || true") == [
+    assert 'STEP 3/8: RUN <<EOF (echo "one $WHO" > /one...)' in built.stdout  # BuildKit's summary
+    script = "cat /one /two /three /five /four; ls /dev/pipes 2>&1 || true"
+    assert _in_image(env, "heredoc:1", "check", script) == [
         "one builder",  # the shell expands the build argument (an environment variable of the step)
         "tabs-stripped",  # <<- strips the leading tabs, of the delimiter line too
         "script run as /dev/pipes/EOF",  # #!: a file of its own, run by its interpreter
+        "awk ran the script",  # any interpreter
         "first builder",  # several documents on one line: the shell reads them
         "second $WHO",  # a quoted delimiter: no expansion
         "ls: /dev/pipes: No such file or directory",  # the script's mount is not in the image
@@ -408,7 +414,7 @@ def test_run_heredocs_by_the_shell_as_a_script_and_several_on_a_line(env: Env, t
     # The documents' bodies are in the cache key: unchanged, nothing runs; a changed body reruns
     # that step and the ones after it.
     again = pycri(env, "build", "-t", "heredoc:1", str(context))
-    assert again.returncode == 0 and again.stdout.count("Using cache") == 5, again.stdout
+    assert again.returncode == 0 and again.stdout.count("Using cache") == 6, again.stdout
     (context / "Containerfile").write_text(RUN_HEREDOCS.format(image=env.image, marker="v2"))
     changed = pycri(env, "build", "-t", "heredoc:2", str(context))
     assert changed.returncode == 0, changed.stderr
