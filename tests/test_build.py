@@ -3,11 +3,17 @@ as layers through the hostile-content unpacker), cached per step, failing cleanl
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import io
 import json
+import socket
 import tarfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,8 +109,14 @@ def test_a_failing_run_stops_the_build_with_its_output_and_leaves_nothing(env: E
     )
     images_before = {i.id for i in env.cri.list_images()}
     failed = pycri(env, "build", "-t", "broken:1", str(context))
-    assert failed.returncode != 0
-    assert "line 3" in failed.stderr and "exit code 3" in failed.stderr and "oops-output" in failed.stderr
+    # As docker build: exit 1, the step, its output, then BuildKit's words for the failure.
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr == (
+        "pycri: build failed: STEP 3/4 (line 3): RUN echo oops-output; exit 3\n"
+        "oops-output\n"
+        'failed to solve: process "/bin/sh -c echo oops-output; exit 3" did not complete successfully:'
+        " exit code: 3\n"
+    ), failed.stderr
     assert "never" not in failed.stdout
     assert env.cri.list_containers() == [] and env.cri.list_pods() == []
     assert not any("broken:1" in " ".join(i.repo_tags) for i in env.cri.list_images())
@@ -112,6 +124,13 @@ def test_a_failing_run_stops_the_build_with_its_output_and_leaves_nothing(env: E
     rerun = pycri(env, "build", "-t", "broken:1", str(context))
     assert "Using cache" in rerun.stdout.split("STEP 3/4")[0]
     assert len({i.id for i in env.cri.list_images()} - images_before) == 1  # only the cached step
+    # A step the daemon refuses (no such user in the image) names the step too.
+    (context / "Containerfile").write_text(f"FROM {env.image}\nUSER nosuchuser\nRUN true\n")
+    refused = pycri(env, "build", str(context))
+    assert refused.returncode == 1 and "STEP 3/3 (line 3): RUN true: " in refused.stderr, refused.stderr
+    assert "nosuchuser" in refused.stderr, refused.stderr
+    # A usage error is argparse's: exit 2.
+    assert pycri(env, "build", "--no-such-flag", str(context)).returncode == 2
 
 
 def test_run_has_no_network_but_lo_unless_network_host(env: Env, tmp_path: Path) -> None:
@@ -335,3 +354,290 @@ def test_a_killed_build_client_leaves_no_build_pod(env: Env, tmp_path: Path) -> 
         if client.poll() is None:
             client.kill()
             client.wait()
+
+
+def _in_image(env: Env, image: str, name: str, script: str) -> list[str]:
+    """What ``sh -c script`` prints in a container of ``image`` (the CRI log prefix removed)."""
+    pod = env.pod(name)
+    cid = env.cri.create_container(pod, name, image, command=["sh", "-c", script], log_path=f"{name}.log")
+    env.cri.start_container(cid)
+    assert wait_exited(env.cri, cid).exit_code == 0
+    return [line.split(" ", 3)[-1] for line in (env.logs / name / f"{name}.log").read_text().splitlines()]
+
+
+RUN_HEREDOCS = """\
+FROM {image}
+ARG WHO=builder
+RUN <<EOF
+echo "one $WHO" > /one
+# a comment line inside the document is the script's
+echo ran-heredoc-{marker}
+EOF
+RUN <<-EOF
+\t\techo tabs-stripped > /two
+\tEOF
+RUN <<EOF
+#!/bin/sh -e
+echo "script run as $0" > /three
+EOF
+RUN <<EOF
+#!/bin/awk -f
+BEGIN {{ print "awk ran the script" > "/five" }}
+EOF
+RUN cat <<A > /four; cat <<'B' >> /four
+first $WHO
+A
+second $WHO
+B
+RUN echo last-step
+"""
+
+
+def test_run_heredocs_by_the_shell_as_a_script_and_several_on_a_line(env: Env, tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Containerfile").write_text(RUN_HEREDOCS.format(image=env.image, marker="v1"))
+    built = pycri(env, "build", "-t", "heredoc:1", str(context))
+    assert built.returncode == 0, built.stderr + built.stdout
+    assert "\nran-heredoc-v1\n" in built.stdout
+    assert 'STEP 3/8: RUN <<EOF (echo "one $WHO" > /one...)' in built.stdout  # BuildKit's summary
+    script = "cat /one /two /three /five /four; ls /dev/pipes 2>&1 || true"
+    assert _in_image(env, "heredoc:1", "check", script) == [
+        "one builder",  # the shell expands the build argument (an environment variable of the step)
+        "tabs-stripped",  # <<- strips the leading tabs, of the delimiter line too
+        "script run as /dev/pipes/EOF",  # #!: a file of its own, run by its interpreter
+        "awk ran the script",  # any interpreter
+        "first builder",  # several documents on one line: the shell reads them
+        "second $WHO",  # a quoted delimiter: no expansion
+        "ls: /dev/pipes: No such file or directory",  # the script's mount is not in the image
+    ]
+    # The documents' bodies are in the cache key: unchanged, nothing runs; a changed body reruns
+    # that step and the ones after it.
+    again = pycri(env, "build", "-t", "heredoc:1", str(context))
+    assert again.returncode == 0 and again.stdout.count("Using cache") == 6, again.stdout
+    (context / "Containerfile").write_text(RUN_HEREDOCS.format(image=env.image, marker="v2"))
+    changed = pycri(env, "build", "-t", "heredoc:2", str(context))
+    assert changed.returncode == 0, changed.stderr
+    assert "\nran-heredoc-v2\n" in changed.stdout and "\nlast-step\n" in changed.stdout
+    assert "Using cache" not in changed.stdout
+    # A document's script that fails fails its step, with its output and exit code.
+    (context / "Containerfile").write_text(
+        f"FROM {env.image}\nRUN <<EOF\n#!/bin/sh\necho script-says-no\nexit 7\nEOF\n"
+    )
+    failed = pycri(env, "build", str(context))
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.startswith("pycri: build failed: STEP 2/2 (line 2): RUN <<EOF (#!/bin/sh...)\n")
+    assert "script-says-no" in failed.stderr
+    assert 'process "/dev/pipes/EOF" did not complete successfully: exit code: 7' in failed.stderr
+    # An unterminated document is refused before anything runs.
+    (context / "Containerfile").write_text(f"FROM {env.image}\nRUN <<EOF\necho never\n")
+    refused = pycri(env, "build", str(context))
+    assert refused.returncode == 1 and "here-document EOF has no line EOF ending it" in refused.stderr
+    assert [p for p in env.cri.list_pods() if p.metadata.namespace == "pycri-build"] == []
+
+
+def test_copy_heredocs_make_files_with_their_modes_owners_and_build_variables(
+    env: Env, tmp_path: Path
+) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    text = (
+        f"FROM {env.image}\n"
+        "ARG NAME=world\n"
+        "COPY <<EOF /etc/greeting\n"
+        "hello $NAME\n"
+        "EOF\n"
+        'COPY --chmod=755 --chown=1002:1003 <<a.sh <<"b.txt" /opt/\n'
+        "echo a $NAME\n"
+        "a.sh\n"
+        "literal $NAME\n"
+        "b.txt\n"
+        "ADD <<-EOF /tabbed\n"
+        "\ttab gone {version}\n"
+        "\tEOF\n"
+    )
+    (context / "Containerfile").write_text(text.format(version="v1"))
+    built = pycri(env, "build", "-t", "inline:1", str(context))
+    assert built.returncode == 0, built.stderr + built.stdout
+    lines = _in_image(
+        env,
+        "inline:1",
+        "check",
+        "stat -c '%n %u %g %a' /etc/greeting /opt/a.sh /opt/b.txt /tabbed;"
+        " cat /etc/greeting /opt/a.sh /opt/b.txt /tabbed",
+    )
+    assert lines == [
+        "/etc/greeting 0 0 644",  # a here-document's file: 0644, root's, as in BuildKit
+        "/opt/a.sh 1002 1003 755",  # --chmod and --chown apply to them
+        "/opt/b.txt 1002 1003 755",
+        "/tabbed 0 0 644",
+        "hello world",  # an unquoted delimiter: build variables substituted
+        "echo a world",
+        "literal $NAME",  # a quoted one: the text as written
+        "tab gone v1",
+    ], lines
+    again = pycri(env, "build", "-t", "inline:1", str(context))
+    assert again.returncode == 0 and again.stdout.count("Using cache") == 3, again.stdout
+    (context / "Containerfile").write_text(text.format(version="v2"))
+    changed = pycri(env, "build", "-t", "inline:2", str(context))
+    assert changed.returncode == 0 and changed.stdout.count("Using cache") == 2, changed.stdout
+    assert _in_image(env, "inline:2", "check2", "cat /tabbed") == ["tab gone v2"]
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files`` (path -> bytes); ``/moved/X`` redirects to ``/X``; counts requests."""
+
+    def do_GET(self) -> None:
+        server: Any = self.server
+        server.requests.append(self.path)
+        if self.path.startswith("/moved/"):
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/moved"))
+            self.end_headers()
+            return
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404, "Not Found")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Last-Modified", "Tue, 15 Nov 1994 08:12:31 GMT")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def files_server() -> Iterator[Any]:
+    server: Any = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    server.files, server.requests = {}, []
+    server.url = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def _tar_bytes(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_add_of_a_url_downloads_follows_redirects_keeps_archives_and_reruns_on_change(
+    env: Env, tmp_path: Path, files_server: Any
+) -> None:
+    archive = _tar_bytes("inside.txt", b"never unpacked\n")
+    files_server.files["/dl/bundle.tar.gz"] = archive
+    files_server.files["/dl/note.txt"] = b"note v1\n"
+    checksum = "sha256:" + hashlib.sha256(archive).hexdigest()
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Containerfile").write_text(
+        f"FROM {env.image}\n"
+        f"ADD --checksum={checksum} {files_server.url}/dl/bundle.tar.gz /downloads/\n"
+        f"ADD --chmod=640 --chown=1002:1003 {files_server.url}/moved/dl/note.txt /etc/note.txt\n"
+        "RUN echo ran-after-add\n"
+    )
+    built = pycri(env, "build", "-t", "fetched:1", str(context))
+    assert built.returncode == 0, built.stderr + built.stdout
+    lines = _in_image(
+        env,
+        "fetched:1",
+        "check",
+        "stat -c '%n %u %g %a %s %Y' /downloads/bundle.tar.gz /etc/note.txt; cat /etc/note.txt;"
+        " ls /downloads",
+    )
+    assert lines == [
+        # 0600, the archive as it was, the time the server's Last-Modified (784887151)
+        f"/downloads/bundle.tar.gz 0 0 600 {len(archive)} 784887151",
+        "/etc/note.txt 1002 1003 640 8 784887151",  # through the redirect; --chmod/--chown applied
+        "note v1",
+        "bundle.tar.gz",  # not unpacked: no inside.txt
+    ], lines
+    assert "/moved/dl/note.txt" in files_server.requests and "/dl/note.txt" in files_server.requests
+
+    # Fetched again on every build (as Docker does) and compared: unchanged, every step cached.
+    fetched_before = len(files_server.requests)
+    again = pycri(env, "build", "-t", "fetched:1", str(context))
+    assert again.returncode == 0 and again.stdout.count("Using cache") == 3, again.stdout
+    assert "ran-after-add" not in again.stdout.replace("RUN echo ran-after-add", "")
+    assert len(files_server.requests) > fetched_before
+    # The remote file changed: that ADD and the steps after it run again.
+    files_server.files["/dl/note.txt"] = b"note v2\n"
+    changed = pycri(env, "build", "-t", "fetched:2", str(context))
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.count("Using cache") == 1 and "\nran-after-add\n" in changed.stdout
+    assert _in_image(env, "fetched:2", "check2", "cat /etc/note.txt") == ["note v2"]
+
+
+def test_add_of_a_url_that_fails_stops_the_build_and_leaves_nothing(
+    env: Env, tmp_path: Path, files_server: Any
+) -> None:
+    files_server.files["/dl/file"] = b"content\n"
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    right = hashlib.sha256(b"content\n").hexdigest()
+    context = tmp_path / "ctx"
+    context.mkdir()
+    cases = [
+        (f"{files_server.url}/dl/missing", "", ["answered 404 Not Found"]),
+        (f"http://127.0.0.1:{closed_port}/file", "", ["Connection refused"]),
+        (
+            f"{files_server.url}/dl/file",
+            "--checksum=sha256:" + "0" * 64,
+            ["checksum mismatch", "expected sha256:" + "0" * 64, f"got sha256:{right}"],
+        ),
+    ]
+    # The step before the ADD, built (and cached) first.
+    (context / "Containerfile").write_text(f"FROM {env.image}\nRUN echo before > /before\n")
+    assert pycri(env, "build", str(context)).returncode == 0
+    images_before = {i.id for i in env.cri.list_images()}
+    layers_before = sorted(p.name for p in (env.daemon.root / "layers").iterdir())
+    for url, flag, says in cases:
+        (context / "Containerfile").write_text(
+            f"FROM {env.image}\nRUN echo before > /before\nADD {flag} {url} /x\nRUN echo never\n"
+        )
+        failed = pycri(env, "build", "-t", "fetchfail:1", str(context))
+        assert failed.returncode == 1, failed.stderr
+        assert "STEP 3/4 (line 3): ADD" in failed.stderr and url in failed.stderr, failed.stderr
+        for text in says:
+            assert text in failed.stderr, failed.stderr
+        assert "never" not in failed.stdout.replace("RUN echo never", "")
+        assert "Using cache" in failed.stdout.split("STEP 3/4")[0]  # the cache is kept
+        assert sorted(p.name for p in (env.daemon.root / "layers").iterdir()) == layers_before
+        assert env.cri.list_containers() == [] and env.cri.list_pods() == []
+    assert {i.id for i in env.cri.list_images()} == images_before
+    # --checksum is for ADD of one URL; COPY takes no URL.
+    for line, says in (
+        ("ADD --checksum=sha256:" + right + " Containerfile /x", "--checksum is for ADD of one http(s) URL"),
+        ("ADD --checksum=md5:abc " + f"{files_server.url}/dl/file /x", "--checksum takes ALGORITHM:HEX"),
+        (f"COPY {files_server.url}/dl/file /x", "COPY takes no URL"),
+    ):
+        (context / "Containerfile").write_text(f"FROM {env.image}\n{line}\n")
+        refused = pycri(env, "build", str(context))
+        assert refused.returncode == 1 and says in refused.stderr, refused.stderr
+
+
+def test_a_download_that_stalls_times_out(tmp_path: Path) -> None:
+    """No daemon: the client's fetch against a loopback server that accepts and never answers."""
+    from cri_runtime.daemon.build import download
+    from cri_runtime.errors import DeadlineExceeded
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/slow"
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=r"no answer within 1 s"):
+            download(url, tmp_path / "slow", timeout=1.0)
+        assert time.monotonic() - started < 5
+    assert not (tmp_path / "slow").exists()

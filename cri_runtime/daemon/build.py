@@ -9,15 +9,21 @@ stack an empty layer. Every step's result is cached under a key of the parent im
 instruction and (for ``COPY``/``ADD``) the copied files' names, modes and contents, so an
 unchanged rebuild runs nothing. A failing ``RUN`` stops the build with its step and output;
 its container and the build's pod are removed, the cache of the steps before is kept.
+
+Here-documents (``RUN <<EOF``, ``COPY <<EOF /path``) follow BuildKit's Dockerfile 1.4 syntax;
+``ADD https://...`` is fetched by this client (urllib, redirects followed), saved with mode
+0600 and never unpacked, and its content's digest is part of the step's cache key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fnmatch
 import hashlib
 import json
 import os
+import posixpath
 import queue
 import re
 import secrets
@@ -27,13 +33,24 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from cri_runtime.daemon.client import CRIClient
-from cri_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PycriError
+from cri_runtime.errors import (
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PycriError,
+    Unavailable,
+)
 
 ImagesCall = Callable[[str, dict], dict]
 
@@ -56,21 +73,56 @@ _CONFIG_ONLY = (
 _VERBATIM = ("HEALTHCHECK", "ONBUILD")
 
 
+# A here-document marker (``<<EOF``, ``<<-EOF``, ``<<"EOF"``, ``<<'EOF'``), not a here-string (``<<<``).
+_HEREDOC = re.compile(r"(?<!<)<<(-?)(?:\"([\w.-]+)\"|'([\w.-]+)'|([\w.-]+))")
+_HEREDOC_KEYWORDS = ("RUN", "COPY", "ADD")
+
+
+@dataclass(frozen=True)
+class Heredoc:
+    """One here-document of a ``RUN``, ``COPY`` or ``ADD`` line (BuildKit's Dockerfile 1.4 syntax)."""
+
+    name: str
+    body: str  # the lines as written, each ending in a newline, the delimiter line excluded
+    chomp: bool  # ``<<-``: leading tabs are stripped from each line
+    expand: bool  # an unquoted delimiter: build variables are substituted (COPY/ADD)
+
+    @property
+    def content(self) -> str:
+        if not self.chomp:
+            return self.body
+        return "".join(line.lstrip("\t") for line in self.body.splitlines(keepends=True))
+
+
 @dataclass(frozen=True)
 class Instruction:
     keyword: str
     args: str
     line: int
+    heredocs: tuple[Heredoc, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.keyword} {self.args}"
+
+    def summary(self) -> str:
+        """The instruction as a progress line shows it: a here-document's first line after it."""
+        if not self.heredocs:
+            return str(self)
+        lines = [line.strip() for line in self.heredocs[0].body.splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+        return f"{self} ({first[:60]}{'...' if len(lines) > 1 or len(first) > 60 else ''})"
 
 
 def parse(text: str) -> list[Instruction]:
     out: list[Instruction] = []
     pending = ""
     start = 0
-    for number, raw in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        raw = lines[index]
+        index += 1
+        number = index
         line = raw.strip()
         if not pending and (not line or line.startswith("#")):
             continue
@@ -84,7 +136,27 @@ def parse(text: str) -> list[Instruction]:
         line = pending + line
         pending = ""
         keyword, _, args = line.partition(" ")
-        out.append(Instruction(keyword.upper(), args.strip(), start))
+        keyword, args = keyword.upper(), args.strip()
+        heredocs: list[Heredoc] = []
+        if keyword in _HEREDOC_KEYWORDS and not args.startswith("["):
+            for marker in _HEREDOC.finditer(args):
+                chomp = marker.group(1) == "-"
+                name = marker.group(2) or marker.group(3) or marker.group(4)
+                body: list[str] = []
+                while True:
+                    if index >= len(lines):
+                        raise InvalidArgument(
+                            f"Containerfile line {start}: here-document {name} has no line {name} ending it"
+                        )
+                    body_line = lines[index]
+                    index += 1
+                    if (body_line.lstrip("\t") if chomp else body_line) == name:
+                        break
+                    body.append(body_line + "\n")
+                if name in (".", ".."):
+                    raise InvalidArgument(f"Containerfile line {start}: {name!r} cannot name a here-document")
+                heredocs.append(Heredoc(name, "".join(body), chomp, expand=marker.group(4) is not None))
+        out.append(Instruction(keyword, args, start, tuple(heredocs)))
     if pending:
         raise InvalidArgument(f"Containerfile line {start}: continuation at the end of the file")
     if not out or out[0].keyword not in ("FROM", "ARG"):
@@ -221,6 +293,81 @@ def _is_archive(path: Path) -> bool:
 # --- the build -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Made:
+    """A source made by the build itself (a here-document, a download): where it is, its name."""
+
+    path: Path
+    name: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class _Copy:
+    dest: str
+    paths: list[str]  # sources in the context (or in the --from image)
+    made: list[_Made]
+    chown: tuple[int, int] | None
+    chmod: int | None
+    count: int  # sources of all kinds
+
+
+_URL = re.compile(r"https?://", re.IGNORECASE)
+_CHECKSUM = re.compile(r"(sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})")
+
+
+def _url_name(url: str) -> str:
+    """The name a download is saved under: the URL path's last part, as BuildKit names it."""
+    base = posixpath.basename(urllib.parse.urlsplit(url).path)
+    return base if base not in ("", ".", "..") else "__unnamed__"
+
+
+def download(url: str, target: Path, timeout: float, checksum: str = "") -> str:
+    """Fetch ``url`` (redirects followed) into ``target`` with mode 0600; the content's digest
+    (``ALGORITHM:HEX``, sha256 unless ``checksum`` names another), checked against ``checksum``
+    if one is given. ``timeout`` bounds the connection and each read."""
+    algorithm = checksum.partition(":")[0] or "sha256"
+    digest = hashlib.new(algorithm)
+    request = urllib.request.Request(url, headers={"User-Agent": "pycri-build"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    fh.write(chunk)
+            modified = _http_time(response.headers.get("Last-Modified", ""))
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        kind = NotFound if exc.code in (404, 410) else Unavailable
+        raise kind(f"fetching {url}: the server answered {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise DeadlineExceeded(f"fetching {url}: no answer within {timeout:g} s") from None
+        raise Unavailable(f"fetching {url}: {exc.reason}") from None
+    except TimeoutError:
+        raise DeadlineExceeded(f"fetching {url}: no answer within {timeout:g} s") from None
+    except (OSError, ValueError) as exc:
+        raise Unavailable(f"fetching {url}: {exc}") from None
+    got = f"{algorithm}:{digest.hexdigest()}"
+    if checksum and got != checksum:
+        target.unlink()
+        raise DataLoss(f"fetching {url}: checksum mismatch: expected {checksum}, got {got}")
+    if modified is not None:
+        # Docker's rule: the file's time is the server's Last-Modified.
+        os.utime(target, (modified, modified))
+    return got
+
+
+def _http_time(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
 @dataclass
 class BuildOptions:
     containerfile: Path
@@ -229,6 +376,8 @@ class BuildOptions:
     build_args: dict[str, str] = field(default_factory=dict)
     host_network: bool = False
     no_cache: bool = False
+    # ADD of a URL: the client fetches it itself (as Docker's builder, whatever --network says).
+    download_timeout: float = 60.0
     cache_file: Path = Path("/var/lib/pycri/build-cache.json")
 
 
@@ -295,60 +444,85 @@ class Build:
         stage = ""
         try:
             for number, step in enumerate(steps, 1):
-                self.say(f"STEP {number}/{len(steps)}: {step}")
-                keyword = step.keyword
-                if keyword == "ARG":
-                    name, _, default = step.args.partition("=")
-                    value = self.options.build_args.get(name, substitute(default, variables))
-                    declared_args[name] = value
-                    variables.setdefault(name, value)
-                    continue
-                if keyword == "FROM":
-                    words = substitute(step.args, variables).split()
-                    stage_name = ""
-                    if len(words) == 3 and words[1].upper() == "AS":
-                        stage_name = words[2]
-                        words = words[:1]
-                    if len(words) != 1:
-                        raise InvalidArgument(f"line {step.line}: FROM IMAGE [AS NAME]")
-                    self._end_stage(image, stage)
-                    stage = stage_name
-                    image = self.stages.get(words[0]) or self._from(words[0])
-                    config = self._config(image)
-                    variables = {**declared_args, **_env_map(config)}
-                    continue
-                if not image:
-                    raise InvalidArgument(f"line {step.line}: {keyword} before FROM")
-                if keyword == "SHELL":
-                    form = _exec_form(step.args)
-                    if not form:
-                        raise InvalidArgument(f"line {step.line}: SHELL takes a JSON array")
-                    shell = form
-                    continue
-                if keyword == "RUN":
-                    image = self._run(image, step, shell, declared_args)
-                elif keyword in ("COPY", "ADD"):
-                    image = self._copy(image, step, variables, config)
-                elif keyword in _CONFIG_ONLY:
-                    change = self._change(step, variables, shell)
-                    key = self._key(image, change)
-                    cached = self._cached(key)
-                    if cached:
-                        self.say(f"--> Using cache {cached[7:19]}")
-                        image = cached
-                    else:
-                        image = self._stack(image, [change], None, str(step))
-                        self._remember(key, image)
-                else:
-                    raise InvalidArgument(f"line {step.line}: {keyword} is not supported by pycri build")
-                config = self._config(image)
-                variables = {**declared_args, **_env_map(config)}
-                self.say(f"--> {image[7:19]}")
+                where = f"STEP {number}/{len(steps)} (line {step.line}): {step.summary()}"
+                self.say(f"STEP {number}/{len(steps)}: {step.summary()}")
+                try:
+                    image, config, variables, shell, stage = self._step(
+                        step, image, config, variables, shell, declared_args, stage
+                    )
+                except PycriError as exc:
+                    raise _located(exc, where) from exc
+                except Exception as exc:
+                    if not callable(getattr(exc, "details", None)):
+                        raise
+                    # A daemon call that failed (a gRPC error): said with its step too.
+                    raise PycriError(f"{where}: {exc.code().name}: {exc.details()}") from exc  # type: ignore[attr-defined]
             if self.options.tag:
                 self.images("Tag", {"source": image, "name": self.options.tag})
             return image
         finally:
             self._cleanup()
+
+    def _step(
+        self,
+        step: Instruction,
+        image: str,
+        config: dict,
+        variables: dict[str, str],
+        shell: list[str],
+        declared_args: dict[str, str],
+        stage: str,
+    ) -> tuple[str, dict, dict[str, str], list[str], str]:
+        """One instruction: the image, config, variables, shell and stage name after it."""
+        keyword = step.keyword
+        if keyword == "ARG":
+            name, _, default = step.args.partition("=")
+            value = self.options.build_args.get(name, substitute(default, variables))
+            declared_args[name] = value
+            variables.setdefault(name, value)
+            return image, config, variables, shell, stage
+        if keyword == "FROM":
+            words = substitute(step.args, variables).split()
+            stage_name = ""
+            if len(words) == 3 and words[1].upper() == "AS":
+                stage_name = words[2]
+                words = words[:1]
+            if len(words) != 1:
+                raise InvalidArgument(f"line {step.line}: FROM IMAGE [AS NAME]")
+            self._end_stage(image, stage)
+            stage = stage_name
+            image = self.stages.get(words[0]) or self._from(words[0])
+            config = self._config(image)
+            variables = {**declared_args, **_env_map(config)}
+            return image, config, variables, shell, stage
+        if not image:
+            raise InvalidArgument(f"line {step.line}: {keyword} before FROM")
+        if keyword == "SHELL":
+            form = _exec_form(step.args)
+            if not form:
+                raise InvalidArgument(f"line {step.line}: SHELL takes a JSON array")
+            shell = form
+            return image, config, variables, shell, stage
+        if keyword == "RUN":
+            image = self._run(image, step, shell, declared_args)
+        elif keyword in ("COPY", "ADD"):
+            image = self._copy(image, step, variables, config)
+        elif keyword in _CONFIG_ONLY:
+            change = self._change(step, variables, shell)
+            key = self._key(image, change)
+            cached = self._cached(key)
+            if cached:
+                self.say(f"--> Using cache {cached[7:19]}")
+                image = cached
+            else:
+                image = self._stack(image, [change], None, str(step))
+                self._remember(key, image)
+        else:
+            raise InvalidArgument(f"line {step.line}: {keyword} is not supported by pycri build")
+        config = self._config(image)
+        variables = {**declared_args, **_env_map(config)}
+        self.say(f"--> {image[7:19]}")
+        return image, config, variables, shell, stage
 
     def _end_stage(self, image: str, name: str) -> None:
         if image:
@@ -401,8 +575,11 @@ class Build:
         return self.pod
 
     def _run(self, image: str, step: Instruction, shell: list[str], args: dict[str, str]) -> str:
-        command = _exec_form(step.args) or [*shell, step.args]
-        key = self._key(image, "RUN", json.dumps(command), json.dumps(sorted(args.items())))
+        command, script = _run_command(step, shell)
+        key_parts = [image, "RUN", json.dumps(command), json.dumps(sorted(args.items()))]
+        if script is not None:
+            key_parts.append(script.content)
+        key = self._key(*key_parts)
         cached = self._cached(key)
         if cached:
             self.say(f"--> Using cache {cached[7:19]}")
@@ -410,8 +587,23 @@ class Build:
         pod = self._ensure_pod()
         self.runs += 1
         log_name = f"run-{self.runs}.log"
+        mounts: dict[str, str] = {}
+        if script is not None:
+            # As BuildKit does: the script is a read-only file under /dev/pipes (a tmpfs, so
+            # nothing of it is committed), run directly so its #! line names the interpreter.
+            pipes = self.work / f"pipes-{self.runs}"
+            pipes.mkdir()
+            (pipes / script.name).write_text(script.content)
+            (pipes / script.name).chmod(0o755)
+            mounts[_PIPES] = str(pipes)
         cid = self.cri.create_container(
-            pod, f"step-{self.runs}", image, command=command, envs=args, log_path=log_name
+            pod,
+            f"step-{self.runs}",
+            image,
+            command=command,
+            envs=args,
+            log_path=log_name,
+            readonly_mounts=mounts,
         )
         try:
             self.cri.start_container(cid)
@@ -424,8 +616,10 @@ class Build:
             if output:
                 self.out.write(output)
             if status.exit_code != 0:
-                raise FailedPrecondition(
-                    f"step at line {step.line} ({step}) failed with exit code {status.exit_code}:\n{output}"
+                raise StepFailed(
+                    f"failed to solve: process {json.dumps(' '.join(command))} "
+                    f"did not complete successfully: exit code: {status.exit_code}",
+                    output,
                 )
             result = self.images("Commit", {"container_id": cid, "changes": [], "comment": str(step)})
         finally:
@@ -451,6 +645,7 @@ class Build:
         words = shlex.split(substitute(step.args, variables))
         chown: tuple[int, int] | None = None
         chmod: int | None = None
+        checksum = ""
         source_image = ""
         while words and words[0].startswith("--"):
             flag = words.pop(0)
@@ -463,6 +658,12 @@ class Build:
                         f"line {step.line}: --chmod takes an octal mode such as 755 or 0644"
                     )
                 chmod = int(mode, 8)
+            elif flag.startswith("--checksum=") and step.keyword == "ADD":
+                checksum = flag.removeprefix("--checksum=")
+                if not _CHECKSUM.fullmatch(checksum):
+                    raise InvalidArgument(
+                        f"line {step.line}: --checksum takes ALGORITHM:HEX, sha256, sha384 or sha512"
+                    )
             elif flag.startswith("--from=") and step.keyword == "COPY":
                 name = flag.removeprefix("--from=")
                 source_image = self.stages.get(name) or self._from(name)
@@ -470,10 +671,51 @@ class Build:
                 raise InvalidArgument(f"line {step.line}: unknown flag {flag}")
         if len(words) < 2:
             raise InvalidArgument(f"line {step.line}: {step.keyword} SRC... DEST")
+        *sources, dest = words
+        paths, made = self._made_sources(step, sources, variables, checksum)
+        if len(sources) > 1 and not dest.endswith("/"):
+            raise InvalidArgument(f"line {step.line}: with several sources the destination must end with /")
+        copy = _Copy(dest, paths, made, chown, chmod, len(sources))
         if source_image:
             with self._image_root(source_image) as root:
-                return self._copy_from(image, step, words, chown, config, root, source_image, chmod)
-        return self._copy_from(image, step, words, chown, config, self.context, "", chmod)
+                return self._copy_from(image, step, copy, config, root, source_image)
+        return self._copy_from(image, step, copy, config, self.context, "")
+
+    def _made_sources(
+        self, step: Instruction, sources: list[str], variables: dict[str, str], checksum: str
+    ) -> tuple[list[str], list[_Made]]:
+        """The sources that are no files of the context: here-documents (written out, mode
+        0644) and, for ``ADD``, URLs (downloaded, mode 0600, never unpacked, as Docker does).
+        Both are made again on every build; the cache key holds their content."""
+        paths: list[str] = []
+        made: list[_Made] = []
+        documents = iter(step.heredocs)
+        urls = [word for word in sources if _URL.match(word)]
+        if checksum and (len(sources) != 1 or not urls):
+            raise InvalidArgument(f"line {step.line}: --checksum is for ADD of one http(s) URL")
+        for word in sources:
+            if _HEREDOC.fullmatch(word) or (word.startswith("<<") and step.heredocs):
+                document = next(documents, None)
+                if document is None:
+                    raise InvalidArgument(f"line {step.line}: {word} has no here-document")
+                content = substitute(document.content, variables) if document.expand else document.content
+                folder = self.work / f"inline-{secrets.token_hex(4)}"
+                folder.mkdir()
+                (folder / document.name).write_text(content)
+                made.append(_Made(folder / document.name, document.name, 0o644))
+            elif _URL.match(word):
+                if step.keyword != "ADD":
+                    raise InvalidArgument(f"line {step.line}: COPY takes no URL ({word}); ADD fetches one")
+                folder = self.work / f"download-{secrets.token_hex(4)}"
+                folder.mkdir()
+                name = _url_name(word)
+                self.say(f"--> fetching {word}")
+                digest = download(word, folder / name, self.options.download_timeout, checksum)
+                self.say(f"--> {word}: {digest}")
+                made.append(_Made(folder / name, name, 0o600))
+            else:
+                paths.append(word)
+        return paths, made
 
     def _owner(self, image: str, text: str, step: Instruction) -> tuple[int, int]:
         """``--chown=USER[:GROUP]``, numbers or names; names are looked up in the image's own
@@ -504,26 +746,21 @@ class Build:
                 self.cri.remove_container(cid)
 
     def _copy_from(
-        self,
-        image: str,
-        step: Instruction,
-        words: list[str],
-        chown: tuple[int, int] | None,
-        config: dict,
-        root: Path,
-        source_image: str,
-        chmod: int | None = None,
+        self, image: str, step: Instruction, copy: _Copy, config: dict, root: Path, source_image: str
     ) -> str:
-        *sources, dest = words
+        chown, chmod, dest = copy.chown, copy.chmod, copy.dest
         where = f"image {source_image[7:19]}" if source_image else "the build context"
         ignore = [] if source_image else self.ignore
         workdir = config.get("WorkingDir") or "/"
         dest_path = os.path.normpath(os.path.join(workdir, dest)).lstrip("/")
-        into_dir = dest.endswith("/") or len(sources) > 1
+        into_dir = dest.endswith("/") or copy.count > 1
         tar_path = self.work / f"layer-{secrets.token_hex(4)}.tar"
         with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
             layer = _LayerTar(tar)
-            for source in self._sources(root, sources, where):
+            for item in copy.made:
+                name = f"{dest_path}/{item.name}" if into_dir else dest_path
+                layer.add(item.path, name.lstrip("/"), chown, item.mode if chmod is None else chmod)
+            for source in self._sources(root, copy.paths, where):
                 if _ignored(str(source.relative_to(root)), ignore):
                     continue
                 real = _inside(root, source, f"line {step.line}", where)
@@ -615,6 +852,51 @@ def _lookup(root: Path, database: str, name: str, step: Instruction) -> int:
         if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
             return int(fields[2])
     raise InvalidArgument(f"line {step.line}: --chown: no {name!r} in {where}")
+
+
+class StepFailed(FailedPrecondition):
+    """A ``RUN`` that exited non-zero; ``output`` is what it printed."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+
+
+def _located(exc: PycriError, where: str) -> PycriError:
+    """The same kind of error, its message led by the step it happened in (and a failed
+    ``RUN``'s output before the reason, as Docker prints them)."""
+    output = getattr(exc, "output", "")
+    if output:
+        text = f"{where}\n{output}{'' if output.endswith(chr(10)) else chr(10)}{exc}"
+    else:
+        text = f"{where}: {exc}"
+    located = type(exc)(text)
+    if isinstance(located, StepFailed):
+        located.output = output
+    return located
+
+
+_PIPES = "/dev/pipes"
+
+
+def _run_command(step: Instruction, shell: list[str]) -> tuple[list[str], Heredoc | None]:
+    """A ``RUN``'s command, and the here-document to run as a script file if it is one.
+
+    As BuildKit: ``RUN <<EOF`` alone runs the document's content by the shell, or, when it
+    starts with ``#!``, as a file of its own; any other line with here-documents goes to the
+    shell whole (the line, then each document and its delimiter), which then reads them itself:
+    the shell expands variables in them unless the delimiter is quoted, and ``<<-`` strips tabs."""
+    if not step.heredocs:
+        return _exec_form(step.args) or [*shell, step.args], None
+    if step.args.startswith("["):
+        raise InvalidArgument(f"line {step.line}: here-documents need the shell form of RUN")
+    if len(step.heredocs) == 1 and _HEREDOC.fullmatch(step.args):
+        document = step.heredocs[0]
+        if document.content.startswith("#!"):
+            return [f"{_PIPES}/{document.name}"], document
+        return [*shell, document.content], None
+    whole = step.args + "".join(f"\n{document.body}{document.name}" for document in step.heredocs)
+    return [*shell, whole], None
 
 
 def _env_map(config: dict) -> dict[str, str]:

@@ -275,10 +275,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
             except grpc.RpcError as exc:
                 raise by_code.get(exc.code().name, errors.Internal)(str(exc.details())) from None
 
+        # As ``docker build``: a build that fails exits 1 (argparse's usage errors stay 2).
         try:
             image = build(cri, images, options)
         except grpc.RpcError as exc:
             print(f"pycri: build failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except errors.PycriError as exc:
+            print(f"pycri: build failed: {exc}", file=sys.stderr)
             return 1
     print(f"{image}{' ' + args.tag if args.tag else ''}")
     return 0

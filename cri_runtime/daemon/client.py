@@ -170,7 +170,9 @@ class CRIClient:
         labels: dict[str, str] | None = None,
         config: pb.ContainerConfig | None = None,
         sandbox_config: pb.PodSandboxConfig | None = None,
+        readonly_mounts: dict[str, str] | None = None,
     ) -> str:
+        """``readonly_mounts``: container path -> host path, bound read-only."""
         if config is None:
             config = pb.ContainerConfig(
                 metadata=pb.ContainerMetadata(name=name),
@@ -180,6 +182,10 @@ class CRIClient:
                 envs=[pb.KeyValue(key=k, value=v.encode()) for k, v in (envs or {}).items()],
                 log_path=log_path,
                 labels=labels or {},
+                mounts=[
+                    pb.Mount(container_path=inside, host_path=host, readonly=True)
+                    for inside, host in (readonly_mounts or {}).items()
+                ],
             )
         request = pb.CreateContainerRequest(
             pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox_config
