@@ -236,6 +236,10 @@ def test_update_pod_sandbox_events_and_a_refusal(nri_env: Env) -> None:
     config.linux.resources.memory_limit_in_bytes = 128 * MiB
     pod = nri_env.cri.run_pod("podresize", config=config)
     nri_env.pods.append(pod)
+    # A pod with a container, as kubelet resizes them (and under the systemd driver the pod's
+    # slice has its cgroup once a unit below it runs).
+    nri_env.run(pod, "sleeper", ["sleep", "100"])
+    assert _memory_limit(nri_env, pod) == 128 * MiB
     plugin = NriTestPlugin(_socket(nri_env), "podwatch").start()
     try:
         request = pb.UpdatePodSandboxResourcesRequest(pod_sandbox_id=pod)
