@@ -2,7 +2,9 @@
 
 On disk, under the persistent root:
     layers/<chain-id hex>/diff   one unpacked layer, shared by every image that stacks on it
-    tmp/                         downloads and unpacks in progress (same file system, for rename)
+    tmp/                         downloads and unpacks in progress (same file system, for rename);
+                                 marked ``chattr +T`` where the file system has the flag (see
+                                 ``_spread_new_trees``): each layer made there gets fresh inodes
     pycri.db                     image records (imageservice.db)
 
 A layer directory is made in tmp/ and renamed into place only once complete and verified,
@@ -26,12 +28,15 @@ coming afterwards either is seen by it or no longer finds the layer.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import json
 import os
 import shutil
+import struct
 import threading
 import time
 import uuid
@@ -153,6 +158,7 @@ class ImageStore:
         for directory in (root, self.layers_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root, 0o711)
+        _spread_new_trees(self.tmp_dir)
         self.platform = host_platform(config.platform)
         self._pinned = {str(parse_reference(name)) for name in config.pinned_images}
         self._clear_tmp()
@@ -846,6 +852,33 @@ def _sha256_file(path: Path) -> str:
         while chunk := fh.read(1024 * 1024):
             hasher.update(chunk)
     return "sha256:" + hasher.hexdigest()
+
+
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
+
+
+def _spread_new_trees(path: Path) -> None:
+    """Mark ``path`` as a top of directory hierarchies (``chattr +T``): ext4's Orlov allocator
+    then places each directory made in it (a layer being unpacked or committed) in a block
+    group with few directories, and its files beside it, instead of in ``path``'s own group.
+
+    That group is where earlier layers were made and deleted. On ext4 without a journal, the
+    inode allocator tests the group's free inodes one by one from its start, skipping those
+    deleted recently (``recently_deleted()``, a buffer-cache lookup each), for every new inode:
+    on this project's test host, after a few layers were removed, creating a layer's 3,200
+    files took 1-2 s of kernel time in such a group, 0.05 s in a fresh one. Only a placement
+    hint: the flag is not inherited below, changes nothing else, and is skipped where the file
+    system has no such flag (XFS, btrfs, tmpfs)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            (flags,) = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("i", 0)))
+            if not flags & _FS_TOPDIR_FL:
+                fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL))
+        finally:
+            os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:
