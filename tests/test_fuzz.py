@@ -589,6 +589,9 @@ def fuzz(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     net_dir = tmp / "net.d"
     net_dir.mkdir()
     config = (
+        # The fuzzed cgroup parents are cgroupfs paths under this test's own prefix, so its daemon
+        # runs the cgroupfs driver everywhere, in the systemd guest too (on cgroup v2 there).
+        'cgroup_driver = "cgroupfs"\n'
         'default_runtime = "runc"\n'
         f'[network]\nconf_dir = "{net_dir}"\npod_subnet = "{SUBNET}"\nbridge = "{bridge}"\n'
         # Whatever a fuzzed reference names, pulls go to the test registry on 127.0.0.1 only.
