@@ -338,11 +338,19 @@ def check_memory_fits(path: str, limit: int, what: str, root: Path = CGROUP_ROOT
 
 
 def apply_limits(
-    path: str, *, cpu_shares: int = 0, cpu_quota: int = 0, cpu_period: int = 0, memory: int = 0
+    path: str,
+    *,
+    cpu_shares: int = 0,
+    cpu_quota: int = 0,
+    cpu_period: int = 0,
+    memory: int = 0,
+    existing_only: bool = False,
 ) -> None:
     """Write a pod's own limits (its resources plus overhead) on its cgroup; zero means unset.
 
     A refused write raises the domain error its errno calls for (``errors.from_os_error``).
+    ``existing_only``: skip the files the cgroup does not have (yet): the systemd driver's
+    pod slice, whose controllers systemd enables when it realizes the unit.
     """
     relative = normalize(path).lstrip("/")
     if is_cgroup2_only():
@@ -372,6 +380,8 @@ def apply_limits(
         if memory and memory_dir is not None:
             writes.append((memory_dir / "memory.limit_in_bytes", str(memory)))
     for target, value in writes:
+        if existing_only and not target.exists():
+            continue
         try:
             target.write_text(value)
         except OSError as exc:

@@ -502,6 +502,17 @@ class SystemdDriver(cgroups.CgroupDriver):
             properties.append(_prop("MemoryMax", "t", memory))
         if properties:
             self.bus.set_properties(self._slice(pod_path), properties)
+            # systemd writes the cgroup files when it next realizes the unit, after its answer; as
+            # runc's systemd manager does, write them now too, so that the limits hold when
+            # UpdatePodSandboxResources returns (the values are the ones systemd will write).
+            cgroups.apply_limits(
+                slice_path(self._slice(pod_path)),
+                cpu_shares=cpu_shares,
+                cpu_quota=cpu_quota,
+                cpu_period=cpu_period,
+                memory=memory,
+                existing_only=True,
+            )
 
     def remove_pod(self, pod_path: str, created: list[str]) -> None:
         if not pod_path.endswith(".slice"):
