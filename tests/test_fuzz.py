@@ -1581,7 +1581,7 @@ def test_exec_of_a_program_the_container_lacks_is_not_found(fz: Fuzz) -> None:
 def test_pod_configs_the_fuzz_found_are_refused_with_the_right_code(fz: Fuzz) -> None:
     cases = {
         "a cgroup parent naming a control file": lambda c: setattr(
-            c.linux, "cgroup_parent", f"{fz.cgroup_prefix}/tasks"
+            c.linux, "cgroup_parent", f"{fz.cgroup_prefix}/cgroup.procs"
         ),
         "a newline in the cgroup parent": lambda c: setattr(
             c.linux, "cgroup_parent", f"{fz.cgroup_prefix}/a\nb"
@@ -1592,7 +1592,8 @@ def test_pod_configs_the_fuzz_found_are_refused_with_the_right_code(fz: Fuzz) ->
         "a relative log directory": lambda c: setattr(c, "log_directory", "relative/logs"),
         "a pod memory limit of 5 bytes": lambda c: setattr(c.linux.resources, "memory_limit_in_bytes", 5),
     }
-    # The kept pod lives in the prefix's cgroup, so "tasks" there is a control file.
+    # The kept pod lives in the prefix's cgroup, so "cgroup.procs" there is a control file (on
+    # cgroup v1 and v2 alike; v1's "tasks" is an ordinary new cgroup's name on v2).
     for case, bend in cases.items():
         config = CRIClient.pod_config(fz.unique("badpod"), log_directory=str(fz.logs / "bad"))
         bend(config)
