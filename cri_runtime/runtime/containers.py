@@ -392,9 +392,7 @@ class ContainerManager:
                     path=container.log_path,
                     error=str(exc),
                 )
-        self.db.delete(container)
-        with self._guard:
-            self.containers.pop(container.id, None)
+        self._forget_record(container)
         self._release_name(container)
         self.images.release_layers(container.layers)
         log.info("took away a container whose creation a crash interrupted", id=container.id)
@@ -906,7 +904,12 @@ class ContainerManager:
         container.finished_at_ns = finished
         container.reason = "OOMKilled" if oom else ("Completed" if exit_code == 0 else "Error")
         container.pid = 0
-        self.db.save(container)
+        with self._guard:
+            # The exit watcher records without the container's lock: a RemoveContainer may have
+            # taken the record away meanwhile, and saving would bring it back at the next start.
+            if container.id not in self.containers:
+                return
+            self.db.save(container)
         self.exits.exited(container.id)
         if not was_exited:
             self.events.publish("stopped", container)
@@ -933,10 +936,8 @@ class ContainerManager:
                 return  # removed meanwhile
             # The commit point: once the record is gone, so is the container; what of it is left
             # on the host belongs to no record, and the start-up sweep collects it after a crash.
-            self.db.delete(container)
+            self._forget_record(container)
             failpoints.hit("container.remove_recorded")
-            with self._guard:
-                self.containers.pop(container.id, None)
             self._release_name(container)
             self.exits.forget(container.id)
             if defer_files:
@@ -948,6 +949,13 @@ class ContainerManager:
                 self._remove_files(container)
         log.info("container removed", id=container.id)
         self.events.publish("deleted", container)
+
+    def _forget_record(self, container: Container) -> None:
+        """Delete the container's record and drop it from memory, as one step against
+        ``_record_exit``'s save (which checks, under the same guard, that it is still here)."""
+        with self._guard:
+            self.db.delete(container)
+            self.containers.pop(container.id, None)
 
     def _cleanup_done(self, future: Future[None]) -> None:
         with self._guard:
